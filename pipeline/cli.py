@@ -1,0 +1,121 @@
+"""The ``optipipe`` command: Hydra composes, we validate, run and report. Nothing else lives here.
+
+Exit codes: 0 done, 1 a stage failed (run marked FAILED), 2 a configuration problem (nothing
+loaded, nothing written to the store), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import console, sweep
+from pipeline.config import flatten, is_secret_key
+from pipeline.contract import ConfigProblems, Problem, StageError
+from pipeline.runner import execute, make_plan
+from pipeline.tracking import PARENT_ENV, JobInfo, make_tracker, redact_overrides
+from pipeline.validate import Resolved, resolve
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
+_state = {"job_started": False}
+
+
+class JobFailed(RuntimeError):
+    """Raised inside a sweep so Hydra records the job as failed and runs the next one."""
+
+
+def _redacted_yaml(cfg: DictConfig) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True)
+
+    def scrub(node):
+        if isinstance(node, dict):
+            return {k: ("***" if is_secret_key(str(k)) else scrub(v)) for k, v in node.items()}
+        return node
+
+    return OmegaConf.to_yaml(scrub(data))
+
+
+def job_info(cfg: DictConfig, resolved: Resolved, output_dir: Path) -> JobInfo:
+    """Params, tags and artifacts of this job, read from Hydra's runtime."""
+    from pipeline.environment import describe
+
+    hc = HydraConfig.get()
+    overrides = redact_overrides(list(hc.overrides.task))
+    env = describe()
+    (output_dir / "resolved_config.yaml").write_text(_redacted_yaml(cfg))
+    (output_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
+    (output_dir / "environment.json").write_text(json.dumps(env, indent=2))
+    choices = {g: str(o) for g, o in hc.runtime.choices.items() if not g.startswith("hydra")}
+    tags = {f"choice.{g}": o for g, o in choices.items()}
+    tags.update({"git.commit": env["git_commit"] or "unknown", "host": socket.gethostname(),
+                 "world_size": "1", "optipipe.output_dir": str(output_dir),
+                 "model.id": resolved.model.id})
+    name = resolved.tracker.run_name or (" ".join(overrides) if overrides else "default job")
+    return JobInfo(run_name=name[:250], params=flatten(cfg), tags=tags,
+                   artifacts=[output_dir / n for n in ("resolved_config.yaml", "overrides.yaml",
+                                                       "environment.json")],
+                   parent_run_id=os.environ.get(PARENT_ENV))
+
+
+def run_job(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    in_sweep = hc.mode == RunMode.MULTIRUN
+    try:
+        resolved = resolve(cfg)
+        plan = make_plan(resolved)
+    except ConfigProblems as e:
+        console.print_problems(e.problems)
+        sys.exit(EXIT_CONFIG)
+    except StageError as e:
+        console.print_problems([Problem(e.stage, e.message, e.hint)])
+        sys.exit(EXIT_CONFIG)
+    if resolved.pipeline.dry_run:
+        console.print_plan(resolved, plan)
+        return
+    output_dir = Path(hc.runtime.output_dir)
+    tracker = make_tracker(resolved.tracker)
+    outcome = execute(resolved, plan, output_dir, tracker, job_info(cfg, resolved, output_dir))
+    console.print_summary(outcome, tracker.where, getattr(tracker, "run_id", None))
+    if outcome.status != "FINISHED":
+        if in_sweep:
+            raise JobFailed(outcome.error)
+        sys.exit(EXIT_FAILED)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
+def _hydra_entry(cfg: DictConfig) -> None:
+    _state["job_started"] = True
+    run_job(cfg)
+
+
+def main() -> None:
+    status = "FAILED"
+    try:
+        _hydra_entry()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        console.err.print("[bold red]optipipe: interrupted[/]")
+        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as e:
+        if e.code == 1 and not _state["job_started"]:
+            # Hydra could not compose (unknown key, unknown option): a configuration problem.
+            console.err.print("fix the override named above; `optipipe --help` lists the groups")
+            sys.exit(EXIT_CONFIG)
+        if e.code in (0, None):
+            status = "FINISHED"
+        raise
+    finally:
+        sweep.close_open_parent(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""What the user reads in the terminal: problems, the dry-run plan, the end-of-run summary."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.contract import LoadPlan, Problem
+from pipeline.runner import RunOutcome
+from pipeline.validate import Resolved
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+KEY_METRICS = ("decode_tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "memory_peak_allocated_gib",
+               "memory_peak_rss_gib", "perplexity")
+
+
+def print_problems(problems: list[Problem]) -> None:
+    err.print(f"[bold red]optipipe: {len(problems)} problem(s) in the configuration; nothing was loaded[/]")
+    for p in problems:
+        err.print(f"  [bold]{p.key}[/]: {p.message}")
+        if p.fix:
+            err.print(f"      fix: [green]{p.fix}[/]")
+
+
+def print_plan(resolved: Resolved, plan: LoadPlan) -> None:
+    table = Table(title="optipipe plan (dry run: nothing loaded)")
+    for col in ("stage", "class", "settings"):
+        table.add_column(col)
+    for name, stage in resolved.stages.items():
+        cls = type(stage)
+        settings = ", ".join(f"{k}={v}" for k, v in vars(stage.cfg).items())
+        table.add_row(name, f"{cls.__module__}.{cls.__qualname__}", settings or "-")
+    out.print(table)
+    out.print(f"model: {resolved.model.id} (source={resolved.model.source}, task={resolved.model.task})")
+    out.print(f"device: {plan.device}")
+    out.print("from_pretrained kwargs:")
+    for k, v in plan.kwargs.items():
+        out.print(f"  {k} = {v!r}   [dim](from {plan.contributed_by[k]})[/]")
+
+
+def print_summary(outcome: RunOutcome, where: str, run_id: str | None) -> None:
+    table = Table(title=f"optipipe run: {outcome.status}")
+    for col in ("stage", "seconds", "result"):
+        table.add_column(col)
+    for name, r in outcome.results.items():
+        table.add_row(name, f"{r.seconds:.2f}", r.summary)
+    out.print(table)
+    if outcome.error:
+        err.print(f"[bold red]{outcome.error}[/]")
+    if run_id:
+        out.print(f"MLflow run {run_id}")
+    out.print(f"dashboard: [bold]{where}[/]")
+    sys.stdout.flush()

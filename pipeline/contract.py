@@ -1,0 +1,126 @@
+"""The stage contract: what every stage is built from, adds to the load, and returns.
+
+A run is: build every stage from its config (no I/O) → validate → every stage adds to one
+``LoadPlan`` → the model is loaded once → every stage ``apply``s to the loaded model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+
+STAGE_ORDER: tuple[str, ...] = ("load", "quantize", "convert", "shard", "generate", "evaluate")
+
+
+class StageError(RuntimeError):
+    """A stage could not do its job. The runner marks the run FAILED with this message."""
+
+    def __init__(self, stage: str, message: str, hint: str = "") -> None:
+        self.stage, self.message, self.hint = stage, message, hint
+        super().__init__(f"[{stage}] {message}" + (f"\n  fix: {hint}" if hint else ""))
+
+
+@dataclass
+class Problem:
+    """One thing wrong with the configuration, found before any weight is read."""
+
+    key: str  # config key, e.g. "generate.batch_size"
+    message: str  # what is wrong
+    fix: str = ""  # the override (or action) that fixes it
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}" + (f"\n    fix: {self.fix}" if self.fix else "")
+
+
+class ConfigProblems(Exception):
+    """Every problem found during validation, reported at once (exit code 2)."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class LoadPlan:
+    """Everything ``from_pretrained`` will be called with; stages add to it before the one load."""
+
+    model: Any = None  # the ModelSpec being loaded
+    device: str = "cpu"  # where the load stage decided the model runs
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    contributed_by: dict[str, str] = field(default_factory=dict)  # kwarg → stage name, for the plan print
+
+    def set(self, stage: str, key: str, value: Any) -> None:
+        """Set a kwarg; two stages setting the same kwarg differently is a bug in the config rules."""
+        if key in self.kwargs and self.contributed_by[key] != stage and self.kwargs[key] != value:
+            raise StageError(stage, f"from_pretrained kwarg {key!r} already set by stage "
+                             f"{self.contributed_by[key]!r} to {self.kwargs[key]!r}")
+        self.kwargs[key] = value
+        self.contributed_by[key] = stage
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, float] = field(default_factory=dict)  # names without the stage prefix
+    tags: dict[str, str] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+    summary: str = ""  # one short line for the console table
+
+
+@dataclass
+class RunContext:
+    cfg: Any  # the resolved root DictConfig
+    output_dir: Path
+    dist: DistInfo
+    model: Any = None
+    tokenizer: Any = None
+    reference: Callable[[], Any] | None = None  # lazily builds the unoptimized model
+    facts: dict[str, Any] = field(default_factory=dict)  # what stages learned for later stages
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """Built as ``Cls(config)`` during validation; then ``plan`` for all stages, one load, ``apply``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]  # a dataclass: the typed schema of this stage's YAML
+
+    def plan(self, plan: LoadPlan) -> None: ...
+
+    def apply(self, ctx: RunContext) -> StageResult: ...
+
+
+class BaseStage:
+    """Convenience base: no load contribution, no problems, nothing to apply."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def problems(self, root: Any) -> list[Problem]:
+        """Rules this stage checks against the whole config (no I/O beyond small files)."""
+        return []
+
+    def plan(self, plan: LoadPlan) -> None:
+        return None
+
+    def apply(self, ctx: RunContext) -> StageResult:
+        return StageResult()
+
+    def describe(self) -> str:
+        return type(self).__name__

@@ -1,0 +1,89 @@
+"""Clocks and memory readings that are honest on CPU and on one or many CUDA devices."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Iterable
+
+import psutil
+import torch
+
+GIB = 1024**3
+
+
+def cuda_devices_in_use(model: torch.nn.Module | None = None) -> list[int]:
+    """CUDA device indices holding the model's parameters (all visible devices if unknown)."""
+    if not torch.cuda.is_available():
+        return []
+    if model is None:
+        return list(range(torch.cuda.device_count()))
+    found = {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
+    return sorted(found)
+
+
+def synchronize(devices: Iterable[int]) -> None:
+    """Wait for every device in use: a clock read before this measures launch, not work."""
+    for d in devices:
+        torch.cuda.synchronize(d)
+
+
+def now(devices: Iterable[int] = ()) -> float:
+    synchronize(devices)
+    return time.perf_counter()
+
+
+def reset_peaks(devices: Iterable[int]) -> None:
+    for d in devices:
+        torch.cuda.reset_peak_memory_stats(d)
+
+
+def rss_gib() -> float:
+    return psutil.Process().memory_info().rss / GIB
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (GIB if sys.platform == "darwin" else 1024**2)
+
+
+def memory_now(devices: Iterable[int]) -> dict[str, float]:
+    devices = list(devices)
+    if not devices:
+        return {"rss_gib": rss_gib()}
+    out = {f"cuda{d}_allocated_gib": torch.cuda.memory_allocated(d) / GIB for d in devices}
+    out["allocated_gib"] = sum(out.values())
+    return out
+
+
+def memory_peaks(devices: Iterable[int]) -> dict[str, float]:
+    """Peak allocated and reserved memory per CUDA device, or the process's peak RSS on CPU."""
+    devices = list(devices)
+    if not devices:
+        return {"peak_rss_gib": peak_rss_gib()}
+    out: dict[str, float] = {}
+    for d in devices:
+        out[f"cuda{d}_peak_allocated_gib"] = torch.cuda.max_memory_allocated(d) / GIB
+        out[f"cuda{d}_peak_reserved_gib"] = torch.cuda.max_memory_reserved(d) / GIB
+    out["peak_allocated_gib"] = max(out[f"cuda{d}_peak_allocated_gib"] for d in devices)
+    out["peak_reserved_gib"] = max(out[f"cuda{d}_peak_reserved_gib"] for d in devices)
+    return out
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers as stored (packed 4-bit weights count as stored)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if t.data_ptr() in seen and t.device.type != "meta":  # tied weights count once
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

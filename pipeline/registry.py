@@ -1,0 +1,51 @@
+"""Turns a ``_target_`` string into a stage class, but only from allowed modules.
+
+YAML must never be a way to instantiate an arbitrary dotted path, so a target is accepted only
+when its module is a built-in (``stages.``), belongs to a package that declared itself through
+the ``optipipe.stages`` entry-point group, or is listed in ``pipeline.allow``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+ENTRY_POINT_GROUP = "optipipe.stages"
+BUILTIN_PREFIXES: tuple[str, ...] = ("stages.",)
+
+
+class TargetRefused(ValueError):
+    pass
+
+
+def plugin_prefixes() -> list[str]:
+    """Module prefixes of installed plugin packages (``name = "package.module:Class"`` or module)."""
+    prefixes = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        package = ep.value.split(":")[0].split(".")[0]
+        prefixes.append(package + ".")
+    return prefixes
+
+
+def allowed_prefixes(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    return [*BUILTIN_PREFIXES, *plugin_prefixes(), *(p.rstrip(".") + "." for p in extra)]
+
+
+def resolve_target(target: str, extra_allow: list[str] | tuple[str, ...] = ()) -> type:
+    """Import and return the class named by ``target`` if its module is allowed."""
+    prefixes = allowed_prefixes(extra_allow)
+    if not any(target.startswith(p) for p in prefixes):
+        raise TargetRefused(
+            f"_target_ {target!r} is outside the allowed modules {prefixes}. Built-in stages live "
+            f"under 'stages.'; a third-party stage package declares an entry point in group "
+            f"'{ENTRY_POINT_GROUP}', or you allow it explicitly with "
+            f"'pipeline.allow=[{target.rsplit('.', 2)[0]}]'")
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise TargetRefused(f"_target_ {target!r}: cannot import module {module_name!r}: {e}") from e
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise TargetRefused(f"_target_ {target!r}: module {module_name!r} has no {attr!r}")
+    return cls

@@ -1,0 +1,56 @@
+"""The run: plan → one load → apply every stage → track. Knows nothing about Hydra."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.contract import DistInfo, LoadPlan, RunContext, StageError, StageResult
+from pipeline.tracking import JobInfo, Tracker
+from pipeline.validate import Resolved
+
+
+@dataclass
+class RunOutcome:
+    results: dict[str, StageResult] = field(default_factory=dict)
+    status: str = "FINISHED"
+    error: str | None = None
+
+
+def make_plan(resolved: Resolved) -> LoadPlan:
+    """Every stage adds its ``from_pretrained`` kwargs; nothing is read from disk yet."""
+    plan = LoadPlan(model=resolved.model)
+    for stage in resolved.stages.values():
+        stage.plan(plan)
+    return plan
+
+
+def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Tracker, job: JobInfo,
+            dist: DistInfo | None = None) -> RunOutcome:
+    """Load once, apply each stage in order, log as we go; a failure marks the run FAILED."""
+    outcome = RunOutcome()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracker.start(job)
+    try:
+        ctx = RunContext(cfg=resolved.cfg, output_dir=output_dir, dist=dist or DistInfo(device=plan.device))
+        ctx.model, ctx.tokenizer = resolved.stages["load"].materialize(plan)
+        for name, stage in resolved.stages.items():
+            start = time.perf_counter()
+            result = stage.apply(ctx)
+            result.seconds = result.seconds or time.perf_counter() - start
+            outcome.results[name] = result
+            tracker.log_result(name, result)
+    except KeyboardInterrupt:
+        outcome.status, outcome.error = "KILLED", "interrupted (Ctrl-C)"
+        tracker.finish(outcome.status, outcome.error)
+        raise
+    except StageError as e:
+        outcome.status, outcome.error = "FAILED", str(e)
+        tracker.finish(outcome.status, outcome.error)
+        return outcome
+    except BaseException as e:  # our bug: record it, then let the traceback through
+        tracker.finish("FAILED", f"{type(e).__name__}: {e}")
+        raise
+    tracker.finish(outcome.status)
+    return outcome

@@ -1,0 +1,173 @@
+"""Tracking: one MLflow run per job, nested under one parent run per ``--multirun`` sweep.
+
+Stages never import mlflow; the runner hands results to a tracker. ``tracker=none`` uses
+``NullTracker`` and mlflow is never imported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.config import TrackerSettings, is_secret_key
+from pipeline.contract import Problem, StageResult
+
+PARENT_ENV = "OPTIPIPE_PARENT_RUN_ID"  # set by the sweep callback, read by each job of the sweep
+MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+
+
+@dataclass
+class JobInfo:
+    """What the tracker needs to open a job's run; built by the CLI from Hydra's runtime."""
+
+    run_name: str
+    params: dict[str, Any]
+    tags: dict[str, str]
+    artifacts: list[Path] = field(default_factory=list)  # config YAML, overrides, environment
+    parent_run_id: str | None = None
+
+
+def default_store_uri(base: Path | None = None) -> str:
+    """SQLite under ./outputs, as an absolute path so every job of a sweep writes the same store."""
+    base = (base or Path.cwd() / "outputs").resolve()
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def tracking_uri(settings: TrackerSettings) -> str:
+    return settings.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri()
+
+
+def dashboard_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def tracker_problems(settings: TrackerSettings) -> list[Problem]:
+    """Fail fast on an unreachable store: seconds, not the minutes of MLflow's retry loop."""
+    if settings.kind == "none":
+        return []
+    if settings.kind != "mlflow":
+        return [Problem("tracker.kind", f"unknown tracker {settings.kind!r}", "tracker=mlflow or tracker=none")]
+    uri = tracking_uri(settings)
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=settings.connect_timeout_s).raise_for_status()
+        except requests.RequestException as e:
+            return [Problem("tracker.uri", f"MLflow server {uri} is unreachable ({type(e).__name__})",
+                            "start it (mlflow server --host 127.0.0.1 --port 5000), fix tracker.uri / "
+                            "MLFLOW_TRACKING_URI, or run with tracker=none")]
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return [Problem("tracker.uri", f"cannot create {folder} for the SQLite store: {e}",
+                            "tracker.uri=sqlite:///<writable path>/mlflow.db")]
+    return []
+
+
+class Tracker(Protocol):
+    where: str
+
+    def start(self, job: JobInfo) -> None: ...
+    def log_result(self, stage: str, result: StageResult) -> None: ...
+    def finish(self, status: str, error: str | None = None) -> None: ...
+
+
+class NullTracker:
+    """tracker=none: nothing is recorded, mlflow is not imported."""
+
+    where = "not tracked (tracker=none)"
+    run_id = None
+
+    def start(self, job: JobInfo) -> None:
+        pass
+
+    def log_result(self, stage: str, result: StageResult) -> None:
+        pass
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        pass
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """Get or create the experiment; a local store keeps artifacts beside its database."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # a parallel job created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class MlflowTracker:
+    def __init__(self, settings: TrackerSettings) -> None:
+        self.settings = settings
+        self.uri = tracking_uri(settings)
+        self.where = dashboard_command(self.uri)
+        self.client = _client(self.uri)
+        self.run_id: str | None = None
+
+    def start(self, job: JobInfo) -> None:
+        from mlflow.entities import Param, RunTag
+
+        exp = experiment_id(self.client, self.settings.experiment, self.uri)
+        tags = {"mlflow.runName": job.run_name, **job.tags}
+        if job.parent_run_id:
+            tags["mlflow.parentRunId"] = job.parent_run_id
+        run = self.client.create_run(exp, tags=tags, run_name=job.run_name)
+        self.run_id = run.info.run_id
+        params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in job.params.items() if not is_secret_key(k)]
+        for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        for path in job.artifacts:
+            self.client.log_artifact(self.run_id, str(path))
+        self.client.log_batch(self.run_id, tags=[RunTag("optipipe.status", "running")])
+
+    def log_result(self, stage: str, result: StageResult) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(f"{stage}/{k}", float(v), stamp, 0) for k, v in result.metrics.items()]
+        metrics.append(Metric(f"{stage}/stage_seconds", float(result.seconds), stamp, 0))
+        tags = [RunTag(k, str(v)[:5000]) for k, v in result.tags.items()]
+        self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
+        for path in result.artifacts:
+            self.client.log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        if self.run_id is None:
+            return
+        self.client.set_tag(self.run_id, "optipipe.status", status.lower())
+        if error:
+            self.client.set_tag(self.run_id, "optipipe.error", error[:5000])
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def make_tracker(settings: TrackerSettings) -> Tracker:
+    return NullTracker() if settings.kind == "none" else MlflowTracker(settings)
+
+
+def redact_overrides(overrides: list[str]) -> list[str]:
+    """Overrides as typed, with secret values replaced (``hf_token=…`` must not reach a store)."""
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        out.append(f"{o.split('=', 1)[0]}=***" if "=" in o and is_secret_key(key) else o)
+    return out

@@ -1,0 +1,73 @@
+"""Validation before any weight is read: build every stage, check every rule, report all at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline import rules
+from pipeline.config import SECTIONS, LauncherSettings, ModelSpec, PipelineSettings, TrackerSettings, typed
+from pipeline.contract import STAGE_ORDER, BaseStage, ConfigProblems, Problem
+from pipeline.registry import TargetRefused, resolve_target
+
+
+@dataclass
+class Resolved:
+    """The config turned into typed settings and constructed (not yet loaded) stages."""
+
+    cfg: DictConfig
+    model: ModelSpec
+    pipeline: PipelineSettings
+    tracker: TrackerSettings
+    launcher: LauncherSettings
+    stages: dict[str, BaseStage] = field(default_factory=dict)
+
+
+def build_stage(name: str, node: Any, allow: list[str]) -> tuple[BaseStage | None, list[Problem]]:
+    """Resolve ``node._target_`` through the allow-list, type-check its keys, construct it."""
+    if node is None or "_target_" not in node:
+        return None, [Problem(name, f"stage {name!r} has no _target_",
+                              f"pick an option of the group, e.g. {name}=<option>")]
+    try:
+        cls = resolve_target(str(node["_target_"]), allow)
+    except TargetRefused as e:
+        return None, [Problem(f"{name}._target_", str(e))]
+    if not (hasattr(cls, "Config") and callable(getattr(cls, "apply", None))):
+        return None, [Problem(f"{name}._target_", f"{cls.__module__}.{cls.__qualname__} is not a "
+                              "stage: it needs a Config dataclass, plan() and apply()")]
+    stage_cfg, problems = typed(cls.Config, node, name)
+    if problems:
+        return None, problems
+    stage = cls(stage_cfg)
+    if not getattr(stage, "name", None):
+        stage.name = name
+    return stage, []
+
+
+def resolve(cfg: DictConfig) -> Resolved:
+    """Everything the run needs, or ``ConfigProblems`` listing every problem found."""
+    problems: list[Problem] = []
+    sections: dict[str, Any] = {}
+    for key, schema in SECTIONS.items():
+        value, found = typed(schema, cfg.get(key), key)
+        problems += found
+        sections[key] = value
+    allow = list(sections["pipeline"].allow) if sections["pipeline"] else []
+    stages: dict[str, BaseStage] = {}
+    for name in STAGE_ORDER:
+        stage, found = build_stage(name, cfg.get(name), allow)
+        problems += found
+        if stage is not None:
+            stages[name] = stage
+    if problems:  # rules below need typed sections and every stage
+        raise ConfigProblems(problems)
+    resolved = Resolved(cfg=cfg, stages=stages, **sections)
+    for stage in stages.values():
+        if hasattr(stage, "problems"):
+            problems += stage.problems(resolved)
+    problems += rules.check_all(resolved)
+    if problems:
+        raise ConfigProblems(problems)
+    return resolved

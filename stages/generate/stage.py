@@ -1,0 +1,138 @@
+"""The generate stage: runs a decode workload with warm-up and repeats and reports its timing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from rich.progress import Progress
+
+from pipeline import measure
+from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult
+from stages.generate import prompts as P
+from stages.generate.clock import TimingSummary, TokenClock, Timing
+
+
+@dataclass
+class GenerateConfig:
+    prompts: Optional[list[str]] = None  # None: our built-in prompts
+    prompt_file: Optional[str] = None  # .txt (one per line) or .jsonl ("prompt" field)
+    chat_template: str = "auto"  # auto (when the tokenizer has one) | on | off
+    prompt_tokens: Optional[int] = None  # benchmark: every prompt exactly N tokens, no template
+    batch_size: int = 1
+    max_new_tokens: int = 32
+    benchmark: bool = False  # force exactly max_new_tokens (EOS does not stop the run)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    seed: int = 0
+    warmup: int = 1  # untimed runs first: allocator, kernels, compilation
+    repeats: int = 3  # timed runs; percentiles come from these
+
+
+class Generate(BaseStage):
+    name: ClassVar[str] = "generate"
+    Config: ClassVar[type] = GenerateConfig
+
+    def problems(self, root: Any) -> list[Problem]:
+        c, out = self.cfg, []
+        for key, value, low in (("batch_size", c.batch_size, 1), ("max_new_tokens", c.max_new_tokens, 1),
+                                ("repeats", c.repeats, 1), ("warmup", c.warmup, 0)):
+            if value < low:
+                out.append(Problem(f"generate.{key}", f"must be ≥ {low}, got {value}",
+                                   f"generate.{key}={max(low, 1)}"))
+        if c.prompt_tokens is not None and c.prompt_tokens < 1:
+            out.append(Problem("generate.prompt_tokens", f"must be ≥ 1 or null, got {c.prompt_tokens}",
+                               "generate.prompt_tokens=128"))
+        if c.chat_template not in ("auto", "on", "off"):
+            out.append(Problem("generate.chat_template", f"unknown mode {c.chat_template!r}",
+                               "generate.chat_template=auto|on|off"))
+        if c.do_sample and c.temperature <= 0:
+            out.append(Problem("generate.temperature", "sampling needs temperature > 0",
+                               "generate.temperature=0.7 or generate.do_sample=false"))
+        if c.prompt_file:
+            try:
+                P.read_prompt_file(c.prompt_file)
+            except P.PromptError as e:
+                out.append(Problem("generate.prompt_file", str(e),
+                                   "generate.prompt_file=<a .txt file, one prompt per line>"))
+        elif c.prompts is not None and not [p for p in c.prompts if p.strip()]:
+            out.append(Problem("generate.prompts", "the prompt list is empty",
+                               "remove generate.prompts to use the built-in prompts"))
+        if root.model.task != "causal_lm":
+            out.append(Problem("generate", f"model.task={root.model.task} cannot generate text",
+                               "model.task=causal_lm, or pick an encoder workload"))
+        return out
+
+    def prompt_texts(self) -> list[str]:
+        if self.cfg.prompt_file:
+            return P.read_prompt_file(self.cfg.prompt_file)
+        return [p for p in (self.cfg.prompts or P.DEFAULT_PROMPTS) if p.strip()]
+
+    def generation_kwargs(self, tokenizer: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        c = self.cfg
+        kw: dict[str, Any] = dict(max_new_tokens=c.max_new_tokens, do_sample=c.do_sample,
+                                  pad_token_id=tokenizer.pad_token_id)
+        if c.do_sample:
+            kw.update(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k)
+        else:  # explicit, so a model's generation_config cannot turn sampling on behind our back
+            kw.update(temperature=None, top_p=None, top_k=None)
+        if c.benchmark:
+            kw["min_new_tokens"] = c.max_new_tokens
+        return {**kw, **extra}
+
+    def apply(self, ctx: RunContext) -> StageResult:
+        model, tok, c = ctx.model, ctx.tokenizer, self.cfg
+        texts = P.batch_of(self.prompt_texts(), c.batch_size)
+        chat = P.use_chat_template(tok, c.chat_template) and not c.prompt_tokens
+        if c.chat_template == "on" and not getattr(tok, "chat_template", None):
+            raise StageError(self.name, "generate.chat_template=on but the tokenizer has no chat "
+                             "template", "generate.chat_template=auto")
+        inputs = {k: v.to(model.device) for k, v in P.encode(tok, texts, chat, c.prompt_tokens).items()}
+        kwargs = self.generation_kwargs(tok, ctx.facts.get("generate_kwargs", {}))
+        devices = measure.cuda_devices_in_use(model)
+        summary, outputs = TimingSummary(), None
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"generate ×{c.batch_size}", total=c.warmup + c.repeats)
+            for i in range(c.warmup + c.repeats):
+                if i == c.warmup:
+                    measure.reset_peaks(devices)
+                timing, out = self._one_run(model, inputs, kwargs, devices)
+                if i >= c.warmup:
+                    summary.runs.append(timing)
+                    outputs = out
+                bar.advance(task)
+        metrics = summary.metrics()
+        metrics.update({f"prompt_tokens": float(inputs["input_ids"].shape[1]),
+                        "batch_size": float(c.batch_size)})
+        memory = {f"memory_{k}": v for k, v in measure.memory_peaks(devices).items()}
+        samples = self._save_samples(ctx, tok, texts, inputs["input_ids"].shape[1], outputs)
+        return StageResult(
+            metrics={**metrics, **memory}, artifacts=[samples],
+            tags={"generate.chat_template": str(chat), "generate.mode": "sample" if c.do_sample else "greedy"},
+            seconds=sum(r.end - r.start for r in summary.runs),
+            summary=f"{metrics['decode_tokens_per_s']:.1f} tok/s decode, TTFT p50 "
+                    f"{metrics['ttft_ms_p50']:.0f} ms, batch {c.batch_size}")
+
+    def _one_run(self, model, inputs, kwargs, devices) -> tuple[Timing, torch.Tensor]:
+        torch.manual_seed(self.cfg.seed)  # every repeat samples the same way
+        clock = TokenClock(devices)
+        start = measure.now(devices)
+        with torch.inference_mode():
+            out = model.generate(**inputs, **kwargs, streamer=clock)
+        end = measure.now(devices)
+        if not clock.times:
+            raise StageError(self.name, "generate produced no new token")
+        return Timing(start, clock.times, end, inputs["input_ids"].shape[0]), out
+
+    def _save_samples(self, ctx, tok, texts, prompt_len, outputs):
+        path = ctx.output_dir / "generate_samples.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for text, row in zip(texts, outputs):
+                new = row[prompt_len:]
+                f.write(json.dumps({"prompt": text, "output": tok.decode(new, skip_special_tokens=True),
+                                    "new_tokens": int((new != tok.pad_token_id).sum())}) + "\n")
+        return path

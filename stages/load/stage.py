@@ -1,0 +1,124 @@
+"""The load stage: decides dtype and device, checks the source, and loads the model once."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from pipeline import measure
+from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult
+from stages.load import sources
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class LoadConfig:
+    dtype: str = "auto"  # auto (the checkpoint's own) | bfloat16 | float16 | float32
+    device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
+    trust_remote_code: bool = False  # never on by default: it runs the repository's Python
+    allow_pickle: bool = False  # safetensors only unless you opt in to pickle checkpoints
+    cache_dir: Optional[str] = None  # GGUF/random conversions; default $OPTIPIPE_CACHE or ~/.cache/optipipe
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return "cuda:0" if requested == "cuda" else requested
+
+
+class Load(BaseStage):
+    name: ClassVar[str] = "load"
+    Config: ClassVar[type] = LoadConfig
+
+    def __init__(self, cfg: LoadConfig) -> None:
+        super().__init__(cfg)
+        self._result = StageResult()
+
+    def problems(self, root: Any) -> list[Problem]:
+        import torch
+
+        problems = []
+        if self.cfg.dtype not in DTYPES:
+            problems.append(Problem("load.dtype", f"unknown dtype {self.cfg.dtype!r}",
+                                    f"load.dtype=<one of {', '.join(DTYPES)}>"))
+        dev = self.cfg.device
+        if dev != "auto" and dev != "cpu" and not dev.startswith("cuda"):
+            problems.append(Problem("load.device", f"unknown device {dev!r}",
+                                    "load.device=auto|cpu|cuda|cuda:N"))
+        elif dev.startswith("cuda") and not torch.cuda.is_available():
+            problems.append(Problem("load.device", f"{dev!r} asked but no CUDA device is visible",
+                                    "load.device=auto (or cpu)"))
+        spec = root.model
+        if spec.task not in ("causal_lm", "encoder"):
+            problems.append(Problem("model.task", f"unknown task {spec.task!r}",
+                                    "model.task=causal_lm|encoder"))
+        problems += sources.check(spec, self.cfg.allow_pickle, self.cfg.trust_remote_code)
+        return problems
+
+    def device(self) -> str:
+        return resolve_device(self.cfg.device)
+
+    def torch_dtype_name(self) -> str:
+        """The dtype random weights are created in (auto: bf16 on GPU, fp32 on CPU)."""
+        if self.cfg.dtype != "auto":
+            return self.cfg.dtype
+        return "bfloat16" if self.device().startswith("cuda") else "float32"
+
+    def plan(self, plan: LoadPlan) -> None:
+        import torch
+
+        plan.device = self.device()
+        dtype = self.cfg.dtype if self.cfg.dtype == "auto" else getattr(torch, self.cfg.dtype)
+        plan.set(self.name, "dtype", dtype)
+        plan.set(self.name, "trust_remote_code", self.cfg.trust_remote_code)
+        plan.set(self.name, "use_safetensors", None if self.cfg.allow_pickle else True)
+
+    def materialize(self, plan: LoadPlan) -> tuple[Any, Any]:
+        """The one load: every stage's kwargs go into a single ``from_pretrained`` call."""
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        spec = plan.model
+        start = time.perf_counter()
+        ckpt = sources.checkpoint(spec, sources.cache_root(self.cfg.cache_dir), self.torch_dtype_name())
+        prepared = time.perf_counter()
+        auto = AutoModelForCausalLM if spec.task == "causal_lm" else AutoModel
+        try:
+            model = auto.from_pretrained(ckpt.path, **ckpt.kwargs, **plan.kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(
+                ckpt.path, trust_remote_code=self.cfg.trust_remote_code, **ckpt.kwargs)
+        except (OSError, ValueError, ImportError) as e:
+            raise StageError("load", f"from_pretrained({ckpt.path!r}) failed: {e}",
+                             "check model.id / model.revision; pickle weights need "
+                             "load.allow_pickle=true") from e
+        model.eval()
+        if spec.task == "causal_lm":
+            tokenizer.padding_side = "left"  # decoder-only batches must end on the last prompt token
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        devices = measure.cuda_devices_in_use(model)
+        loaded = measure.now(devices)
+        metrics = {
+            "seconds": loaded - start,
+            "prepare_seconds": prepared - start,  # GGUF/random conversion, ~0 once cached
+            "parameters": float(model.num_parameters()),
+            "weight_bytes": float(measure.weight_bytes(model)),
+        }
+        metrics.update({f"memory_{k}": v for k, v in measure.memory_now(devices).items()})
+        self._result = StageResult(
+            metrics=metrics, seconds=loaded - start,
+            tags={"model.source": ckpt.source, "model.dtype": str(model.dtype).removeprefix("torch."),
+                  "model.class": type(model).__name__, "model.device": str(model.device)},
+            summary=f"{type(model).__name__} {metrics['parameters'] / 1e6:.0f}M params, "
+                    f"{metrics['weight_bytes'] / 2**30:.2f} GiB, {str(model.dtype).removeprefix('torch.')}"
+                    f" on {model.device}")
+        return model, tokenizer
+
+    def apply(self, ctx: RunContext) -> StageResult:
+        return self._result
+
+    def describe(self) -> str:
+        return f"Load(dtype={self.cfg.dtype}, device={self.device()})"
