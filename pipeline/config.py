@@ -7,6 +7,7 @@ that *all* unknown keys and wrong types are reported at once, each with its full
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -104,12 +105,17 @@ def to_container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-SECRET_WORDS = ("token", "password", "passwd", "secret", "api_key", "apikey", "credential", "auth")
+# A leaf key is secret when it *ends* in one of these words (hf_token, db_password, api_key),
+# so counts such as max_new_tokens are not mistaken for credentials.
+SECRET_LEAF = re.compile(r"(^|_)(token|password|passwd|secret|secret_key|access_key|private_key|"
+                         r"api_key|apikey|credentials?|authorization)$")
+TOKENIZER_WORDS = {"pad_token", "bos_token", "eos_token", "unk_token", "sep_token", "cls_token",
+                   "mask_token"}
 
 
 def is_secret_key(key: str) -> bool:
     leaf = key.rsplit(".", 1)[-1].lower()
-    return any(w in leaf for w in SECRET_WORDS)
+    return bool(SECRET_LEAF.search(leaf)) and leaf not in TOKENIZER_WORDS
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -85,7 +85,7 @@ def check(spec, allow_pickle: bool, trust_remote_code: bool) -> list[Problem]:
     if source == "local":
         return _check_local(Path(spec.id).expanduser(), spec, allow_pickle, trust_remote_code)
     if source == "hub":
-        return _check_hub(spec, trust_remote_code)
+        return _check_hub(spec, allow_pickle, trust_remote_code)
     return []
 
 
@@ -124,12 +124,14 @@ def _check_remote_code(config: dict, trust_remote_code: bool) -> list[Problem]:
     return []
 
 
-def _check_hub(spec, trust_remote_code: bool) -> list[Problem]:
+def _check_hub(spec, allow_pickle: bool, trust_remote_code: bool) -> list[Problem]:
     """Fetch only config.json (a few KB) so a wrong id or missing access fails before any weight."""
     from huggingface_hub import hf_hub_download
 
     if spec.gguf_file:
         return []
+    if os.path.isdir(os.path.expanduser(spec.id)):  # from_pretrained reads a local dir as well
+        return _check_local(Path(spec.id).expanduser(), spec, allow_pickle, trust_remote_code)
     try:
         path = hf_hub_download(spec.id, "config.json", revision=spec.revision)
     except Exception as e:  # offline, no such repo, gated, …: all are the user's to fix
@@ -158,7 +160,7 @@ def checkpoint(spec, cache: Path, random_dtype: str) -> Checkpoint:
     if source == "embedded":
         package, name = EMBEDDED[spec.id]
         gguf = Path(str(resources.files(package) / name))
-        return Checkpoint(str(_gguf_to_safetensors(gguf, cache, label=spec.id)), source)
+        return Checkpoint(str(_gguf_to_safetensors(gguf, cache)), source)
     if source == "random":
         return Checkpoint(str(_random_checkpoint(spec, cache, random_dtype)), source)
     raise StageError("load", f"unknown model source {source!r}")
@@ -181,11 +183,11 @@ def _publish(build, dest: Path) -> Path:
     return dest
 
 
-def _gguf_to_safetensors(gguf: Path, cache: Path, label: str | None = None) -> Path:
+def _gguf_to_safetensors(gguf: Path, cache: Path) -> Path:
     """Dequantize a GGUF file once (~17 s for SmolLM2-135M) into a float32 safetensors dir."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    dest = cache / "gguf" / f"{label or gguf.stem}-{key}"
+    dest = cache / "gguf" / f"{gguf.stem}-{key}"  # one cache per file, whichever source named it
 
     def build(tmp: Path) -> None:
         import torch

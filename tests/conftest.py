@@ -1,0 +1,59 @@
+"""Shared test helpers: compose configs in-process, run the real CLI, build tiny models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def composed(*overrides: str):
+    """The config exactly as the CLI would compose it (no Hydra runtime needed)."""
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300,
+            check: int | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m pipeline`` as a user would; ``check`` asserts the exit code."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+    return proc
+
+
+def mlflow_runs(store: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}")
+    exps = client.search_experiments()
+    return client, client.search_runs([e.experiment_id for e in exps]) if exps else []
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A saved tiny random Llama with a byte tokenizer: a local model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.load.presets import preset_config
+    from stages.load.tokenizer import byte_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = preset_config("tiny-llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_tokenizer("llama", config.vocab_size).save_pretrained(path)
+    return path
+
+
+TINY = ("model=tiny_random", "generate.max_new_tokens=4", "generate.warmup=0", "generate.repeats=1")

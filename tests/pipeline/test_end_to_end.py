@@ -1,0 +1,153 @@
+"""The real CLI, the real models, a real SQLite MLflow store: what a user sees."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TINY, mlflow_runs, run_cli
+
+PLUGIN = '''
+import time
+from dataclasses import dataclass
+from pipeline.contract import BaseStage, StageError, StageResult
+
+@dataclass
+class EchoConfig:
+    message: str = "hello"
+    fail: bool = False
+    sleep_s: float = 0.0
+
+class Echo(BaseStage):
+    """A third-party evaluate stage: reports the model class, or fails, or hangs a while."""
+    name = "evaluate"
+    Config = EchoConfig
+
+    def apply(self, ctx):
+        if self.cfg.fail:
+            raise StageError("evaluate", "plugin asked to fail: " + self.cfg.message)
+        time.sleep(self.cfg.sleep_s)
+        return StageResult(metrics={"echo_len": len(self.cfg.message)},
+                           tags={"echo.model_class": type(ctx.model).__name__},
+                           summary=self.cfg.message)
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory) -> Path:
+    """A small installed-looking package that declares a stage through the entry-point group."""
+    root = tmp_path_factory.mktemp("plugin")
+    (root / "echo_stage").mkdir()
+    (root / "echo_stage" / "__init__.py").write_text(textwrap.dedent(PLUGIN))
+    meta = root / "echo_stage-0.1.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: echo-stage\nVersion: 0.1\n")
+    (meta / "entry_points.txt").write_text("[optipipe.stages]\necho = echo_stage:Echo\n")
+    return root
+
+
+def plugin_env(plugin_path: Path) -> dict:
+    return {"PYTHONPATH": f"{ROOT}:{plugin_path}"}
+
+
+def test_default_job_on_real_smollm2(tmp_path):
+    """The README's first command: real model, sensible text, metrics and artifacts in the store."""
+    start = time.perf_counter()
+    proc = run_cli("generate.repeats=2", cwd=tmp_path, check=0)
+    assert "FINISHED" in proc.stdout
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/outputs/mlflow.db" in proc.stdout
+    client, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    for name in ("load/seconds", "load/parameters", "load/weight_bytes", "generate/ttft_ms_p50",
+                 "generate/ttft_ms_p90", "generate/itl_ms_p50", "generate/itl_ms_p90",
+                 "generate/decode_tokens_per_s", "generate/e2e_tokens_per_s", "generate/memory_peak_rss_gib"):
+        assert run.data.metrics[name] > 0, name
+    assert 130e6 < run.data.metrics["load/parameters"] < 140e6
+    assert run.data.tags["choice.quantize"] == "none" and run.data.tags["convert.attn_implementation"] == "sdpa"
+    assert run.data.params["generate.batch_size"] == "1"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"resolved_config.yaml", "overrides.yaml", "environment.json", "generate_samples.jsonl"} <= artifacts
+    local = Path(client.download_artifacts(run.info.run_id, "generate_samples.jsonl", str(tmp_path)))
+    first = json.loads(local.read_text().splitlines()[0])
+    assert first["prompt"] == "What is the capital of France?" and "Paris" in first["output"]
+    env = json.loads(Path(client.download_artifacts(run.info.run_id, "environment.json", str(tmp_path))).read_text())
+    assert env["packages"]["torch"] and "gpus" in env
+    assert time.perf_counter() - start < 120  # the bar is 60 s once cached; leave room for a loaded CI
+
+
+def test_multirun_is_one_parent_with_a_child_per_job(tmp_path):
+    run_cli("-m", *TINY, "generate.batch_size=1,2", cwd=tmp_path, check=0)
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2
+    assert sorted(r.data.params["generate.batch_size"] for r in children) == ["1", "2"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert parents[0].data.tags["optipipe.jobs"] == "2"
+
+
+def test_plugin_stage_from_entry_point(tmp_path, plugin_path):
+    proc = run_cli(*TINY, "evaluate._target_=echo_stage.Echo", "+evaluate.message=plugged-in",
+                   cwd=tmp_path, env=plugin_env(plugin_path), check=0)
+    assert "plugged-in" in proc.stdout
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert runs[0].data.tags["echo.model_class"] == "LlamaForCausalLM"
+    assert runs[0].data.metrics["evaluate/echo_len"] == len("plugged-in")
+
+
+def test_failing_stage_marks_the_run_failed_with_its_message(tmp_path, plugin_path):
+    proc = run_cli(*TINY, "evaluate._target_=echo_stage.Echo", "+evaluate.fail=true",
+                   "+evaluate.message=boom", cwd=tmp_path, env=plugin_env(plugin_path), check=1)
+    assert "plugin asked to fail: boom" in proc.stderr + proc.stdout
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert runs[0].info.status == "FAILED"
+    assert "plugin asked to fail: boom" in runs[0].data.tags["optipipe.error"]
+    assert "generate/decode_tokens_per_s" in runs[0].data.metrics  # stages before it were logged
+
+
+def test_ctrl_c_marks_the_run_killed(tmp_path, plugin_path):
+    env = {**__import__("os").environ, **plugin_env(plugin_path), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *TINY, "evaluate._target_=echo_stage.Echo",
+                             "+evaluate.sleep_s=60"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    store = tmp_path / "outputs" / "mlflow.db"
+    deadline = time.time() + 90
+    # Wait until generate has written its samples (the run exists by then); reading the store
+    # earlier would race the job's own creation of its tables.
+    while time.time() < deadline and not list(tmp_path.glob("outputs/runs/*/*/generate_samples.jsonl")):
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    _, runs = mlflow_runs(store)
+    assert runs[0].info.status == "KILLED"
+
+
+def test_tracker_none_never_imports_mlflow(tmp_path):
+    code = ("import sys; sys.argv = ['optipipe', 'tracker=none', " + ", ".join(repr(a) for a in TINY) + "]\n"
+            "from pipeline.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print('MLFLOW_IMPORTED', 'mlflow' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert "MLFLOW_IMPORTED False" in proc.stdout, proc.stdout + proc.stderr
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_secrets_never_reach_the_store(tmp_path):
+    run_cli(*TINY, "+model.hf_token=hf_SECRET123", "model=tiny_random", cwd=tmp_path, check=2)
+    # model keys are typed, so an unknown key is refused; a plugin key is the realistic way in:
+    from pipeline.config import flatten
+    from pipeline.tracking import redact_overrides
+
+    assert "x.hf_token" not in flatten({"x": {"hf_token": "hf_SECRET123", "max_new_tokens": 3}})
+    assert redact_overrides(["+evaluate.api_key=abc", "generate.max_new_tokens=4"]) == \
+        ["+evaluate.api_key=***", "generate.max_new_tokens=4"]

