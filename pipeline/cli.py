@@ -58,6 +58,8 @@ def job_info(cfg: DictConfig, resolved: Resolved, output_dir: Path) -> JobInfo:
     tags.update({"git.commit": env["git_commit"] or "unknown", "host": socket.gethostname(),
                  "world_size": "1", "optipipe.output_dir": str(output_dir),
                  "model.id": resolved.model.id})
+    if resolved.warnings:
+        tags["optipipe.warnings"] = " | ".join(f"{w.key}: {w.message}" for w in resolved.warnings)
     name = resolved.tracker.run_name or (" ".join(overrides) if overrides else "default job")
     return JobInfo(run_name=name[:250], params=flatten(cfg), tags=tags,
                    artifacts=[output_dir / n for n in ("resolved_config.yaml", "overrides.yaml",
@@ -77,6 +79,7 @@ def run_job(cfg: DictConfig) -> None:
     except StageError as e:
         console.print_problems([Problem(e.stage, e.message, e.hint)])
         sys.exit(EXIT_CONFIG)
+    console.print_warnings(resolved.warnings)
     if resolved.pipeline.dry_run:
         console.print_plan(resolved, plan)
         return

@@ -19,9 +19,21 @@ KEY_METRICS = ("decode_tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "memory_peak_
 
 
 def print_problems(problems: list[Problem]) -> None:
-    err.print(f"[bold red]optipipe: {len(problems)} problem(s) in the configuration; nothing was loaded[/]")
+    errors = [p for p in problems if p.severity != "warning"]
+    err.print(f"[bold red]optipipe: {len(errors)} problem(s) in the configuration; nothing was loaded[/]")
+    _print_each(problems)
+
+
+def print_warnings(warnings: list[Problem]) -> None:
+    if warnings:
+        err.print(f"[bold yellow]optipipe: {len(warnings)} warning(s)[/]")
+        _print_each(warnings)
+
+
+def _print_each(problems: list[Problem]) -> None:
     for p in problems:
-        err.print(f"  [bold]{p.key}[/]: {p.message}")
+        label = "[yellow]warning[/] " if p.severity == "warning" else ""
+        err.print(f"  {label}[bold]{p.key}[/]: {p.message}")
         if p.fix:
             err.print(f"      fix: [green]{p.fix}[/]")
 

@@ -6,9 +6,10 @@ A run is: build every stage from its config (no I/O) → validate → every stag
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Protocol, runtime_checkable
 
 STAGE_ORDER: tuple[str, ...] = ("load", "quantize", "convert", "shard", "generate", "evaluate")
 
@@ -28,9 +29,14 @@ class Problem:
     key: str  # config key, e.g. "generate.batch_size"
     message: str  # what is wrong
     fix: str = ""  # the override (or action) that fixes it
+    severity: str = "error"  # error (exit 2) | warning (printed, logged as a tag, run goes on)
 
     def __str__(self) -> str:
         return f"{self.key}: {self.message}" + (f"\n    fix: {self.fix}" if self.fix else "")
+
+
+def warning(key: str, message: str, fix: str = "") -> Problem:
+    return Problem(key, message, fix, severity="warning")
 
 
 class ConfigProblems(Exception):
@@ -80,6 +86,24 @@ class StageResult:
     summary: str = ""  # one short line for the console table
 
 
+class WorkloadHook(Protocol):
+    """What a stage wraps around every timed workload (e.g. an SDPA kernel pin), and checks after
+    the warm-up (e.g. that compilation really happened). Returns tags to log."""
+
+    def context(self) -> ContextManager[None]: ...
+
+    def after_warmup(self, model: Any) -> dict[str, str]: ...
+
+
+@contextlib.contextmanager
+def workload_context(hooks: list[WorkloadHook]) -> Iterator[None]:
+    """Enter every stage's workload context (e.g. an SDPA kernel pin) around a workload."""
+    with contextlib.ExitStack() as stack:
+        for hook in hooks:
+            stack.enter_context(hook.context())
+        yield
+
+
 @dataclass
 class RunContext:
     cfg: Any  # the resolved root DictConfig
@@ -88,6 +112,8 @@ class RunContext:
     model: Any = None
     tokenizer: Any = None
     reference: Callable[[], Any] | None = None  # lazily builds the unoptimized model
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. cache_implementation
+    workload_hooks: list[WorkloadHook] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)  # what stages learned for later stages
 
 

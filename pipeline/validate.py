@@ -23,6 +23,7 @@ class Resolved:
     tracker: TrackerSettings
     launcher: LauncherSettings
     stages: dict[str, BaseStage] = field(default_factory=dict)
+    warnings: list[Problem] = field(default_factory=list)
 
 
 def build_stage(name: str, node: Any, allow: list[str]) -> tuple[BaseStage | None, list[Problem]]:
@@ -68,6 +69,8 @@ def resolve(cfg: DictConfig) -> Resolved:
         if hasattr(stage, "problems"):
             problems += stage.problems(resolved)
     problems += rules.check_all(resolved)
-    if problems:
-        raise ConfigProblems(problems)
+    resolved.warnings = [p for p in problems if p.severity == "warning"]
+    errors = [p for p in problems if p.severity != "warning"]
+    if errors:
+        raise ConfigProblems(errors + resolved.warnings)
     return resolved

