@@ -73,7 +73,7 @@ def memory_peaks(devices: Iterable[int]) -> dict[str, float]:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers as stored (packed 4-bit weights count as stored)."""
+    """Bytes of parameters and buffers as stored (packed 4-bit weights with their scales)."""
     tensors = list(model.parameters()) + list(model.buffers())
     seen: set[int] = set()
     total = 0
@@ -81,8 +81,18 @@ def weight_bytes(model: torch.nn.Module) -> int:
         if t.data_ptr() in seen and t.device.type != "meta":  # tied weights count once
             continue
         seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+        total += t.numel() * t.element_size() + _quant_state_bytes(t)
     return total
+
+
+def _quant_state_bytes(t: torch.Tensor) -> int:
+    """bitsandbytes 4-bit weights keep their scales (absmax, nested for double quantization)
+    beside the packed tensor, not as parameters: count them, as they are read every matmul."""
+    state = getattr(t, "quant_state", None)
+    if state is None or not hasattr(state, "as_dict"):
+        return 0
+    return sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
+               if isinstance(v, torch.Tensor))
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -26,6 +26,8 @@ SDPA_OPS = {"_scaled_dot_product_flash_attention": "flash",
             "_scaled_dot_product_efficient_attention": "efficient",
             "_scaled_dot_product_cudnn_attention": "cudnn",
             "_scaled_dot_product_attention_math": "math"}
+# What PyTorch says when no pinned kernel fits: CUDA and CPU word it differently.
+NO_KERNEL_MESSAGES = ("No available kernel", "No viable backend for scaled_dot_product_attention")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -79,7 +81,7 @@ class SdpaPin:
             with sdpa_kernel(chosen):
                 yield
         except RuntimeError as e:
-            if "No available kernel" not in str(e):
+            if not any(text in str(e) for text in NO_KERNEL_MESSAGES):
                 raise
             raise StageError("convert", f"SDPA pinned to {self.backends} found no usable kernel: "
                              f"{explain_no_kernel(self.backends, self.model)}",

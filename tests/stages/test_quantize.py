@@ -1,0 +1,73 @@
+"""quantize: each bitsandbytes option really quantizes (module classes and bytes), on CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.contract import ConfigProblems, DistInfo, RunContext, StageError
+from pipeline.runner import make_plan
+from pipeline.validate import resolve
+from tests.conftest import composed
+
+EXPECTED = {"int8": "Linear8bitLt", "nf4": "Linear4bit", "fp4": "Linear4bit", "nf4_double": "Linear4bit"}
+
+
+def quantized(tmp_path, *overrides):
+    resolved = resolve(composed("tracker=none", *overrides))
+    ctx = RunContext(cfg=resolved.cfg, output_dir=tmp_path, dist=DistInfo())
+    ctx.model, ctx.tokenizer = resolved.stages["load"].materialize(make_plan(resolved))
+    return ctx, resolved.stages["quantize"].apply(ctx)
+
+
+@pytest.mark.parametrize("option", sorted(EXPECTED))
+def test_every_option_quantizes_a_tiny_model(tmp_path, option):
+    four_bit = () if option == "int8" else ("quantize.compute_dtype=float32",)
+    ctx, result = quantized(tmp_path, "model=tiny_random", f"quantize={option}", *four_bit)
+    layers = ctx.model.model.layers
+    assert type(layers[0].mlp.up_proj).__name__ == EXPECTED[option]
+    assert type(layers[0].self_attn.q_proj).__name__ == EXPECTED[option]
+    assert type(ctx.model.lm_head).__name__ == "Linear"  # transformers keeps the head dense
+    assert result.metrics["quantized_layers"] == 2 * 7  # 2 layers × (q, k, v, o, gate, up, down)
+    assert result.metrics["unquantized_linear_layers"] == 1
+    assert result.metrics["weight_bytes"] < result.metrics["dense_weight_bytes"]
+    assert result.tags["quantize.method"] == option
+
+
+def test_double_quant_is_smaller_than_plain_nf4(tmp_path):
+    overrides = ("model=tiny_random", "+model.config_overrides.hidden_size=256",
+                 "+model.config_overrides.intermediate_size=512", "quantize.compute_dtype=float32")
+    _, plain = quantized(tmp_path, *overrides, "quantize=nf4")
+    _, double = quantized(tmp_path, *overrides, "quantize=nf4_double")
+    assert double.metrics["weight_bytes"] < plain.metrics["weight_bytes"]
+
+
+def test_quantizing_nothing_fails_the_run(tmp_path):
+    with pytest.raises(StageError, match="no layer was quantized"):
+        quantized(tmp_path, "model=tiny_random", "quantize=int8", "quantize.skip_modules=[model,lm_head]")
+
+
+def test_compute_dtype_mismatch_is_a_warning_not_silence():
+    resolved = resolve(composed("model=tiny_random", "quantize=nf4", "load.dtype=float32", "tracker=none"))
+    assert any(w.key == "quantize.compute_dtype" for w in resolved.warnings)
+
+
+def test_bad_quantization_values_are_reported_together():
+    with pytest.raises(ConfigProblems) as info:
+        resolve(composed("quantize=nf4", "quantize.bits=3", "quantize.quant_type=nf3",
+                         "quantize.compute_dtype=float99"))
+    text = str(info.value)
+    assert "quantize.bits" in text and "quantize.compute_dtype" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option,max_gib", [("int8", 0.25), ("nf4", 0.2)])
+def test_real_smollm2_quantizes_and_still_answers(tmp_path, option, max_gib):
+    four_bit = () if option == "int8" else ("quantize.compute_dtype=float32",)
+    ctx, result = quantized(tmp_path, f"quantize={option}", *four_bit)
+    assert result.metrics["quantized_layers"] == 30 * 7
+    assert result.metrics["weight_bytes"] / 2**30 < max_gib < result.metrics["dense_weight_bytes"] / 2**30
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = ctx.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+    out = ctx.model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in ctx.tokenizer.decode(out[0][ids["input_ids"].shape[1]:])
