@@ -16,7 +16,9 @@ CONF = Path(str(resources.files("conf")))
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 # Options that need one more value from the user before they mean anything.
-COMPLETIONS = {("model", "hub"): ["model.id=smollm2-135m-instruct", "model.source=embedded"]}
+COMPLETIONS = {("model", "hub"): ["model.id=smollm2-135m-instruct", "model.source=embedded"],
+               ("model", "minilm_l6"): ["generate=encode"], ("model", "tiny_bert_random"): ["generate=encode"],
+               ("generate", "encode"): ["model=tiny_bert_random"]}
 
 
 def test_config_tree_has_every_group():
