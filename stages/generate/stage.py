@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from rich.progress import Progress
 
-from pipeline import measure
+from pipeline import measure, roofline
 from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult, workload_context
 from stages.generate import prompts as P
 from stages.generate.clock import TimingSummary, TokenClock, Timing
@@ -38,6 +38,19 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def roofline_metrics(model: Any, metrics: dict[str, float], devices: list[int]) -> dict[str, float]:
+    """Measured bandwidth of the card, bytes per decode step, and MBU (CUDA only)."""
+    bandwidth = roofline.copy_bandwidth_bytes_per_s(f"cuda:{devices[0]}")
+    kv_dtype_bytes = 2 if model.dtype in (torch.float16, torch.bfloat16) else 4
+    step_bytes = roofline.decode_step_bytes(measure.weight_bytes(model), model.config,
+                                            int(metrics["batch_size"]), int(metrics["prompt_tokens"]),
+                                            int(metrics["new_tokens"]), kv_dtype_bytes)
+    step_s = metrics["batch_size"] / metrics["decode_tokens_per_s"]
+    return {"bandwidth_gb_per_s": bandwidth / 1e9, "decode_step_bytes": step_bytes,
+            "mbu": roofline.mbu(step_bytes, step_s, bandwidth),
+            "floor_tokens_per_s": metrics["batch_size"] * bandwidth / step_bytes}
 
 
 class Generate(BaseStage):
@@ -125,6 +138,8 @@ class Generate(BaseStage):
         metrics.update({"prompt_tokens": float(inputs["input_ids"].shape[1]),
                         "batch_size": float(c.batch_size)})
         memory = {f"memory_{k}": v for k, v in measure.memory_peaks(devices).items()}
+        if devices:
+            metrics.update(roofline_metrics(model, metrics, devices))
         samples = self._save_samples(ctx, tok, texts, inputs["input_ids"].shape[1], outputs)
         return StageResult(
             metrics={**metrics, **memory}, artifacts=[samples],
