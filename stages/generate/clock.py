@@ -1,36 +1,54 @@
-"""Per-token clock: a streamer that timestamps every decode step of one ``generate`` call."""
+"""Per-step clock for one ``generate`` call that does not change what it measures.
+
+A streamer would force a host sync every token (transformers copies each token to the CPU for
+it), which stops the CPU from queueing the next step while the GPU works: at batch 32 on an H200
+that cost a third of the throughput. Instead a logits processor, called once per step in stream
+order, records a CUDA event (no sync); the events are read once the call has finished. On CPU,
+where execution is synchronous anyway, it reads the wall clock.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers.generation.streamers import BaseStreamer
-
-from pipeline import measure
+import torch
 
 
-class TokenClock(BaseStreamer):
-    """``generate`` calls ``put`` once with the prompt, then once per new token (all rows at once)."""
+class StepClock:
+    """A logits processor that timestamps every decode step and leaves the scores untouched."""
 
-    def __init__(self, devices: list[int]) -> None:
-        self.devices = devices
-        self.times: list[float] = []
-        self._seen_prompt = False
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.marks: list = []
+        self.start = self._mark()
 
-    def put(self, value) -> None:
-        if not self._seen_prompt:
-            self._seen_prompt = True
-            return
-        self.times.append(measure.now(self.devices))  # synchronize: the token must really exist
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
-    def end(self) -> None:
-        pass
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.marks.append(self._mark())
+        return scores
+
+    def finish(self) -> "Timing":
+        """Close the call and convert marks into seconds since ``start``."""
+        end = self._mark()
+        if not self.cuda:
+            return Timing(0.0, [m - self.start for m in self.marks], end - self.start, 0)
+        torch.cuda.synchronize(self.device)
+        since = lambda e: self.start.elapsed_time(e) / 1e3  # noqa: E731 - ms → s
+        return Timing(0.0, [since(m) for m in self.marks], since(end), 0)
 
 
 @dataclass
 class Timing:
-    """One timed generation: start, one timestamp per step, end."""
+    """One timed generation: start, one timestamp per step (logits of token i ready), end."""
 
     start: float
     steps: list[float]

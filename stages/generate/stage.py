@@ -12,7 +12,7 @@ from rich.progress import Progress
 from pipeline import measure, roofline
 from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult, workload_context
 from stages.generate import prompts as P
-from stages.generate.clock import TimingSummary, TokenClock, Timing
+from stages.generate.clock import StepClock, Timing, TimingSummary
 
 
 @dataclass
@@ -150,15 +150,18 @@ class Generate(BaseStage):
                     f"{metrics['ttft_ms_p50']:.0f} ms, batch {c.batch_size}")
 
     def _one_run(self, model, inputs, kwargs, devices) -> tuple[Timing, torch.Tensor]:
+        from transformers import LogitsProcessorList
+
         torch.manual_seed(self.cfg.seed)  # every repeat samples the same way
-        clock = TokenClock(devices)
-        start = measure.now(devices)
+        measure.synchronize(devices)  # nothing of the previous run may leak into this one
+        clock = StepClock(model.device)
         with torch.inference_mode():
-            out = model.generate(**inputs, **kwargs, streamer=clock)
-        end = measure.now(devices)
-        if not clock.times:
+            out = model.generate(**inputs, **kwargs, logits_processor=LogitsProcessorList([clock]))
+        timing = clock.finish()
+        timing.batch = inputs["input_ids"].shape[0]
+        if not timing.steps:
             raise StageError(self.name, "generate produced no new token")
-        return Timing(start, clock.times, end, inputs["input_ids"].shape[0]), out
+        return timing, out
 
     def _save_samples(self, ctx, tok, texts, prompt_len, outputs):
         path = ctx.output_dir / "generate_samples.jsonl"
