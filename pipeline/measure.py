@@ -62,7 +62,9 @@ def memory_peaks(devices: Iterable[int]) -> dict[str, float]:
     """Peak allocated and reserved memory per CUDA device, or the process's peak RSS on CPU."""
     devices = list(devices)
     if not devices:
-        return {"peak_rss_gib": peak_rss_gib()}
+        # ru_maxrss is the lifetime peak of the process: in a --multirun sweep (one process)
+        # it carries over from earlier jobs, so the current RSS is logged beside it.
+        return {"peak_rss_gib": peak_rss_gib(), "rss_gib": rss_gib()}
     out: dict[str, float] = {}
     for d in devices:
         out[f"cuda{d}_peak_allocated_gib"] = torch.cuda.max_memory_allocated(d) / GIB
