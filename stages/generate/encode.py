@@ -59,12 +59,7 @@ class Encode(BaseStage):
         if root.model.task != "encoder":
             out.append(Problem("generate", "generate=encode needs an encoder model",
                                "model=minilm_l6 (or model.task=encoder), or generate=default"))
-        if c.text_file:
-            try:
-                P.read_prompt_file(c.text_file)
-            except P.PromptError as e:
-                out.append(Problem("generate.text_file", str(e), "generate.text_file=<a .txt file>"))
-        return out
+        return out + P.file_problems("generate.text_file", c.text_file)
 
     def texts(self) -> list[str]:
         if self.cfg.text_file:

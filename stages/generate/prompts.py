@@ -44,6 +44,19 @@ def read_prompt_file(path: str) -> list[str]:
     return lines
 
 
+def file_problems(key: str, path: str | None) -> list:
+    """The validation view of ``read_prompt_file``: a Problem naming ``key`` instead of raising."""
+    from pipeline.contract import Problem
+
+    if not path:
+        return []
+    try:
+        read_prompt_file(path)
+    except PromptError as e:
+        return [Problem(key, str(e), f"{key}=<a .txt file, one per line, or .jsonl with 'prompt'>")]
+    return []
+
+
 def batch_of(prompts: list[str], batch_size: int) -> list[str]:
     """The first ``batch_size`` prompts, cycling when there are fewer."""
     return [prompts[i % len(prompts)] for i in range(batch_size)]

@@ -73,13 +73,8 @@ class Generate(BaseStage):
         if c.do_sample and c.temperature <= 0:
             out.append(Problem("generate.temperature", "sampling needs temperature > 0",
                                "generate.temperature=0.7 or generate.do_sample=false"))
-        if c.prompt_file:
-            try:
-                P.read_prompt_file(c.prompt_file)
-            except P.PromptError as e:
-                out.append(Problem("generate.prompt_file", str(e),
-                                   "generate.prompt_file=<a .txt file, one prompt per line>"))
-        elif c.prompts is not None and not [p for p in c.prompts if p.strip()]:
+        out += P.file_problems("generate.prompt_file", c.prompt_file)
+        if not c.prompt_file and c.prompts is not None and not [p for p in c.prompts if p.strip()]:
             out.append(Problem("generate.prompts", "the prompt list is empty",
                                "remove generate.prompts to use the built-in prompts"))
         if root.model.task != "causal_lm":
