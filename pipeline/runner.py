@@ -32,9 +32,12 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
     outcome = RunOutcome()
     output_dir.mkdir(parents=True, exist_ok=True)
     tracker.start(job)
+    ctx = RunContext(cfg=resolved.cfg, output_dir=output_dir, dist=dist or DistInfo(device=plan.device))
     try:
-        ctx = RunContext(cfg=resolved.cfg, output_dir=output_dir, dist=dist or DistInfo(device=plan.device))
-        ctx.model, ctx.tokenizer = resolved.stages["load"].materialize(plan)
+        load = resolved.stages["load"]
+        ctx.model, ctx.tokenizer = load.materialize(plan)
+        ctx.facts["model_spec"] = resolved.model
+        ctx.reference = lambda dtype=None: load.materialize(load.reference_plan(plan, dtype), record=False)
         for name, stage in resolved.stages.items():
             start = time.perf_counter()
             result = stage.apply(ctx)
@@ -46,6 +49,10 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
         tracker.finish(outcome.status, outcome.error)
         raise
     except StageError as e:
+        partial = ctx.facts.pop("partial_result", None)
+        if partial is not None:  # e.g. a failed quality gate: its numbers explain the failure
+            outcome.results[e.stage] = partial
+            tracker.log_result(e.stage, partial)
         outcome.status, outcome.error = "FAILED", str(e)
         tracker.finish(outcome.status, outcome.error)
         return outcome

@@ -77,8 +77,9 @@ class Load(BaseStage):
         plan.set(self.name, "trust_remote_code", self.cfg.trust_remote_code)
         plan.set(self.name, "use_safetensors", None if self.cfg.allow_pickle else True)
 
-    def materialize(self, plan: LoadPlan) -> tuple[Any, Any]:
-        """The one load: every stage's kwargs go into a single ``from_pretrained`` call."""
+    def materialize(self, plan: LoadPlan, record: bool = True) -> tuple[Any, Any]:
+        """The one load: every stage's kwargs go into a single ``from_pretrained`` call.
+        ``record=False`` loads without replacing this stage's result (the reference model)."""
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         spec = plan.model
@@ -108,6 +109,8 @@ class Load(BaseStage):
             "weight_bytes": float(measure.weight_bytes(model)),
         }
         metrics.update({f"memory_{k}": v for k, v in measure.memory_now(devices).items()})
+        if not record:
+            return model, tokenizer
         self._result = StageResult(
             metrics=metrics, seconds=loaded - start,
             tags={"model.source": ckpt.source, "model.dtype": str(model.dtype).removeprefix("torch."),
@@ -117,7 +120,23 @@ class Load(BaseStage):
                     f" on {model.device}")
         return model, tokenizer
 
+    def reference_plan(self, plan: LoadPlan, dtype: str | None) -> LoadPlan:
+        """The unoptimized twin of ``plan``: same weights and device, eager attention, no quantization."""
+        import torch
+
+        ref = LoadPlan(model=plan.model)
+        self.plan(ref)
+        if dtype:
+            ref.kwargs["dtype"] = getattr(torch, dtype)
+        ref.kwargs.update(attn_implementation="eager", device_map={"": ref.device})
+        return ref
+
     def apply(self, ctx: RunContext) -> StageResult:
+        # what later stages need to rebuild or compare with the unoptimized model
+        ctx.facts.update(parameters=float(ctx.model.num_parameters()), load_dtype=self.torch_dtype_name(),
+                         cache_dir=self.cfg.cache_dir)
+        if self.cfg.dtype == "auto":  # the checkpoint's own dtype, as loaded
+            ctx.facts["load_dtype"] = self._result.tags["model.dtype"]
         return self._result
 
     def describe(self) -> str:
