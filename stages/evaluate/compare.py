@@ -23,7 +23,7 @@ def coarse_kl(ref_values: torch.Tensor, ref_indices: torch.Tensor, opt_logprobs:
     head = (p * (ref_values - q_log)).sum(-1)
     p_rest = (1 - p.sum(-1)).clamp(min=1e-12)
     q_rest = (1 - q_log.exp().sum(-1)).clamp(min=1e-12)
-    return head + p_rest * (p_rest.log() - q_rest.log())
+    return (head + p_rest * (p_rest.log() - q_rest.log())).clamp(min=0)  # ≥ 0 up to rounding
 
 
 def prefix_agreement(reference: list[list[int]], optimized: list[list[int]]) -> float:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelSpec
+from pipeline.contract import DistInfo, RunContext
 from pipeline.runner import make_plan
 from pipeline.validate import resolve
 from stages.load import sources
@@ -34,7 +35,9 @@ def test_random_preset_with_overrides_and_dtype(tmp_path):
                                 "+model.config_overrides.num_hidden_layers=3")
     assert model.config.num_hidden_layers == 3 and model.dtype == torch.bfloat16
     assert tok.pad_token is not None and tok.padding_side == "left"
-    metrics = resolved.stages["load"].apply(None).metrics
+    ctx = RunContext(cfg=resolved.cfg, output_dir=tmp_path, dist=DistInfo(), model=model, tokenizer=tok)
+    metrics = resolved.stages["load"].apply(ctx).metrics
+    assert ctx.facts["load_dtype"] == "bfloat16" and ctx.facts["parameters"] == model.num_parameters()
     tensors = [*model.parameters(), *model.buffers()]  # buffers: e.g. rotary inv_freq
     assert metrics["weight_bytes"] == sum(t.numel() * t.element_size() for t in tensors)
     assert all(p.element_size() == 2 for p in model.parameters())
