@@ -57,7 +57,7 @@ def job_info(cfg: DictConfig, resolved: Resolved, output_dir: Path) -> JobInfo:
     tags = {f"choice.{g}": o for g, o in choices.items()}
     tags.update({"git.commit": env["git_commit"] or "unknown", "host": socket.gethostname(),
                  "world_size": "1", "optipipe.output_dir": str(output_dir),
-                 "model.id": resolved.model.id})
+                 "model.id": resolved.model.id, "optipipe.overrides": " ".join(overrides)[:5000]})
     if resolved.warnings:
         tags["optipipe.warnings"] = " | ".join(f"{w.key}: {w.message}" for w in resolved.warnings)
     name = resolved.tracker.run_name or (" ".join(overrides) if overrides else "default job")
@@ -100,6 +100,10 @@ def _hydra_entry(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["report"]:
+        from pipeline.report_cli import main as report_main
+
+        sys.exit(report_main(sys.argv[2:]))
     status = "FAILED"
     try:
         _hydra_entry()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -19,6 +20,7 @@ class MlflowSweep(Callback):
     def __init__(self) -> None:
         self.run_id: str | None = None
         self.uri: str | None = None
+        self.sweep_dir: Path | None = None
         _active.append(self)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -34,6 +36,7 @@ class MlflowSweep(Callback):
                                                           "optipipe.sweep_dir": str(config.hydra.sweep.dir)})
         client.log_param(run.info.run_id, "sweep.overrides", " ".join(sweep)[:6000])
         self.run_id = run.info.run_id
+        self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         os.environ[PARENT_ENV] = self.run_id  # jobs (in-process or spawned later) nest under it
         print(f"optipipe: sweep parent run {self.run_id}", flush=True)
 
@@ -50,9 +53,23 @@ class MlflowSweep(Callback):
         failed = [r for r in children if r.info.status != "FINISHED"]
         client.set_tag(self.run_id, "optipipe.jobs", str(len(children)))
         client.set_tag(self.run_id, "optipipe.jobs_failed", str(len(failed)))
+        self.summarize(client)
         client.set_terminated(self.run_id, status=status)
         os.environ.pop(PARENT_ENV, None)
         self.run_id = None
+
+
+    def summarize(self, client) -> None:
+        """Comparison table, CSV and plots on the parent run; table and best override on the console."""
+        from pipeline import report
+
+        rows = report.sweep_rows(client, self.run_id)
+        if not rows:
+            return
+        files = report.write(rows, (self.sweep_dir or Path.cwd()) / "report")
+        for path in files:
+            client.log_artifact(self.run_id, str(path), artifact_path="report")
+        print("\n" + report.markdown(rows) + "\n\n" + report.best_line(rows), flush=True)
 
 
 def close_open_parent(status: str) -> None:

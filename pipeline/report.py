@@ -1,0 +1,180 @@
+"""Sweep reports: one comparison table (Markdown, CSV), plots and the best configuration.
+
+Built from what the MLflow store holds, so the end-of-sweep summary and ``optipipe report`` for
+any past sweep are the same function on the same data.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# (column, metric names tried in order): decoders and encoders report different throughputs
+COLUMNS: list[tuple[str, tuple[str, ...]]] = [
+    ("tokens_per_s", ("generate/decode_tokens_per_s", "generate/tokens_per_s")),
+    ("e2e_tokens_per_s", ("generate/e2e_tokens_per_s", "generate/sequences_per_s")),
+    ("ttft_ms_p50", ("generate/ttft_ms_p50", "generate/batch_latency_ms_p50")),
+    ("itl_ms_p50", ("generate/itl_ms_p50",)),
+    ("itl_ms_p90", ("generate/itl_ms_p90", "generate/batch_latency_ms_p90")),
+    ("peak_memory_gib", ("generate/memory_peak_allocated_gib", "generate/memory_peak_rss_gib")),
+    ("mbu", ("generate/mbu",)),
+    ("perplexity", ("evaluate/perplexity",)),
+    ("top1_agreement", ("evaluate/top1_agreement",)),
+]
+
+
+@dataclass
+class Row:
+    run_id: str
+    overrides: str
+    status: str
+    gate: str
+    values: dict[str, float] = field(default_factory=dict)
+
+    def value(self, column: str) -> float:
+        return self.values.get(column, math.nan)
+
+
+def row_of(run: Any) -> Row:
+    m, tags = run.data.metrics, run.data.tags
+    values = {}
+    for column, names in COLUMNS:
+        found = next((m[n] for n in names if n in m), None)
+        if found is not None:
+            values[column] = found
+    return Row(run.info.run_id, tags.get("optipipe.overrides", run.info.run_name or ""),
+               run.info.status, tags.get("evaluate.gate", "not set"), values)
+
+
+def sweep_rows(client: Any, parent_run_id: str) -> list[Row]:
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"])
+    return [row_of(r) for r in runs]
+
+
+def latest_sweep(client: Any, experiment: str) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise LookupError(f"no experiment named {experiment!r} in this store")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`optipipe.sweep` = 'true'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        raise LookupError(f"experiment {experiment!r} has no sweep (run one with optipipe -m …)")
+    return parents[0].info.run_id
+
+
+def best(rows: list[Row]) -> Row | None:
+    """The fastest finished configuration that did not fail its quality gate."""
+    ok = [r for r in rows if r.status == "FINISHED" and r.gate != "fail" and not math.isnan(r.value("tokens_per_s"))]
+    return max(ok, key=lambda r: r.value("tokens_per_s"), default=None)
+
+
+def pareto(rows: list[Row]) -> list[Row]:
+    """Rows no other row beats on both throughput (higher) and peak memory (lower)."""
+    pts = [r for r in rows if r.status == "FINISHED" and not math.isnan(r.value("tokens_per_s"))
+           and not math.isnan(r.value("peak_memory_gib"))]
+    def dominated(r: Row) -> bool:
+        fast, small = r.value("tokens_per_s"), r.value("peak_memory_gib")
+        return any(o.value("tokens_per_s") >= fast and o.value("peak_memory_gib") <= small
+                   and (o.value("tokens_per_s"), o.value("peak_memory_gib")) != (fast, small) for o in pts)
+
+    front = [r for r in pts if not dominated(r)]
+    return sorted(front, key=lambda r: r.value("peak_memory_gib"))
+
+
+def short_labels(rows: list[Row]) -> list[str]:
+    """Each row's overrides without those every row shares: what the sweep varied."""
+    tokens = [r.overrides.split() for r in rows]
+    common = set.intersection(*(set(t) for t in tokens)) if tokens else set()
+    return [" ".join(t for t in ts if t not in common) or r.run_id[:8] for ts, r in zip(tokens, rows)]
+
+
+def _cell(v: float) -> str:
+    return "" if math.isnan(v) else (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
+
+
+def markdown(rows: list[Row]) -> str:
+    cols = [c for c, _ in COLUMNS if any(c in r.values for r in rows)]
+    lines = ["| overrides | status | gate | " + " | ".join(cols) + " |",
+             "|" + "---|" * (3 + len(cols))]
+    for r in rows:
+        lines.append(f"| {r.overrides} | {r.status} | {r.gate} | "
+                     + " | ".join(_cell(r.value(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def csv_text(rows: list[Row]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    cols = [c for c, _ in COLUMNS]
+    writer.writerow(["run_id", "overrides", "status", "gate", *cols])
+    for r in rows:
+        writer.writerow([r.run_id, r.overrides, r.status, r.gate, *(r.values.get(c, "") for c in cols)])
+    return buf.getvalue()
+
+
+def plots(rows: list[Row], folder: Path) -> list[Path]:
+    """Throughput against peak memory (marker: gate, line: Pareto front) and latency percentiles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    markers = {"pass": ("o", "tab:green"), "fail": ("x", "tab:red"), "not set": ("s", "tab:blue")}
+    labels = dict(zip((r.run_id for r in rows), short_labels(rows)))
+    for gate, (marker, color) in markers.items():
+        pts = [r for r in rows if r.gate == gate and r.status == "FINISHED"]
+        ax.scatter([r.value("peak_memory_gib") for r in pts], [r.value("tokens_per_s") for r in pts],
+                   marker=marker, color=color, label=f"gate {gate}", s=60)
+        for r in pts:
+            ax.annotate(labels[r.run_id][:40], (r.value("peak_memory_gib"), r.value("tokens_per_s")), fontsize=7)
+    front = pareto(rows)
+    if front:
+        ax.plot([r.value("peak_memory_gib") for r in front], [r.value("tokens_per_s") for r in front],
+                "--", color="gray", label="Pareto front")
+    ax.set_xlabel("peak memory (GiB)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("throughput against memory")
+    ax.legend()
+    fig.tight_layout()
+    out.append(folder / "throughput_vs_memory.png")
+    fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+
+    done = [r for r in rows if r.status == "FINISHED"]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(done) + 2))
+    names = [labels[r.run_id][:50] for r in done]
+    y = range(len(done))
+    ax.barh([i + 0.2 for i in y], [r.value("itl_ms_p90") for r in done], height=0.4, label="p90")
+    ax.barh([i - 0.2 for i in y], [r.value("itl_ms_p50") for r in done], height=0.4, label="p50")
+    ax.set_yticks(list(y), names, fontsize=7)
+    ax.set_xlabel("inter-token latency (ms)")
+    ax.legend()
+    fig.tight_layout()
+    out.append(folder / "latency_percentiles.png")
+    fig.savefig(out[-1], dpi=120)
+    plt.close(fig)
+    return out
+
+
+def write(rows: list[Row], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.md").write_text(markdown(rows) + "\n")
+    (folder / "summary.csv").write_text(csv_text(rows))
+    return [folder / "summary.md", folder / "summary.csv", *plots(rows, folder)]
+
+
+def best_line(rows: list[Row]) -> str:
+    b = best(rows)
+    if b is None:
+        return "no finished configuration passed its quality gate"
+    return f"best: optipipe {b.overrides}   ({_cell(b.value('tokens_per_s'))} tok/s)"

@@ -1,0 +1,35 @@
+"""``optipipe report``: the sweep summary (table, CSV, plots, best configuration) of any past sweep."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline import report
+from pipeline.config import TrackerSettings
+from pipeline.tracking import _client, tracking_uri
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="optipipe report", description=__doc__)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--experiment", default="optipipe", help="latest sweep of this experiment")
+    which.add_argument("--parent", help="the sweep's parent run id")
+    p.add_argument("--uri", help="tracking store (default: MLFLOW_TRACKING_URI or ./outputs/mlflow.db)")
+    p.add_argument("--out", type=Path, help="folder for summary.md/.csv and plots")
+    args = p.parse_args(argv)
+    client = _client(tracking_uri(TrackerSettings(uri=args.uri)))
+    try:
+        parent = args.parent or report.latest_sweep(client, args.experiment)
+        rows = report.sweep_rows(client, parent)
+    except Exception as e:  # unknown experiment / run id: the user's to fix
+        print(f"optipipe report: {e}")
+        return 2
+    if not rows:
+        print(f"optipipe report: sweep {parent} has no jobs")
+        return 2
+    out = args.out or Path("outputs") / "reports" / parent
+    files = report.write(rows, out)
+    print(f"sweep {parent}\n\n{report.markdown(rows)}\n\n{report.best_line(rows)}\n")
+    print("written: " + ", ".join(str(f) for f in files))
+    return 0

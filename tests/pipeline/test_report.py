@@ -1,0 +1,47 @@
+"""Sweep summary and ``optipipe report`` from a real 4-job CPU sweep."""
+
+from __future__ import annotations
+
+import csv
+import io
+from types import SimpleNamespace
+
+from pipeline import report
+from tests.conftest import TINY, mlflow_runs, run_cli
+
+
+def fake(run_id, tok_s, mem, gate="not set", status="FINISHED"):
+    return report.Row(run_id, f"x={run_id}", status, gate, {"tokens_per_s": tok_s, "peak_memory_gib": mem})
+
+
+def test_pareto_front_and_best_respect_the_gate():
+    rows = [fake("a", 100, 1.0), fake("b", 200, 2.0), fake("c", 150, 3.0), fake("d", 300, 4.0, gate="fail"),
+            fake("e", 999, 0.5, status="FAILED")]
+    assert [r.run_id for r in report.pareto(rows)] == ["a", "b", "d"]
+    assert report.best(rows).run_id == "b"  # d is faster but failed its gate; e failed outright
+    assert report.best_line(rows).startswith("best: optipipe x=b")
+    assert report.short_labels([fake("a", 1, 1), fake("b", 1, 1)]) == ["x=a", "x=b"]
+
+
+def test_four_job_sweep_summary_and_report_agree(tmp_path):
+    proc = run_cli("-m", *TINY, "quantize=none,nf4", "generate.batch_size=1,2", "evaluate=perplexity",
+                   cwd=tmp_path, check=0)
+    assert "best: optipipe" in proc.stdout and "| overrides |" in proc.stdout
+    client, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    parent = next(r for r in runs if r.data.tags.get("optipipe.sweep") == "true")
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert names == {"report/summary.md", "report/summary.csv", "report/throughput_vs_memory.png",
+                     "report/latency_percentiles.png"}
+    logged = client.download_artifacts(parent.info.run_id, "report/summary.csv", str(tmp_path))
+    table = list(csv.DictReader(io.StringIO(open(logged).read())))
+    assert len(table) == 4 and all(float(r["tokens_per_s"]) > 0 and float(r["perplexity"]) > 1 for r in table)
+
+    again = run_cli("report", "--parent", parent.info.run_id, "--out", str(tmp_path / "again"), cwd=tmp_path, check=0)
+    assert (tmp_path / "again" / "summary.csv").read_text() == open(logged).read()
+    latest = run_cli("report", "--experiment", "optipipe", "--out", str(tmp_path / "latest"), cwd=tmp_path, check=0)
+    assert parent.info.run_id in latest.stdout and "best: optipipe" in again.stdout
+
+
+def test_report_on_unknown_experiment_says_so(tmp_path):
+    proc = run_cli("report", "--experiment", "nope", "--uri", f"sqlite:///{tmp_path}/m.db", cwd=tmp_path, check=2)
+    assert "no experiment named 'nope'" in proc.stdout
