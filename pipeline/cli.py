@@ -6,6 +6,7 @@ loaded, nothing written to the store), 130 interrupted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -43,6 +44,13 @@ def _redacted_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(scrub(data))
 
 
+def config_hash(cfg: DictConfig) -> str:
+    """Identity of a job's configuration (``pipeline.resume`` itself left out)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.get("pipeline", {}).pop("resume", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 def job_info(cfg: DictConfig, resolved: Resolved, output_dir: Path) -> JobInfo:
     """Params, tags and artifacts of this job, read from Hydra's runtime."""
     from pipeline.environment import describe
@@ -57,7 +65,8 @@ def job_info(cfg: DictConfig, resolved: Resolved, output_dir: Path) -> JobInfo:
     tags = {f"choice.{g}": o for g, o in choices.items()}
     tags.update({"git.commit": env["git_commit"] or "unknown", "host": socket.gethostname(),
                  "world_size": "1", "optipipe.output_dir": str(output_dir),
-                 "model.id": resolved.model.id, "optipipe.overrides": " ".join(overrides)[:5000]})
+                 "model.id": resolved.model.id, "optipipe.overrides": " ".join(overrides)[:5000],
+                 "optipipe.config_hash": config_hash(cfg)})
     if resolved.warnings:
         tags["optipipe.warnings"] = " | ".join(f"{w.key}: {w.message}" for w in resolved.warnings)
     name = resolved.tracker.run_name or (" ".join(overrides) if overrides else "default job")
@@ -85,12 +94,27 @@ def run_job(cfg: DictConfig) -> None:
         return
     output_dir = Path(hc.runtime.output_dir)
     tracker = make_tracker(resolved.tracker)
+    if in_sweep and resolved.pipeline.resume and _reuse_finished(cfg, tracker, int(hc.job.num)):
+        return
     outcome = execute(resolved, plan, output_dir, tracker, job_info(cfg, resolved, output_dir))
     console.print_summary(outcome, tracker.where, getattr(tracker, "run_id", None))
     if outcome.status != "FINISHED":
         if in_sweep:
             raise JobFailed(outcome.error)
         sys.exit(EXIT_FAILED)
+
+
+def _reuse_finished(cfg: DictConfig, tracker, job_num: int) -> bool:
+    """Re-running a sweep skips jobs that already finished with this exact config."""
+    earlier = tracker.finished_run(config_hash(cfg)) if hasattr(tracker, "finished_run") else None
+    if earlier is None:
+        return False
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        tracker.note_reused(parent, job_num, earlier)
+    console.out.print(f"optipipe: skipped, this exact config already FINISHED as run {earlier} "
+                      "(pipeline.resume=false runs it again)")
+    return True
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")

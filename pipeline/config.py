@@ -35,6 +35,7 @@ class PipelineSettings:
     dry_run: bool = False
     allow: list[str] = field(default_factory=list)  # extra module prefixes allowed as _target_
     seed: int = 0
+    resume: bool = True  # in a sweep, skip a job whose identical resolved config already FINISHED
 
 
 @dataclass

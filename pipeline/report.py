@@ -55,7 +55,8 @@ def sweep_rows(client: Any, parent_run_id: str) -> list[Row]:
     runs = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               order_by=["attributes.start_time ASC"])
-    return [row_of(r) for r in runs]
+    reused = [client.get_run(v) for k, v in sorted(parent.data.tags.items()) if k.startswith("optipipe.reused.")]
+    return [row_of(r) for r in reused + runs]
 
 
 def latest_sweep(client: Any, experiment: str) -> str:

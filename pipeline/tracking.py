@@ -140,6 +140,20 @@ class MlflowTracker:
             self.client.log_artifact(self.run_id, str(path))
         self.client.log_batch(self.run_id, tags=[RunTag("optipipe.status", "running")])
 
+    def finished_run(self, config_hash: str) -> str | None:
+        """A FINISHED run of this experiment with the same resolved config, if there is one."""
+        exp = self.client.get_experiment_by_name(self.settings.experiment)
+        if exp is None:
+            return None
+        found = self.client.search_runs([exp.experiment_id], max_results=1,
+                                        filter_string=f"tags.`optipipe.config_hash` = '{config_hash}' "
+                                                      "and attributes.status = 'FINISHED'")
+        return found[0].info.run_id if found else None
+
+    def note_reused(self, parent_run_id: str, job: int, run_id: str) -> None:
+        """The sweep's report lists a skipped job's earlier run in its place."""
+        self.client.set_tag(parent_run_id, f"optipipe.reused.{job}", run_id)
+
     def log_result(self, stage: str, result: StageResult) -> None:
         from mlflow.entities import Metric, RunTag
 

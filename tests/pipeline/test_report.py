@@ -45,3 +45,15 @@ def test_four_job_sweep_summary_and_report_agree(tmp_path):
 def test_report_on_unknown_experiment_says_so(tmp_path):
     proc = run_cli("report", "--experiment", "nope", "--uri", f"sqlite:///{tmp_path}/m.db", cwd=tmp_path, check=2)
     assert "no experiment named 'nope'" in proc.stdout
+
+
+def test_rerunning_a_sweep_skips_finished_jobs_unless_asked(tmp_path):
+    sweep = ("-m", *TINY, "generate.batch_size=1,2")
+    run_cli(*sweep, cwd=tmp_path, check=0)
+    again = run_cli(*sweep, cwd=tmp_path, check=0)
+    assert again.stdout.count("already FINISHED") == 2 and "best: optipipe" in again.stdout
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 2  # no new job runs
+    run_cli(*sweep, "pipeline.resume=false", cwd=tmp_path, check=0)
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 4
