@@ -129,6 +129,11 @@ class Stage(Protocol):
     def apply(self, ctx: RunContext) -> StageResult: ...
 
 
+@dataclass
+class NoSettings:
+    """The typed config of an option that takes no settings (any key given to it is an error)."""
+
+
 class BaseStage:
     """Convenience base: no load contribution, no problems, nothing to apply."""
 

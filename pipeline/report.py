@@ -145,11 +145,7 @@ def plots(rows: list[Row], folder: Path) -> list[Path]:
     ax.set_xlabel("peak memory (GiB)")
     ax.set_ylabel("decode tokens/s")
     ax.set_title("throughput against memory")
-    ax.legend()
-    fig.tight_layout()
-    out.append(folder / "throughput_vs_memory.png")
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
+    out.append(_save(plt, fig, ax, folder / "throughput_vs_memory.png"))
 
     done = [r for r in rows if r.status == "FINISHED"]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(done) + 2))
@@ -159,12 +155,16 @@ def plots(rows: list[Row], folder: Path) -> list[Path]:
     ax.barh([i - 0.2 for i in y], [r.value("itl_ms_p50") for r in done], height=0.4, label="p50")
     ax.set_yticks(list(y), names, fontsize=7)
     ax.set_xlabel("inter-token latency (ms)")
+    out.append(_save(plt, fig, ax, folder / "latency_percentiles.png"))
+    return out
+
+
+def _save(plt, fig, ax, path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
-    out.append(folder / "latency_percentiles.png")
-    fig.savefig(out[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return out
+    return path
 
 
 def write(rows: list[Row], folder: Path) -> list[Path]:

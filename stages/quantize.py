@@ -14,7 +14,8 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from pipeline import measure
-from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult, warning
+from pipeline.contract import (BaseStage, LoadPlan, NoSettings, Problem, RunContext, StageError,
+                               StageResult, warning)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -38,16 +39,11 @@ def dense_bytes(model: torch.nn.Module, dtype_bytes: int) -> float:
     return float(model.num_parameters()) * dtype_bytes
 
 
-@dataclass
-class NoQuantizeConfig:
-    pass
-
-
 class NoQuantize(BaseStage):
     """Weights stay in the load dtype; reports what a quantizer would have had to work with."""
 
     name: ClassVar[str] = "quantize"
-    Config: ClassVar[type] = NoQuantizeConfig
+    Config: ClassVar[type] = NoSettings
 
     def apply(self, ctx: RunContext) -> StageResult:
         n = count_linear(ctx.model)

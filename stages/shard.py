@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
-from pipeline.contract import BaseStage, LoadPlan, RunContext, StageError, StageResult
-
-
-@dataclass
-class SingleConfig:
-    pass
+from pipeline.contract import BaseStage, LoadPlan, NoSettings, RunContext, StageError, StageResult
 
 
 class Single(BaseStage):
     name: ClassVar[str] = "shard"
-    Config: ClassVar[type] = SingleConfig
+    Config: ClassVar[type] = NoSettings
 
     def plan(self, plan: LoadPlan) -> None:
         plan.set(self.name, "device_map", {"": plan.device})

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
-from pipeline.contract import BaseStage, RunContext, StageResult
-
-
-@dataclass
-class NoEvaluateConfig:
-    pass
+from pipeline.contract import BaseStage, NoSettings, RunContext, StageResult
 
 
 class NoEvaluate(BaseStage):
     name: ClassVar[str] = "evaluate"
-    Config: ClassVar[type] = NoEvaluateConfig
+    Config: ClassVar[type] = NoSettings
 
     def apply(self, ctx: RunContext) -> StageResult:
         return StageResult(summary="skipped (evaluate=none)")
