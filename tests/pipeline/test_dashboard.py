@@ -1,0 +1,82 @@
+"""Real parts: a real `mlflow server` on 127.0.0.1, and parallel jobs writing one SQLite store."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import TINY, mlflow_runs, run_cli
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if requests.get(url + "/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start within 90 s")
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def api(url: str, endpoint: str, **params):
+    response = requests.get(f"{url}/api/2.0/mlflow/{endpoint}", params=params, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_sweep_against_a_real_server_nests_and_logs_everything(tmp_path, mlflow_server):
+    run_cli("-m", *TINY, "generate.batch_size=1,2", f"tracker.uri={mlflow_server}", cwd=tmp_path, check=0)
+    exp = api(mlflow_server, "experiments/get-by-name", experiment_name="optipipe")["experiment"]
+    runs = requests.post(f"{mlflow_server}/api/2.0/mlflow/runs/search",
+                         json={"experiment_ids": [exp["experiment_id"]]}, timeout=10).json()["runs"]
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    parent = next(r for r, t in zip(runs, tags) if t.get("optipipe.sweep") == "true")
+    children = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
+    assert len(children) == 2
+    for child in children:
+        metrics = {m["key"] for m in child["data"]["metrics"]}
+        params = {p["key"]: p["value"] for p in child["data"]["params"]}
+        assert "generate/decode_tokens_per_s" in metrics and params["model.id"] == "tiny-llama"
+        files = {f["path"] for f in api(mlflow_server, "artifacts/list", run_id=child["info"]["run_id"])["files"]}
+        assert {"environment.json", "generate_samples.jsonl", "resolved_config.yaml"} <= files
+    report = api(mlflow_server, "artifacts/list", run_id=parent["info"]["run_id"], path="report")["files"]
+    assert {"report/summary.csv", "report/throughput_vs_memory.png"} <= {f["path"] for f in report}
+
+
+def test_four_parallel_jobs_lose_nothing_in_one_sqlite_store(tmp_path):
+    run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *TINY, "generate.batch_size=1,2,3,4",
+            cwd=tmp_path, check=0)
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    counts = {len(r.data.metrics) for r in children}
+    assert len(counts) == 1 and counts.pop() > 20  # every job logged every metric
+    assert sorted(r.data.params["generate.batch_size"] for r in children) == ["1", "2", "3", "4"]
