@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -80,3 +81,32 @@ def test_four_parallel_jobs_lose_nothing_in_one_sqlite_store(tmp_path):
     counts = {len(r.data.metrics) for r in children}
     assert len(counts) == 1 and counts.pop() > 20  # every job logged every metric
     assert sorted(r.data.params["generate.batch_size"] for r in children) == ["1", "2", "3", "4"]
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=20000", "--window-size=1400,900"]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
+def test_experiment_page_renders_the_sweep_in_headless_chromium(tmp_path, mlflow_server):
+    run_cli("-m", *TINY, "generate.batch_size=1,2", f"tracker.uri={mlflow_server}", cwd=tmp_path, check=0)
+    exp = api(mlflow_server, "experiments/get-by-name", experiment_name="optipipe")["experiment"]
+    page = f"{mlflow_server}/#/experiments/{exp['experiment_id']}/runs"
+    shot = Path(__file__).resolve().parents[2] / "outputs" / "test-artifacts" / "mlflow_runs_page.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+
+    def chromium(*args: str) -> str:
+        return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, page],
+                              capture_output=True, text=True, timeout=120).stdout
+
+    for _ in range(3):  # the first load of the UI's scripts can outlast the virtual-time budget
+        dom = chromium("--dump-dom")
+        if "matching runs" in dom:
+            break
+    text = re.sub(r"<[^>]+>", "", dom)  # the page as read: "<strong>3</strong> matching runs"
+    assert "3 matching runs" in text  # the parent and its two jobs
+    assert "sweep model=tiny_r" in text  # the parent run's name, as the UI lists it
+    chromium(f"--screenshot={shot}")
+    assert shot.stat().st_size > 10_000
