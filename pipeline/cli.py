@@ -76,7 +76,14 @@ def job_info(cfg: DictConfig, resolved: Resolved, output_dir: Path) -> JobInfo:
                    parent_run_id=os.environ.get(PARENT_ENV))
 
 
-def run_job(cfg: DictConfig) -> None:
+def objective(outcome) -> float | None:
+    """What a search sweeper maximizes: decode tokens/s (sequences/s for encoders)."""
+    metrics = outcome.results["generate"].metrics if "generate" in outcome.results else {}
+    value = metrics.get("decode_tokens_per_s", metrics.get("sequences_per_s"))
+    return float(value) if value is not None else None
+
+
+def run_job(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
     try:
@@ -91,17 +98,18 @@ def run_job(cfg: DictConfig) -> None:
     console.print_warnings(resolved.warnings)
     if resolved.pipeline.dry_run:
         console.print_plan(resolved, plan)
-        return
+        return None
     output_dir = Path(hc.runtime.output_dir)
     tracker = make_tracker(resolved.tracker)
     if in_sweep and resolved.pipeline.resume and _reuse_finished(cfg, tracker, int(hc.job.num)):
-        return
+        return None
     outcome = execute(resolved, plan, output_dir, tracker, job_info(cfg, resolved, output_dir))
     console.print_summary(outcome, tracker.where, getattr(tracker, "run_id", None))
     if outcome.status != "FINISHED":
         if in_sweep:
             raise JobFailed(outcome.error)
         sys.exit(EXIT_FAILED)
+    return objective(outcome)
 
 
 def _reuse_finished(cfg: DictConfig, tracker, job_num: int) -> bool:
@@ -118,9 +126,9 @@ def _reuse_finished(cfg: DictConfig, tracker, job_num: int) -> bool:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
-def _hydra_entry(cfg: DictConfig) -> None:
+def _hydra_entry(cfg: DictConfig) -> float | None:
     _state["job_started"] = True
-    run_job(cfg)
+    return run_job(cfg)
 
 
 def main() -> None:

@@ -26,6 +26,21 @@ def make_plan(resolved: Resolved) -> LoadPlan:
     return plan
 
 
+def check_budget(budget_gib: float | None, stage: str, result: StageResult) -> None:
+    """End an infeasible job as early as it is known: weights after load, peak memory after generate."""
+    if budget_gib is None:
+        return
+    keys = {"load": ("weight_bytes",), "quantize": ("weight_bytes",),
+            "generate": ("memory_peak_allocated_gib", "memory_peak_rss_gib")}.get(stage, ())
+    for key in keys:
+        if key in result.metrics:
+            gib = result.metrics[key] / (2**30 if key.endswith("bytes") else 1)
+            if gib > budget_gib:
+                raise StageError(stage, f"infeasible: {key} = {gib:.2f} GiB exceeds "
+                                 f"pipeline.memory_budget_gib={budget_gib}", "a smaller configuration, "
+                                 "or raise pipeline.memory_budget_gib")
+
+
 def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Tracker, job: JobInfo,
             dist: DistInfo | None = None) -> RunOutcome:
     """Load once, apply each stage in order, log as we go; a failure marks the run FAILED."""
@@ -44,6 +59,7 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
             result.seconds = result.seconds or time.perf_counter() - start
             outcome.results[name] = result
             tracker.log_result(name, result)
+            check_budget(resolved.pipeline.memory_budget_gib, name, result)
     except KeyboardInterrupt:
         outcome.status, outcome.error = "KILLED", "interrupted (Ctrl-C)"
         tracker.finish(outcome.status, outcome.error)

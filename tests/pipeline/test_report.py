@@ -57,3 +57,33 @@ def test_rerunning_a_sweep_skips_finished_jobs_unless_asked(tmp_path):
     run_cli(*sweep, "pipeline.resume=false", cwd=tmp_path, check=0)
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 4
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """nf4 breaks a strict enforced gate, none passes it: one FAILED job with its reason, a report,
+    the best line naming the job that passed, and a non-zero exit for the sweep."""
+    proc = run_cli("-m", *TINY, "quantize=nf4,none", "evaluate=gated", "evaluate.gate.min_top1_agreement=0.99",
+                   "evaluate.gate.max_perplexity_increase_pct=100", f"load.cache_dir={tmp_path}/c",
+                   cwd=tmp_path, check=1)
+    assert "best: optipipe" in proc.stdout and "quantize=none" in proc.stdout.split("best:")[1]
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    jobs = {r.data.params["quantize._target_"].rsplit(".", 1)[1]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert jobs["BitsAndBytes"].info.status == "FAILED" and jobs["NoQuantize"].info.status == "FINISHED"
+    assert "evaluate.gate.min_top1_agreement=0.99" in jobs["BitsAndBytes"].data.tags["optipipe.error"]
+
+
+def test_optuna_search_runs_three_trials_and_records_infeasible_ones(tmp_path):
+    proc = run_cli("-m", "experiment=optuna_search", "model=tiny_random", "hydra.sweeper.n_trials=3",
+                   "generate.max_new_tokens=4", "generate.repeats=1", f"load.cache_dir={tmp_path}/c",
+                   cwd=tmp_path, check=0)
+    assert "Best value" in proc.stdout + proc.stderr
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 3
+
+
+def test_over_the_memory_budget_ends_right_after_load(tmp_path):
+    run_cli(*TINY, "pipeline.memory_budget_gib=0.0001", cwd=tmp_path, check=1)
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert "infeasible" in runs[0].data.tags["optipipe.error"]
+    assert "pipeline.memory_budget_gib=0.0001" in runs[0].data.tags["optipipe.error"]
+    assert not any(k.startswith("generate/") for k in runs[0].data.metrics)  # ended before generating
