@@ -110,3 +110,20 @@ def test_experiment_page_renders_the_sweep_in_headless_chromium(tmp_path, mlflow
     assert "sweep model=tiny_r" in text  # the parent run's name, as the UI lists it
     chromium(f"--screenshot={shot}")
     assert shot.stat().st_size > 10_000
+
+
+def test_submitit_local_launcher_nests_jobs_under_the_sweep(tmp_path):
+    run_cli("-m", "hydra/launcher=submitit_local", *TINY, "generate.batch_size=1,2", cwd=tmp_path, check=0)
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    parent = next(r for r in runs if r.data.tags.get("optipipe.sweep") == "true")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+
+
+def test_slurm_preset_composes():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher.gpus_per_node == 1 and "SlurmLauncher" in cfg.hydra.launcher._target_
