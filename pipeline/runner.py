@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from pipeline.contract import DistInfo, LoadPlan, RunContext, StageError, StageResult
 from pipeline.tracking import JobInfo, Tracker
 from pipeline.validate import Resolved
@@ -70,6 +72,12 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
             outcome.results[e.stage] = partial
             tracker.log_result(e.stage, partial)
         outcome.status, outcome.error = "FAILED", str(e)
+        tracker.finish(outcome.status, outcome.error)
+        return outcome
+    except torch.OutOfMemoryError as e:  # a property of the configuration, not a bug: say what to change
+        outcome.status = "FAILED"
+        outcome.error = (f"out of memory: {str(e).splitlines()[0]}\n  fix: lower generate.batch_size, "
+                         "quantize=nf4, load.dtype=bfloat16, or spread the model (shard=…)")
         tracker.finish(outcome.status, outcome.error)
         return outcome
     except BaseException as e:  # our bug: record it, then let the traceback through

@@ -17,12 +17,14 @@ from tests.conftest import ROOT, TINY, mlflow_runs, run_cli
 PLUGIN = '''
 import time
 from dataclasses import dataclass
+
 from pipeline.contract import BaseStage, StageError, StageResult
 
 @dataclass
 class EchoConfig:
     message: str = "hello"
     fail: bool = False
+    oom: bool = False
     sleep_s: float = 0.0
 
 class Echo(BaseStage):
@@ -33,6 +35,9 @@ class Echo(BaseStage):
     def apply(self, ctx):
         if self.cfg.fail:
             raise StageError("evaluate", "plugin asked to fail: " + self.cfg.message)
+        if self.cfg.oom:
+            import torch
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
         time.sleep(self.cfg.sleep_s)
         return StageResult(metrics={"echo_len": len(self.cfg.message)},
                            tags={"echo.model_class": type(ctx.model).__name__},
@@ -151,3 +156,29 @@ def test_secrets_never_reach_the_store(tmp_path):
     assert "x.hf_token" not in flatten({"x": {"hf_token": "hf_SECRET123", "max_new_tokens": 3}})
     assert redact_overrides(["+evaluate.api_key=abc", "generate.max_new_tokens=4"]) == \
         ["+evaluate.api_key=***", "generate.max_new_tokens=4"]
+
+
+def test_out_of_memory_job_fails_with_advice_and_the_sweep_goes_on(tmp_path, plugin_path):
+    proc = run_cli("-m", *TINY, "evaluate._target_=echo_stage.Echo", "+evaluate.oom=true,false",
+                   cwd=tmp_path, env=plugin_env(plugin_path), check=1)
+    assert "best: optipipe" in proc.stdout
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    jobs = {r.data.params["evaluate.oom"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert jobs["False"].info.status == "FINISHED" and jobs["True"].info.status == "FAILED"
+    assert "out of memory" in jobs["True"].data.tags["optipipe.error"]
+    assert "generate.batch_size" in jobs["True"].data.tags["optipipe.error"]
+
+
+def test_ctrl_c_in_a_sweep_kills_the_job_and_the_sweep(tmp_path, plugin_path):
+    env = {**__import__("os").environ, **plugin_env(plugin_path), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-m", *TINY, "evaluate._target_=echo_stage.Echo",
+                             "+evaluate.sleep_s=60", "generate.batch_size=1,2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and not list(tmp_path.glob("outputs/multirun/*/*/0/generate_samples.jsonl")):
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the job and its parent; job 2 never began
