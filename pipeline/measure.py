@@ -23,6 +23,17 @@ def cuda_devices_in_use(model: torch.nn.Module | None = None) -> list[int]:
     return sorted(found)
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: the first device of an accelerate placement (disk and meta mean CPU)."""
+    placement = getattr(model, "hf_device_map", None)
+    if placement and len(set(placement.values())) > 1:
+        first = next(iter(placement.values()))
+        if isinstance(first, int):
+            return torch.device("cuda", first)
+        return torch.device(first if str(first).startswith("cuda") else "cpu")
+    return model.device
+
+
 def synchronize(devices: Iterable[int]) -> None:
     """Wait for every device in use: a clock read before this measures launch, not work."""
     for d in devices:

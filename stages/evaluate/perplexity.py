@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.measure import input_device
+
 
 @dataclass
 class Window:
@@ -52,7 +54,7 @@ def perplexity(model, ids: torch.Tensor, max_length: int, stride: int, batch_siz
     for start in range(0, len(all_windows), batch_size):
         group = all_windows[start:start + batch_size]
         for same in _same_length(group):
-            batch = torch.stack([ids[w.begin:w.end] for w in same]).to(model.device)
+            batch = torch.stack([ids[w.begin:w.end] for w in same]).to(input_device(model))
             with torch.inference_mode():
                 logits = model(input_ids=batch).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position t predicts token t+1

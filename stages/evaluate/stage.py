@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Optional
 import psutil
 import torch
 
+from pipeline.measure import input_device
 from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult
 from stages.evaluate import compare, corpus
 from stages.evaluate.perplexity import perplexity
@@ -90,7 +91,7 @@ class Evaluate(BaseStage):
         """Everything compared between models, for one model."""
         if task == "encoder":
             texts = default_texts()[:32]
-            enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt").to(model.device)
+            enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt").to(input_device(model))
             with torch.inference_mode():
                 emb = pool(model(**enc).last_hidden_state, enc["attention_mask"], "mean")
             return {"embeddings": emb.float().cpu()}
@@ -107,7 +108,7 @@ class Evaluate(BaseStage):
     def greedy(self, model: Any, tok: Any) -> list[list[int]]:
         texts = list(P.DEFAULT_PROMPTS)
         chat = P.use_chat_template(tok, "auto")
-        inputs = {k: v.to(model.device) for k, v in P.encode(tok, texts, chat, None).items()}
+        inputs = {k: v.to(input_device(model)) for k, v in P.encode(tok, texts, chat, None).items()}
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=self.cfg.new_tokens, min_new_tokens=self.cfg.new_tokens,
                                  do_sample=False, temperature=None, top_p=None, top_k=None,

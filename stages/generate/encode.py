@@ -77,7 +77,7 @@ class Encode(BaseStage):
 
     def apply(self, ctx: RunContext) -> StageResult:
         c, model = self.cfg, ctx.model
-        batches = self.batches(ctx.tokenizer, model.device)
+        batches = self.batches(ctx.tokenizer, measure.input_device(model))
         devices = measure.cuda_devices_in_use(model)
         latencies, run_seconds, embeddings = [], [], None
         with Progress(transient=True) as bar, workload_context(ctx.workload_hooks), torch.inference_mode():

@@ -106,7 +106,7 @@ class Generate(BaseStage):
         if c.chat_template == "on" and not getattr(tok, "chat_template", None):
             raise StageError(self.name, "generate.chat_template=on but the tokenizer has no chat "
                              "template", "generate.chat_template=auto")
-        inputs = {k: v.to(model.device) for k, v in P.encode(tok, texts, chat, c.prompt_tokens).items()}
+        inputs = {k: v.to(measure.input_device(model)) for k, v in P.encode(tok, texts, chat, c.prompt_tokens).items()}
         kwargs = self.generation_kwargs(tok, ctx.generate_kwargs)
         devices = measure.cuda_devices_in_use(model)
         summary, outputs, hook_tags, warmup_s = TimingSummary(), None, {}, 0.0
@@ -149,7 +149,7 @@ class Generate(BaseStage):
 
         torch.manual_seed(self.cfg.seed)  # every repeat samples the same way
         measure.synchronize(devices)  # nothing of the previous run may leak into this one
-        clock = StepClock(model.device)
+        clock = StepClock(measure.input_device(model))
         with torch.inference_mode():
             out = model.generate(**inputs, **kwargs, logits_processor=LogitsProcessorList([clock]))
         timing = clock.finish()
