@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -118,21 +119,24 @@ def test_failing_stage_marks_the_run_failed_with_its_message(tmp_path, plugin_pa
     assert "generate/decode_tokens_per_s" in runs[0].data.metrics  # stages before it were logged
 
 
-def test_ctrl_c_marks_the_run_killed(tmp_path, plugin_path):
-    env = {**__import__("os").environ, **plugin_env(plugin_path), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *TINY, "evaluate._target_=echo_stage.Echo",
+def interrupt_once(tmp_path: Path, plugin_path: Path, args: list[str], samples_glob: str) -> int:
+    """Start the CLI with a stage that sleeps, press Ctrl-C once generate has written its samples
+    (the run exists by then; reading the store earlier would race its creation), return the exit code."""
+    env = {**os.environ, **plugin_env(plugin_path), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "evaluate._target_=echo_stage.Echo",
                              "+evaluate.sleep_s=60"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    store = tmp_path / "outputs" / "mlflow.db"
     deadline = time.time() + 90
-    # Wait until generate has written its samples (the run exists by then); reading the store
-    # earlier would race the job's own creation of its tables.
-    while time.time() < deadline and not list(tmp_path.glob("outputs/runs/*/*/generate_samples.jsonl")):
+    while time.time() < deadline and not list(tmp_path.glob(samples_glob)):
         time.sleep(0.5)
     time.sleep(2)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
-    _, runs = mlflow_runs(store)
+    return proc.wait(timeout=60)
+
+
+def test_ctrl_c_marks_the_run_killed(tmp_path, plugin_path):
+    assert interrupt_once(tmp_path, plugin_path, [*TINY], "outputs/runs/*/*/generate_samples.jsonl") == 130
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     assert runs[0].info.status == "KILLED"
 
 
@@ -142,7 +146,7 @@ def test_tracker_none_never_imports_mlflow(tmp_path):
             "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
             "print('MLFLOW_IMPORTED', 'mlflow' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert "MLFLOW_IMPORTED False" in proc.stdout, proc.stdout + proc.stderr
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
@@ -170,15 +174,8 @@ def test_out_of_memory_job_fails_with_advice_and_the_sweep_goes_on(tmp_path, plu
 
 
 def test_ctrl_c_in_a_sweep_kills_the_job_and_the_sweep(tmp_path, plugin_path):
-    env = {**__import__("os").environ, **plugin_env(plugin_path), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-m", *TINY, "evaluate._target_=echo_stage.Echo",
-                             "+evaluate.sleep_s=60", "generate.batch_size=1,2"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 90
-    while time.time() < deadline and not list(tmp_path.glob("outputs/multirun/*/*/0/generate_samples.jsonl")):
-        time.sleep(0.5)
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    code = interrupt_once(tmp_path, plugin_path, ["-m", *TINY, "generate.batch_size=1,2"],
+                          "outputs/multirun/*/*/0/generate_samples.jsonl")
+    assert code == 130
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the job and its parent; job 2 never began
