@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hydra import compose, initialize_config_module  # noqa: E402
 
 from pipeline import measure, roofline  # noqa: E402
-from pipeline.contract import STAGE_ORDER, DistInfo, RunContext  # noqa: E402
-from pipeline.runner import make_plan  # noqa: E402
+from pipeline.contract import STAGE_ORDER  # noqa: E402
+from pipeline.runner import make_plan, open_context  # noqa: E402
 from pipeline.validate import resolve  # noqa: E402
 from stages.load import sources  # noqa: E402
 
@@ -47,8 +47,7 @@ def run_pipeline(args, quantize: str, convert: str) -> list[dict]:
     for w in resolved.warnings:
         print(f"warning: {w}", flush=True)
     plan = make_plan(resolved)
-    ctx = RunContext(cfg=resolved.cfg, output_dir=Path(args.workdir), dist=DistInfo(device=plan.device))
-    ctx.model, ctx.tokenizer = resolved.stages["load"].materialize(plan)
+    ctx = open_context(resolved, plan, Path(args.workdir))
     tags, rows = {}, []
     for name in STAGE_ORDER[:4]:  # load, quantize, convert, shard: what runs once per model
         tags.update(resolved.stages[name].apply(ctx).tags)

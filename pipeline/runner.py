@@ -28,6 +28,16 @@ def make_plan(resolved: Resolved) -> LoadPlan:
     return plan
 
 
+def open_context(resolved: Resolved, plan: LoadPlan, output_dir: Path, dist: DistInfo | None = None) -> RunContext:
+    """The one load, and a context that can rebuild the unoptimized model for comparison."""
+    ctx = RunContext(cfg=resolved.cfg, output_dir=output_dir, dist=dist or DistInfo(device=plan.device))
+    load = resolved.stages["load"]
+    ctx.model, ctx.tokenizer = load.materialize(plan)
+    ctx.facts["model_spec"] = resolved.model
+    ctx.reference = lambda dtype=None: load.materialize(load.reference_plan(plan, dtype), record=False)
+    return ctx
+
+
 def check_budget(budget_gib: float | None, stage: str, result: StageResult) -> None:
     """End an infeasible job as early as it is known: weights after load, peak memory after generate."""
     if budget_gib is None:
@@ -49,12 +59,9 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
     outcome = RunOutcome()
     output_dir.mkdir(parents=True, exist_ok=True)
     tracker.start(job)
-    ctx = RunContext(cfg=resolved.cfg, output_dir=output_dir, dist=dist or DistInfo(device=plan.device))
+    ctx = None
     try:
-        load = resolved.stages["load"]
-        ctx.model, ctx.tokenizer = load.materialize(plan)
-        ctx.facts["model_spec"] = resolved.model
-        ctx.reference = lambda dtype=None: load.materialize(load.reference_plan(plan, dtype), record=False)
+        ctx = open_context(resolved, plan, output_dir, dist)
         for name, stage in resolved.stages.items():
             start = time.perf_counter()
             result = stage.apply(ctx)
@@ -67,7 +74,7 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
         tracker.finish(outcome.status, outcome.error)
         raise
     except StageError as e:
-        partial = ctx.facts.pop("partial_result", None)
+        partial = ctx.facts.pop("partial_result", None) if ctx else None
         if partial is not None:  # e.g. a failed quality gate: its numbers explain the failure
             outcome.results[e.stage] = partial
             tracker.log_result(e.stage, partial)

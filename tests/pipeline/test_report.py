@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-from types import SimpleNamespace
 
 from pipeline import report
 from tests.conftest import TINY, mlflow_runs, run_cli

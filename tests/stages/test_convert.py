@@ -5,17 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.contract import ConfigProblems, DistInfo, RunContext, StageError
-from pipeline.runner import make_plan
+from pipeline.contract import ConfigProblems, StageError
+from pipeline.runner import make_plan, open_context
 from pipeline.validate import resolve
 from tests.conftest import composed
 
 
 def loaded(tmp_path, *overrides):
     resolved = resolve(composed("tracker=none", *overrides))
-    ctx = RunContext(cfg=resolved.cfg, output_dir=tmp_path, dist=DistInfo())
-    ctx.model, ctx.tokenizer = resolved.stages["load"].materialize(make_plan(resolved))
-    return resolved, ctx
+    return resolved, open_context(resolved, make_plan(resolved), tmp_path)
 
 
 def logits(model, ids):

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.contract import ConfigProblems, DistInfo, RunContext, StageError
-from pipeline.runner import make_plan
+from pipeline.contract import ConfigProblems, StageError
+from pipeline.runner import make_plan, open_context
 from pipeline.validate import resolve
 from stages.evaluate import corpus
 from stages.evaluate.perplexity import perplexity, windows
@@ -84,13 +84,8 @@ def test_empty_corpus_file(tmp_path):
 def evaluated(tmp_path, *overrides):
     resolved = resolve(composed("tracker=none", "model=tiny_random", "evaluate=quality",
                                 f"load.cache_dir={tmp_path}/cache", *overrides))
-    plan = make_plan(resolved)
-    ctx = RunContext(cfg=resolved.cfg, output_dir=tmp_path, dist=DistInfo())
-    load = resolved.stages["load"]
-    ctx.model, ctx.tokenizer = load.materialize(plan)
-    ctx.facts["model_spec"] = resolved.model
-    ctx.reference = lambda dtype=None: load.materialize(load.reference_plan(plan, dtype), record=False)
-    load.apply(ctx)
+    ctx = open_context(resolved, make_plan(resolved), tmp_path)
+    resolved.stages["load"].apply(ctx)
     return resolved.stages["evaluate"], ctx
 
 
@@ -138,8 +133,8 @@ def test_reference_is_computed_once_per_sweep(tmp_path):
 
 
 def test_encoder_embeddings_compared_by_cosine(tmp_path):
-    proc = run_cli("model=tiny_bert_random", "generate=encode", "generate.repeats=1", "evaluate=quality",
-                   "evaluate.gate.min_cosine=0.9999", f"load.cache_dir={tmp_path}/c", cwd=tmp_path, check=0)
+    run_cli("model=tiny_bert_random", "generate=encode", "generate.repeats=1", "evaluate=quality",
+            "evaluate.gate.min_cosine=0.9999", f"load.cache_dir={tmp_path}/c", cwd=tmp_path, check=0)
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     assert runs[0].data.metrics["evaluate/cosine_min"] > 0.9999
     assert runs[0].data.tags["evaluate.gate"] == "pass"

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from pipeline.contract import DistInfo, RunContext
-from pipeline.runner import make_plan
+from pipeline.runner import make_plan, open_context
 from pipeline.validate import resolve
 from stages.generate import prompts as P
 from stages.generate.clock import Timing, TimingSummary
@@ -43,9 +41,7 @@ def test_prompt_files(tmp_path):
 def run_generate(tmp_path, *overrides):
     resolved = resolve(composed("tracker=none", "model=tiny_random", "generate.warmup=1",
                                 "generate.repeats=2", *overrides))
-    load = resolved.stages["load"]
-    ctx = RunContext(cfg=resolved.cfg, output_dir=tmp_path, dist=DistInfo())
-    ctx.model, ctx.tokenizer = load.materialize(make_plan(resolved))
+    ctx = open_context(resolved, make_plan(resolved), tmp_path)
     return ctx, resolved.stages["generate"].apply(ctx)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.contract import ConfigProblems, DistInfo, RunContext, StageError
-from pipeline.runner import make_plan
+from pipeline.contract import ConfigProblems, StageError
+from pipeline.runner import make_plan, open_context
 from pipeline.validate import resolve
 from tests.conftest import composed
 
@@ -14,8 +14,7 @@ EXPECTED = {"int8": "Linear8bitLt", "nf4": "Linear4bit", "fp4": "Linear4bit", "n
 
 def quantized(tmp_path, *overrides):
     resolved = resolve(composed("tracker=none", *overrides))
-    ctx = RunContext(cfg=resolved.cfg, output_dir=tmp_path, dist=DistInfo())
-    ctx.model, ctx.tokenizer = resolved.stages["load"].materialize(make_plan(resolved))
+    ctx = open_context(resolved, make_plan(resolved), tmp_path)
     return ctx, resolved.stages["quantize"].apply(ctx)
 
 
