@@ -11,8 +11,22 @@ from rich.progress import Progress
 
 from pipeline import measure, roofline
 from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult, workload_context
+from stages.convert import COMPILE_MODES
 from stages.generate import prompts as P
 from stages.generate.clock import StepClock, Timing, TimingSummary
+from stages.generate.engine import FastDecoder, Sampling
+
+ENGINES = ("transformers", "fast")
+
+
+def eos_ids(model: Any) -> list[int]:
+    """The ids that end a sequence, as generate reads them (generation config first); [] if none."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
 @dataclass
@@ -31,6 +45,9 @@ class GenerateConfig:
     seed: int = 0
     warmup: int = 1  # untimed runs first: allocator, kernels, compilation
     repeats: int = 3  # timed runs; percentiles come from these
+    engine: str = "transformers"  # transformers: model.generate | fast: static cache + compiled step
+    fast_compile_mode: Optional[str] = "reduce-overhead"  # fast engine's torch.compile mode; null: eager
+    stop_check_every: int = 16  # fast engine: tokens between its "every row finished?" checks
 
 
 def compiled_graphs() -> int:
@@ -77,9 +94,33 @@ class Generate(BaseStage):
         if not c.prompt_file and c.prompts is not None and not [p for p in c.prompts if p.strip()]:
             out.append(Problem("generate.prompts", "the prompt list is empty",
                                "remove generate.prompts to use the built-in prompts"))
+        out += self._engine_problems(root)
         if root.model.task != "causal_lm":
             out.append(Problem("generate", f"model.task={root.model.task} cannot generate text",
                                "generate=encode for an encoder, or a causal LM model"))
+        return out
+
+    def _engine_problems(self, root: Any) -> list[Problem]:
+        c = self.cfg
+        if c.engine not in ENGINES:
+            return [Problem("generate.engine", f"unknown engine {c.engine!r}",
+                            f"generate.engine=<one of {', '.join(ENGINES)}>")]
+        if c.engine != "fast":
+            return []
+        out = []
+        if c.fast_compile_mode is not None and c.fast_compile_mode not in COMPILE_MODES:
+            out.append(Problem("generate.fast_compile_mode", f"unknown mode {c.fast_compile_mode!r}",
+                               f"generate.fast_compile_mode=<one of {', '.join(COMPILE_MODES)}> or null"))
+        convert = root.cfg.get("convert") or {}
+        if convert.get("compile") or convert.get("static_cache"):
+            out.append(Problem("convert", "generate=fast brings its own static cache and compiled "
+                               "decode step; convert.static_cache/compile apply to transformers "
+                               "generate only", "convert=sdpa (or generate.engine=transformers)"))
+        if c.fast_compile_mode and root.stages["quantize"].describe().startswith("BitsAndBytes"):
+            out.append(Problem("generate.fast_compile_mode", "bitsandbytes kernels cannot be compiled",
+                               "generate.fast_compile_mode=null, or a compileable quantize=int8_torchao"))
+        if c.stop_check_every < 1:
+            out.append(Problem("generate.stop_check_every", "must be ≥ 1", "generate.stop_check_every=16"))
         return out
 
     def prompt_texts(self) -> list[str]:
@@ -150,13 +191,29 @@ class Generate(BaseStage):
         torch.manual_seed(self.cfg.seed)  # every repeat samples the same way
         measure.synchronize(devices)  # nothing of the previous run may leak into this one
         clock = StepClock(measure.input_device(model))
-        with torch.inference_mode():
-            out = model.generate(**inputs, **kwargs, logits_processor=LogitsProcessorList([clock]))
+        if self.cfg.engine == "fast":
+            out = self._decoder(model).generate(
+                inputs["input_ids"], inputs["attention_mask"], kwargs["max_new_tokens"],
+                eos_ids(model), kwargs["pad_token_id"],
+                kwargs.get("min_new_tokens", 0), clock=clock)
+        else:
+            with torch.inference_mode():
+                out = model.generate(**inputs, **kwargs, logits_processor=LogitsProcessorList([clock]))
         timing = clock.finish()
         timing.batch = inputs["input_ids"].shape[0]
         if not timing.steps:
             raise StageError(self.name, "generate produced no new token")
         return timing, out
+
+    def _decoder(self, model) -> FastDecoder:
+        """One engine per model: its static cache and captured step are reused across repeats."""
+        c = self.cfg
+        engine = getattr(model, "_optipipe_fast_decoder", None)
+        if engine is None:
+            sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)
+            engine = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling)
+            model._optipipe_fast_decoder = engine
+        return engine
 
     def _save_samples(self, ctx, tok, texts, prompt_len, outputs):
         path = ctx.output_dir / "generate_samples.jsonl"

@@ -1,0 +1,144 @@
+"""The fast decode engine: a static KV cache and one compiled decode step, replayed per token.
+
+Why not ``model.generate``: its Python loop runs stopping criteria, logits processors and cache
+bookkeeping on the host between tokens, and checks for EOS with a device→host copy every step, so
+at batch 1 the GPU waits for the CPU. Here a decode step is one function — forward, token choice,
+position update, finished-row bookkeeping — compiled once (``reduce-overhead`` captures it as a
+CUDA graph) and replayed; the host only asks "all finished?" every ``stop_check_every`` tokens.
+
+Greedy output equals ``generate`` token for token: same positions (from the attention mask, as
+transformers computes them), same padding of finished rows, same trimming at the end.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from stages.generate.clock import StepClock, Timing
+
+
+@dataclass
+class Sampling:
+    """Token choice inside the compiled step. ``do_sample=False``: greedy (argmax)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+
+
+def choose(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """Next token per row. Sampling draws with the exponential trick (argmax of p/E, E ~ Exp(1)),
+    which needs no host-side multinomial and so stays inside a CUDA graph."""
+    if not s.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > s.top_p  # keep the smallest set reaching top_p
+        probs = probs.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), 0.0)
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+
+
+class FastDecoder:
+    """Owns one static cache sized for (batch, prompt + new tokens) and the compiled step."""
+
+    def __init__(self, model: Any, compile_mode: str | None = "reduce-overhead",
+                 stop_check_every: int = 16, sampling: Sampling | None = None) -> None:
+        self.model, self.compile_mode = model, compile_mode
+        self.stop_check_every = max(1, stop_check_every)
+        self.sampling = sampling or Sampling()
+        self.cache, self.cache_shape = None, None
+        self._step: Callable | None = None
+        # transformers renamed past_key_values to cache (5.2x); speak whichever this version takes
+        params = inspect.signature(type(model).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def _ensure_cache(self, batch: int, length: int) -> None:
+        from transformers import StaticCache
+
+        if self.cache_shape == (batch, length):
+            self.cache.reset()  # same buffers: the captured graph keeps pointing at them
+            return
+        self.cache = StaticCache(config=self.model.config, max_cache_len=length)
+        self.cache_shape = (batch, length)
+        self._step = None  # new buffers: capture again
+
+    def _decode_step(self, token, position, cache_position, mask, done, banned, pad, eos):
+        """One token for every row: forward, choice, finished-row bookkeeping, next positions."""
+        logits = self.model(input_ids=token, position_ids=position, cache_position=cache_position,
+                            attention_mask=mask, use_cache=True, **{self.cache_kw: self.cache}).logits[:, -1]
+        nxt = choose(logits.masked_fill(banned, float("-inf")), self.sampling)
+        nxt = torch.where(done, pad, nxt)  # rows that met EOS keep emitting pad, as generate does
+        return nxt[:, None], position + 1, cache_position + 1, done | torch.isin(nxt, eos)
+
+    def _compiled_step(self) -> Callable:
+        if self._step is None:
+            if self.compile_mode is None:
+                self._step = self._decode_step
+            else:
+                self._step = torch.compile(self._decode_step, mode=self.compile_mode, fullgraph=True,
+                                           dynamic=False)
+        return self._step
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 eos_token_ids: list[int], pad_token_id: int, min_new_tokens: int = 0,
+                 clock: StepClock | None = None) -> torch.Tensor:
+        """Prompt + new tokens, like ``generate``'s output (rows padded after their EOS)."""
+        batch, prompt = input_ids.shape
+        device = input_ids.device
+        total = prompt + max_new_tokens
+        self._ensure_cache(batch, total)
+        # Positions as transformers derives them from a left-padded mask; the mask spans the whole
+        # cache (future slots 1: causality hides them) so its shape never changes between steps.
+        position = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
+        mask[:, :prompt] = attention_mask
+        cache_position = torch.arange(prompt, device=device)
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
+                            cache_position=cache_position, use_cache=True, logits_to_keep=1,
+                            **{self.cache_kw: self.cache}).logits[:, -1]
+        eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+        # EOS is banned until min_new_tokens are out, as transformers' MinNewTokens processor does.
+        vocab = logits.shape[-1]
+        free = torch.zeros(vocab, dtype=torch.bool, device=device)
+        banned = free.clone().index_fill_(0, eos, True) if min_new_tokens > 0 else free
+        token = choose(logits.masked_fill(banned, float("-inf")), self.sampling)[:, None]
+        done = torch.isin(token[:, 0], eos)
+        if clock is not None:
+            clock(input_ids, logits)
+        out = torch.full((batch, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
+        out[:, :1] = token
+        position, cache_position = position[:, -1:] + 1, cache_position[-1:] + 1
+        pad = torch.tensor(pad_token_id, device=device)
+        step, produced = self._compiled_step(), 1
+        while produced < max_new_tokens:
+            if produced >= min_new_tokens:
+                banned = free
+            token, position, cache_position, done = step(token, position, cache_position, mask, done,
+                                                         banned, pad, eos)
+            out[:, produced:produced + 1] = token
+            token = token.clone()  # the graph's output buffer is overwritten by the next replay
+            produced += 1
+            if clock is not None:
+                clock(input_ids, logits)
+            if produced % self.stop_check_every == 0 and bool(done.all()):
+                break  # one device→host read per stop_check_every tokens, not per token
+        return torch.cat([input_ids, trim_finished(out[:, :produced], eos)], dim=1)
+
+
+def trim_finished(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """Cut where ``generate`` stops: right after the last row to finish emitted its first EOS."""
+    hit = torch.isin(tokens, eos)
+    if not bool(hit.any(-1).all()):
+        return tokens  # some row never finished: generate ran to max_new_tokens
+    return tokens[:, :int(hit.int().argmax(-1).max()) + 1]

@@ -1,0 +1,104 @@
+"""The fast decode engine: token for token what transformers generate gives, greedy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.contract import ConfigProblems
+from pipeline.runner import make_plan, open_context
+from pipeline.validate import resolve
+from stages.generate.engine import FastDecoder, trim_finished
+from tests.conftest import composed
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def left_padded_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(3)
+    ids = torch.randint(3, vocab, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4], mask[2, :1] = 0, 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def plain(model, ids, mask, new, eos, min_new=0):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=min_new,
+                          do_sample=False, pad_token_id=0, eos_token_id=eos, disable_compile=True)
+
+
+@pytest.mark.parametrize("compile_mode", [None, "reduce-overhead"])
+def test_greedy_equals_generate_with_padding_and_early_eos(tiny_model, compile_mode):
+    ids, mask = left_padded_batch(tiny_model.config.vocab_size)
+    free_run = plain(tiny_model, ids, mask, 24, eos=[])
+    # an EOS that row 0 emits at its 6th token: row 0 stops early and is padded, the others go on
+    eos = [int(free_run[0, ids.shape[1] + 5])]
+    engine = FastDecoder(tiny_model, compile_mode=compile_mode, stop_check_every=4)
+    for min_new in (0, 24):  # EOS honoured / EOS banned until the end (benchmark mode)
+        expected = plain(tiny_model, ids, mask, 24, eos, min_new)
+        got = engine.generate(ids, mask, 24, eos, pad_token_id=0, min_new_tokens=min_new)
+        assert torch.equal(got, expected), f"min_new_tokens={min_new}\n{expected}\n{got}"
+    assert engine._step is not None  # the step was built once and reused across calls
+
+
+def test_stops_when_every_row_finished(tiny_model):
+    ids, mask = left_padded_batch(tiny_model.config.vocab_size)
+    first = plain(tiny_model, ids, mask, 1, eos=[])[:, -1].tolist()
+    got = FastDecoder(tiny_model, compile_mode=None, stop_check_every=1).generate(
+        ids, mask, 50, first, pad_token_id=0)
+    assert got.shape[1] == ids.shape[1] + 1  # every row's first token is an EOS: done after one
+
+
+def test_trim_matches_where_generate_stops():
+    eos = torch.tensor([9])
+    tokens = torch.tensor([[1, 9, 0, 0], [1, 2, 9, 0]])
+    assert trim_finished(tokens, eos).tolist() == [[1, 9, 0], [1, 2, 9]]
+    assert trim_finished(torch.tensor([[1, 9, 0], [1, 2, 3]]), eos).shape[1] == 3  # one never ended
+
+
+def test_sampling_is_seeded_and_stays_in_top_k(tiny_model):
+    from stages.generate.engine import Sampling
+
+    ids, mask = left_padded_batch(tiny_model.config.vocab_size)
+    engine = FastDecoder(tiny_model, compile_mode=None, sampling=Sampling(True, 0.8, top_k=1))
+    # top_k=1 leaves one candidate: sampling must then give exactly the greedy tokens
+    assert torch.equal(engine.generate(ids, mask, 8, [], 0), plain(tiny_model, ids, mask, 8, eos=[]))
+
+
+def stage_output(tmp_path, *overrides):
+    tmp_path.mkdir()
+    resolved = resolve(composed("tracker=none", "generate.warmup=1", "generate.repeats=2", *overrides))
+    ctx = open_context(resolved, make_plan(resolved), tmp_path)
+    result = resolved.stages["generate"].apply(ctx)
+    rows = [json.loads(line) for line in (tmp_path / "generate_samples.jsonl").read_text().splitlines()]
+    return result, [r["output"] for r in rows]
+
+
+@pytest.mark.parametrize("model", ["tiny_random", pytest.param("smollm2_135m", marks=pytest.mark.slow)])
+def test_generate_fast_gives_the_transformers_output(tmp_path, model):
+    common = (f"model={model}", "generate.batch_size=3", "generate.max_new_tokens=16")
+    fast, fast_out = stage_output(tmp_path / "fast", *common, "generate=fast")
+    ref, ref_out = stage_output(tmp_path / "ref", *common)
+    assert fast_out == ref_out
+    assert fast.metrics["decode_tokens_per_s"] > 0 and fast.metrics["recompiles_timed"] == 0
+    if model == "smollm2_135m":
+        assert "Paris" in fast_out[0]
+
+
+def test_fast_engine_rules():
+    with pytest.raises(ConfigProblems) as e:
+        resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "convert=compile",
+                         "generate.fast_compile_mode=turbo", "generate.stop_check_every=0"))
+    keys = {p.key for p in e.value.problems}
+    assert {"convert", "generate.fast_compile_mode", "generate.stop_check_every"} <= keys
+    with pytest.raises(ConfigProblems, match="bitsandbytes kernels cannot be compiled"):
+        resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=nf4"))
+    resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=nf4",
+                     "generate.fast_compile_mode=null"))
