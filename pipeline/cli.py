@@ -136,6 +136,10 @@ def main() -> None:
         from pipeline.report_cli import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["bench"]:
+        from pipeline.bench import main as bench_main
+
+        sys.exit(bench_main(sys.argv[2:]))
     status = "FAILED"
     try:
         _hydra_entry()

@@ -91,11 +91,25 @@ def weight_bytes(model: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for t in tensors:
-        if t.data_ptr() in seen and t.device.type != "meta":  # tied weights count once
+        key = id(t) if is_wrapper(t) else t.data_ptr()
+        if key in seen and t.device.type != "meta":  # tied weights count once
             continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size() + _quant_state_bytes(t)
+        seen.add(key)
+        total += stored_bytes(t) + _quant_state_bytes(t)
     return total
+
+
+def is_wrapper(t: torch.Tensor) -> bool:
+    """A tensor subclass holding other tensors (torchao's quantized weights): no storage of its own."""
+    return hasattr(type(t), "__tensor_flatten__") and not type(t).__name__ == "Parameter"
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes as stored: a wrapper counts its inner tensors (int4 data + scales), not its dtype."""
+    if not is_wrapper(t):
+        return t.numel() * t.element_size()
+    names, _ = t.__tensor_flatten__()
+    return sum(stored_bytes(getattr(t, n)) for n in names)
 
 
 def _quant_state_bytes(t: torch.Tensor) -> int:

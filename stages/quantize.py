@@ -148,3 +148,107 @@ class BitsAndBytes(BaseStage):
 
     def describe(self) -> str:
         return f"BitsAndBytes({self.method()})"
+
+
+TORCHAO_GROUPS = (32, 64, 128, 256)
+
+
+@dataclass
+class TorchAoSettings:
+    weights: str = "int4"  # int4 (group-wise, asymmetric) | int8 (per output row)
+    group_size: int = 128  # int4: weights sharing one scale and zero point
+    include_embeddings: bool = False  # quantize the input embedding and output head too
+
+
+class TorchAo(BaseStage):
+    """torchao weight-only quantization: dequantized inside the matmul, and compileable — so it
+    composes with convert=compile / generate=fast, which bitsandbytes cannot.
+
+    int4 on CUDA uses the tinygemm layout (``tile_packed_to_4d``, bf16 activations); on CPU torchao
+    has no int4 matmul, so the same group-wise int4 grid is stored as int8 (``IntxWeightOnly``):
+    identical numerics, for quality measurements, without the speed.
+    """
+
+    name: ClassVar[str] = "quantize"
+    Config: ClassVar[type] = TorchAoSettings
+
+    def problems(self, root: Any) -> list[Problem]:
+        c, out = self.cfg, []
+        if importlib.util.find_spec("torchao") is None:
+            out.append(Problem("quantize", "torchao is not installed",
+                               "pip install 'optipipe[quantize]' (or quantize=none)"))
+        if c.weights not in ("int4", "int8"):
+            out.append(Problem("quantize.weights", f"torchao weight-only does int4 or int8, not "
+                               f"{c.weights!r}", "quantize=int4_torchao / quantize=int8_torchao"))
+        if c.weights == "int4" and c.group_size not in TORCHAO_GROUPS:
+            out.append(Problem("quantize.group_size", f"group size {c.group_size} is not one of "
+                               f"{TORCHAO_GROUPS}", "quantize.group_size=128"))
+        out += self._shape_rules(root)
+        load = root.stages["load"]
+        if c.weights == "int4" and load.device().startswith("cuda") and load.torch_dtype_name() != "bfloat16":
+            out.append(Problem("load.dtype", "torchao's int4 CUDA kernel (tinygemm) takes bfloat16 "
+                               f"activations; the model loads as {load.torch_dtype_name()}",
+                               "load.dtype=bfloat16"))
+        return out
+
+    def _shape_rules(self, root: Any) -> list[Problem]:
+        """int4 groups must tile every Linear input: hidden and intermediate sizes (when readable)."""
+        from stages.load.sources import architecture
+
+        if self.cfg.weights != "int4" or self.cfg.group_size not in TORCHAO_GROUPS:
+            return []
+        arch = architecture(root.model) or {}
+        sizes = [arch[k] for k in ("hidden_size", "intermediate_size") if isinstance(arch.get(k), int)]
+        if all(n % self.cfg.group_size == 0 for n in sizes):
+            return []
+        fits = [g for g in TORCHAO_GROUPS if all(n % g == 0 for n in sizes)]
+        return [Problem("quantize.group_size", f"group size {self.cfg.group_size} does not divide the "
+                        f"model's Linear input sizes {sizes}",
+                        f"quantize.group_size={max(fits)}" if fits else "quantize=int8_torchao")]
+
+    def torchao_config(self, device: str):
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+        c = self.cfg
+        if c.weights == "int8":
+            return Int8WeightOnlyConfig()
+        if device.startswith("cuda"):
+            return Int4WeightOnlyConfig(group_size=c.group_size, int4_packing_format="tile_packed_to_4d")
+        from torchao.quantization import IntxWeightOnlyConfig, PerGroup
+        from torchao.quantization.quant_primitives import MappingType
+
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(c.group_size),
+                                    mapping_type=MappingType.ASYMMETRIC)
+
+    def plan(self, plan: LoadPlan) -> None:
+        from transformers import TorchAoConfig
+
+        config = TorchAoConfig(self.torchao_config(plan.device),
+                               include_input_output_embeddings=self.cfg.include_embeddings,
+                               untie_embedding_weights=self.cfg.include_embeddings)
+        plan.set(self.name, "quantization_config", config)
+
+    def apply(self, ctx: RunContext) -> StageResult:
+        model = ctx.model
+        kinds: dict[str, int] = {}
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, torch.nn.Linear) and w is not None and measure.is_wrapper(w):
+                kinds[type(w).__name__] = kinds.get(type(w).__name__, 0) + 1
+        quantized = sum(kinds.values())
+        if quantized == 0:
+            raise StageError(self.name, f"asked for torchao {self.cfg.weights} but no Linear weight "
+                             "was quantized", "quantize=none, or check the model's Linear shapes")
+        dtype = next(p.dtype for p in model.parameters() if not measure.is_wrapper(p))
+        before = dense_bytes(model, DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 2))
+        after = float(measure.weight_bytes(model))
+        left = count_linear(model) - quantized
+        return StageResult(
+            metrics={"quantized_layers": float(quantized), "unquantized_linear_layers": float(left),
+                     "dense_weight_bytes": before, "weight_bytes": after, "compression": before / after},
+            tags={"quantize.method": f"torchao_{self.cfg.weights}", "quantize.format": str(kinds)},
+            summary=f"torchao {self.cfg.weights} weight-only: {quantized} layers ({', '.join(kinds)}), "
+                    f"{left} left, {before / 2**30:.2f} → {after / 2**30:.2f} GiB")
+
+    def describe(self) -> str:
+        return f"TorchAo({self.cfg.weights})"

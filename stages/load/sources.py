@@ -248,3 +248,47 @@ def package_version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "absent"
+
+
+# ---------------------------------------------------------------- architecture (cheap, for rules)
+
+def architecture(spec) -> dict[str, Any] | None:
+    """The model's config as a dict, read without weights, for rules that need shapes (head counts,
+    hidden sizes). None when it cannot be had cheaply (e.g. a hub model not cached, offline)."""
+    key = json.dumps([spec.id, spec.source, spec.revision, spec.gguf_file,
+                      dict(spec.config_overrides)], sort_keys=True, default=str)
+    if key not in _ARCHITECTURES:
+        try:
+            _ARCHITECTURES[key] = _read_architecture(spec)
+        except Exception:  # a rule that cannot see the shapes is skipped, never a crash
+            _ARCHITECTURES[key] = None
+    return _ARCHITECTURES[key]
+
+
+_ARCHITECTURES: dict[str, dict[str, Any] | None] = {}
+
+
+def _read_architecture(spec) -> dict[str, Any] | None:
+    source = resolve_source(spec)
+    if source == "random":
+        return preset_config(spec.id, dict(spec.config_overrides)).to_dict()
+    gguf = None
+    if source == "gguf":
+        gguf = Path(spec.id).expanduser()
+    elif source == "local" and spec.gguf_file:
+        gguf = Path(spec.id).expanduser() / spec.gguf_file
+    elif source == "embedded":
+        package, name, _ = EMBEDDED[spec.id]
+        path = Path(str(resources.files(package) / name))
+        gguf = path if path.suffix == ".gguf" else None
+        if gguf is None:
+            return json.loads((path / "config.json").read_text())
+    if gguf is not None:  # header only: GGUF keeps the config as metadata before the tensors
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        return load_gguf_checkpoint(str(gguf), return_tensors=False)["config"]
+    if source == "local":
+        return json.loads((Path(spec.id).expanduser() / "config.json").read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(spec.id, revision=spec.revision).to_dict()

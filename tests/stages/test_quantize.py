@@ -70,3 +70,47 @@ def test_real_smollm2_quantizes_and_still_answers(tmp_path, option, max_gib):
                                             return_dict=True)
     out = ctx.model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in ctx.tokenizer.decode(out[0][ids["input_ids"].shape[1]:])
+
+
+# int4 on CPU is the same group-wise grid stored unpacked in int8 (torchao has no CPU int4 matmul)
+TORCHAO = {"int8_torchao": ("Int8Tensor", 1.6), "int4_torchao": ("IntxUnpackedToInt8Tensor", 1.5)}
+
+
+@pytest.mark.parametrize("option", sorted(TORCHAO))
+def test_torchao_options_quantize_and_compile_with_the_fast_engine(tmp_path, option):
+    weight_class, min_compression = TORCHAO[option]
+    overrides = ("model=tiny_random", "+model.config_overrides.hidden_size=256",
+                 "+model.config_overrides.intermediate_size=512", "load.dtype=bfloat16",
+                 f"quantize={option}", "generate=fast", "generate.max_new_tokens=6", "generate.warmup=1",
+                 "generate.repeats=1")
+    ctx, result = quantized(tmp_path, *overrides)
+    assert type(ctx.model.model.layers[0].mlp.up_proj.weight).__name__ == weight_class
+    assert result.metrics["quantized_layers"] == 2 * 7
+    assert result.metrics["compression"] > min_compression  # the embedding and head stay bf16
+    for name in ("convert", "shard"):
+        resolve(composed("tracker=none", *overrides)).stages[name].apply(ctx)
+    gen = resolve(composed("tracker=none", *overrides)).stages["generate"]
+    metrics = gen.apply(ctx).metrics
+    assert metrics["new_tokens"] == 6 and metrics["recompiles_timed"] == 0
+
+
+def test_torchao_rules():
+    with pytest.raises(ConfigProblems) as info:
+        resolve(composed("model=tiny_random", "tracker=none", "quantize=int4_torchao",
+                         "quantize.group_size=100"))
+    assert "quantize.group_size" in {p.key for p in info.value.problems}
+    with pytest.raises(ConfigProblems, match="int4 or int8"):
+        resolve(composed("model=tiny_random", "tracker=none", "quantize=int8_torchao", "quantize.weights=int3"))
+
+
+@pytest.mark.slow
+def test_torchao_int4_smollm2_still_answers(tmp_path):
+    with pytest.raises(ConfigProblems, match="quantize.group_size=64"):  # 576 = 9 × 64
+        resolve(composed("tracker=none", "quantize=int4_torchao"))
+    ctx, result = quantized(tmp_path, "quantize=int4_torchao", "quantize.group_size=64", "load.dtype=bfloat16")
+    assert result.metrics["quantized_layers"] == 30 * 7
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = ctx.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+    out = ctx.model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in ctx.tokenizer.decode(out[0][ids["input_ids"].shape[1]:])

@@ -1,0 +1,205 @@
+"""``optipipe bench``: side by side, in one process on one card, what a user gets from plain
+transformers and what the pipeline's configurations give, on the same model and prompts.
+
+    optipipe bench --model llama3_8b_random --batches 1,32 \
+        --configs "convert=sdpa" "generate=fast" "quantize=int4_torchao generate=fast"
+
+Baselines (what a user types without us), always first:
+  plain              from_pretrained(dtype, device_map=device) then generate()
+  hf_static_compile  the same with cache_implementation="static" (transformers then auto-compiles
+                     the decode step on CUDA; on CPU it stays eager, and the row says so)
+Each configuration is composed exactly like ``optipipe <overrides>`` and measured by the same
+generate stage, so tokens/s, TTFT, ITL, peak memory and MBU mean the same in every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import console
+from pipeline.contract import STAGE_ORDER, ConfigProblems, DistInfo, LoadPlan, RunContext
+from pipeline.runner import make_plan, open_context
+from pipeline.validate import resolve
+
+BASELINES: dict[str, dict[str, Any]] = {"plain": {}, "hf_static_compile": {"cache_implementation": "static"}}
+COLUMNS = ("decode_tokens_per_s", "e2e_tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p90",
+           "memory_peak_allocated_gib", "memory_peak_rss_gib", "mbu", "bandwidth_gb_per_s",
+           "floor_tokens_per_s", "recompiles_timed")
+
+
+@dataclass
+class Entry:
+    label: str
+    overrides: list[str]
+    baseline: dict[str, Any] | None = None  # generate kwargs of a plain-transformers baseline
+
+
+def composed(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def common(args: argparse.Namespace) -> list[str]:
+    """What every row shares: model, dtype, exact prompt/output lengths, repeats; no tracking per row."""
+    return [f"model={args.model}", "tracker=none", f"load.dtype={args.dtype}", "generate.benchmark=true",
+            f"generate.prompt_tokens={args.prompt}", f"generate.max_new_tokens={args.new}",
+            f"generate.repeats={args.repeats}", f"generate.warmup={args.warmup}", *args.set]
+
+
+def entries(args: argparse.Namespace) -> list[Entry]:
+    out = [Entry(name, [], kwargs) for name, kwargs in BASELINES.items() if name in args.baselines]
+    return out + [Entry(c, shlex.split(c)) for c in args.configs]
+
+
+def open_entry(entry: Entry, args: argparse.Namespace, workdir: Path):
+    """(resolved config, context with the model loaded and every pre-generate stage applied)."""
+    resolved = resolve(composed(common(args) + entry.overrides))
+    if entry.baseline is None:
+        ctx = open_context(resolved, make_plan(resolved), workdir)
+        for name in STAGE_ORDER[:4]:  # load, quantize, convert, shard: once per model
+            ctx.facts.setdefault("tags", {}).update(resolved.stages[name].apply(ctx).tags)
+        return resolved, ctx
+    load = resolved.stages["load"]
+    plan = LoadPlan(model=resolved.model)
+    load.plan(plan)
+    plan.kwargs["device_map"] = {"": plan.device}  # what a user types; attention: transformers' default
+    ctx = RunContext(cfg=resolved.cfg, output_dir=workdir, dist=DistInfo(device=plan.device))
+    ctx.model, ctx.tokenizer = load.materialize(plan, record=False)
+    ctx.generate_kwargs = dict(entry.baseline)
+    return resolved, ctx
+
+
+def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from pipeline import measure
+
+    workdir = Path(args.out) / "work" / entry.label.replace(" ", "_").replace("/", "_")
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolved, ctx = open_entry(entry, args, workdir)
+    generate, rows = resolved.stages["generate"], []
+    for batch in args.batches:
+        generate.cfg.batch_size = batch
+        result = generate.apply(ctx)
+        row = {"config": entry.label, "batch": batch, "weight_bytes": float(measure.weight_bytes(ctx.model)),
+               "compiled": str(getattr(ctx.model, "_compiled_call", None) is not None
+                               or generate.cfg.engine == "fast" and generate.cfg.fast_compile_mode is not None),
+               **{k: v for k, v in result.metrics.items() if k in COLUMNS}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    del ctx
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's decode tokens/s over plain transformers' at the same batch size."""
+    plain = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["config"] == "plain"}
+    for r in rows:
+        r["x_plain"] = r["decode_tokens_per_s"] / plain[r["batch"]] if r["batch"] in plain else float("nan")
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("config", "batch", "compiled", "decode tok/s", "× plain", "TTFT p50 ms", "ITL p50 ms", "ITL p90 ms",
+            "peak GiB", "weights GiB", "MBU")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    nan = float("nan")
+    for r in rows:
+        peak = r.get("memory_peak_allocated_gib", r.get("memory_peak_rss_gib", nan))
+        cells = (r["config"], r["batch"], r["compiled"], f"{r['decode_tokens_per_s']:.1f}", f"{r['x_plain']:.2f}",
+                 f"{r.get('ttft_ms_p50', nan):.1f}", f"{r.get('itl_ms_p50', nan):.2f}",
+                 f"{r.get('itl_ms_p90', nan):.2f}", f"{peak:.2f}", f"{r['weight_bytes'] / 2**30:.2f}",
+                 f"{r.get('mbu', nan):.2f}")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def track(args: argparse.Namespace, rows: list[dict[str, Any]], files: list[Path]) -> str | None:
+    """One parent run for the bench, one child per (configuration, batch): ``optipipe report
+    --parent`` reads it like a sweep."""
+    from pipeline.config import TrackerSettings
+    from pipeline.contract import StageResult
+    from pipeline.environment import describe
+    from pipeline.tracking import JobInfo, MlflowTracker
+
+    settings = TrackerSettings(uri=args.tracker_uri, experiment=args.experiment)
+    parent = MlflowTracker(settings)
+    parent.start(JobInfo(run_name=f"bench {args.model}", params={"bench.args": " ".join(sys.argv[1:])[:6000]},
+                         tags={"optipipe.sweep": "true", "optipipe.bench": "true",
+                               "gpu": ", ".join(g["name"] for g in describe()["gpus"]) or "none"},
+                         artifacts=files))
+    for r in rows:
+        child = MlflowTracker(settings)
+        child.start(JobInfo(run_name=f"{r['config']} b{r['batch']}", params={"bench.config": r["config"],
+                            "generate.batch_size": r["batch"], "model": args.model},
+                            tags={"optipipe.overrides": f"{r['config']} batch={r['batch']}",
+                                  "bench.compiled": r["compiled"]}, artifacts=[], parent_run_id=parent.run_id))
+        numbers = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "batch"}
+        child.log_result("generate", StageResult(metrics=numbers))
+        child.finish("FINISHED")
+    parent.finish("FINISHED")
+    return parent.run_id
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="optipipe bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llama3_8b_random", help="a conf/model option (default: %(default)s)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens (exact)")
+    p.add_argument("--new", type=int, default=256, help="new tokens (exact: EOS ignored)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation happens here)")
+    p.add_argument("--configs", nargs="*", default=["convert=sdpa", "convert=compile", "generate=fast"],
+                   help='each: the overrides of one configuration, quoted, e.g. "quantize=int4_torchao generate=fast"')
+    p.add_argument("--baselines", default="plain,hf_static_compile", help="subset of plain,hf_static_compile")
+    p.add_argument("--set", nargs="*", default=[], help="overrides applied to every row, e.g. load.device=cpu")
+    p.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md")
+    p.add_argument("--tracker-uri", default=None, help="MLflow store (default: outputs/mlflow.db)")
+    p.add_argument("--experiment", default="optipipe-bench")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.baselines = [b for b in args.baselines.split(",") if b]
+    unknown = [b for b in args.baselines if b not in BASELINES]
+    if unknown:
+        p.error(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)}")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # every configuration is validated before the first model loads
+        for entry in entries(args):
+            resolve(composed(common(args) + entry.overrides))
+    except ConfigProblems as e:
+        console.print_problems(e.problems)
+        return 2
+    start, rows = time.time(), []
+    for entry in entries(args):
+        rows += measure_entry(entry, args)
+    rows = with_ratios(rows)
+    md = table(rows)
+    (out / "bench.json").write_text(json.dumps({"args": vars(args), "seconds": time.time() - start,
+                                                "rows": rows}, indent=2, default=str))
+    (out / "bench.md").write_text(md + "\n")
+    print("\n" + md, flush=True)  # plain print: a Markdown table must not be wrapped
+    if not args.no_track:
+        run_id = track(args, rows, [out / "bench.json", out / "bench.md"])
+        console.out.print(f"\nMLflow: parent run {run_id} (optipipe report --parent {run_id})")
+    return 0

@@ -1,0 +1,52 @@
+"""optipipe bench: baselines and configurations side by side, logged so `optipipe report` reads it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.bench import table, with_ratios
+from tests.conftest import mlflow_runs, run_cli
+
+
+def test_bench_runs_baselines_and_configs_on_a_tiny_model(tmp_path):
+    proc = run_cli("bench", "--model", "tiny_random", "--batches", "1,2", "--prompt", "8", "--new", "6",
+                   "--repeats", "2", "--warmup", "1", "--configs", "convert=sdpa", "generate=fast",
+                   "--out", str(tmp_path / "b"), cwd=tmp_path, check=0, timeout=600)
+    rows = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]
+    assert [(r["config"], r["batch"]) for r in rows] == [
+        (c, b) for c in ("plain", "hf_static_compile", "convert=sdpa", "generate=fast") for b in (1, 2)]
+    for r in rows:
+        assert r["decode_tokens_per_s"] > 0 and r["ttft_ms_p50"] > 0 and r["itl_ms_p90"] > 0
+    assert all(r["x_plain"] == 1.0 for r in rows if r["config"] == "plain")
+    assert {r["compiled"] for r in rows if r["config"] == "generate=fast"} == {"True"}
+    assert "| generate=fast | 2 |" in (tmp_path / "b" / "bench.md").read_text()
+    # one parent, one child per row; `optipipe report --parent` reads the bench back like a sweep
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    parent = [r for r in runs if r.data.tags.get("optipipe.bench") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parent) == 1 and len(children) == 8
+    assert {c.data.metrics["generate/decode_tokens_per_s"] for c in children} == \
+        {r["decode_tokens_per_s"] for r in rows}
+    report = run_cli("report", "--parent", parent[0].info.run_id, "--out", str(tmp_path / "r"),
+                     cwd=tmp_path, check=0)
+    assert "generate=fast batch=2" in report.stdout
+
+
+def test_bench_refuses_a_bad_configuration_before_loading(tmp_path):
+    proc = run_cli("bench", "--model", "tiny_random", "--configs", "generate=fast convert=compile",
+                   "--no-track", "--out", str(tmp_path / "b"), cwd=tmp_path, check=2)
+    assert "generate=fast brings its own static cache" in proc.stdout + proc.stderr
+    assert not (tmp_path / "b" / "bench.json").exists()
+
+
+def test_ratios_are_per_batch_size():
+    rows = with_ratios([{"config": "plain", "batch": 1, "decode_tokens_per_s": 50.0},
+                        {"config": "plain", "batch": 8, "decode_tokens_per_s": 200.0},
+                        {"config": "x", "batch": 1, "decode_tokens_per_s": 125.0},
+                        {"config": "x", "batch": 8, "decode_tokens_per_s": 300.0}])
+    assert [r["x_plain"] for r in rows] == pytest.approx([1.0, 1.0, 2.5, 1.5])
+    for r in rows:
+        r.update(compiled="False", weight_bytes=2**30)
+    assert "| x | 8 | False | 300.0 | 1.50 |" in table(rows)
