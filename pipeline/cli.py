@@ -18,9 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import console, sweep
+from pipeline import console, launch, sweep
 from pipeline.config import flatten, is_secret_key
 from pipeline.contract import ConfigProblems, Problem, StageError
+from pipeline.distributed import is_worker
 from pipeline.runner import execute, make_plan
 from pipeline.tracking import PARENT_ENV, JobInfo, make_tracker, redact_overrides
 from pipeline.validate import Resolved, resolve
@@ -64,7 +65,7 @@ def job_info(cfg: DictConfig, resolved: Resolved, output_dir: Path) -> JobInfo:
     choices = {g: str(o) for g, o in hc.runtime.choices.items() if not g.startswith("hydra")}
     tags = {f"choice.{g}": o for g, o in choices.items()}
     tags.update({"git.commit": env["git_commit"] or "unknown", "host": socket.gethostname(),
-                 "world_size": "1", "optipipe.output_dir": str(output_dir),
+                 "world_size": str(resolved.launcher.processes), "optipipe.output_dir": str(output_dir),
                  "model.id": resolved.model.id, "optipipe.overrides": " ".join(overrides)[:5000],
                  "optipipe.config_hash": config_hash(cfg)})
     if resolved.warnings:
@@ -88,6 +89,8 @@ def run_job(cfg: DictConfig) -> float | None:
     in_sweep = hc.mode == RunMode.MULTIRUN
     try:
         resolved = resolve(cfg)
+        if is_worker():  # a torchrun rank of a job whose parent already validated and tracks it
+            sys.exit(0 if launch.run_worker(resolved, Path(hc.runtime.output_dir)) == "FINISHED" else EXIT_FAILED)
         plan = make_plan(resolved)
     except ConfigProblems as e:
         console.print_problems(e.problems)
@@ -103,7 +106,12 @@ def run_job(cfg: DictConfig) -> float | None:
     tracker = make_tracker(resolved.tracker)
     if in_sweep and resolved.pipeline.resume and _reuse_finished(cfg, tracker, int(hc.job.num)):
         return None
-    outcome = execute(resolved, plan, output_dir, tracker, job_info(cfg, resolved, output_dir))
+    job = job_info(cfg, resolved, output_dir)
+    if resolved.launcher.kind == "torchrun":
+        outcome = launch.launch_job(resolved, output_dir, tracker, job, list(hc.overrides.task),
+                                    int(hc.job.num) if in_sweep else 0)
+    else:
+        outcome = execute(resolved, plan, output_dir, tracker, job)
     console.print_summary(outcome, tracker.where, getattr(tracker, "run_id", None))
     if outcome.status != "FINISHED":
         if in_sweep:

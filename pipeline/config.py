@@ -50,7 +50,22 @@ class TrackerSettings:
 
 @dataclass
 class LauncherSettings:
-    kind: str = "local"  # local (one process); torchrun comes with the shard stage
+    kind: str = "local"  # local: one process | torchrun: the job re-runs itself under torch.distributed.run
+    nproc_per_node: int = 1  # torchrun: processes (GPUs) per machine
+    nnodes: int = 1  # torchrun: machines
+    node_rank: int = 0  # torchrun: this machine's index (several machines)
+    rdzv_endpoint: Optional[str] = None  # host:port of the rendezvous; None: 127.0.0.1 and a free port
+    rdzv_backend: str = "c10d"
+    rdzv_id: str = "optipipe"
+    collective_timeout_s: float = 300.0  # a rank stuck in a collective this long fails the group
+    max_seconds: Optional[float] = None  # the whole group is ended after this long (None: no limit)
+    devices: Optional[list[int]] = None  # CUDA_VISIBLE_DEVICES of this job (None: inherit)
+    split_devices: bool = False  # sweep: job k takes the k-th group of nproc_per_node visible GPUs
+
+    @property
+    def processes(self) -> int:
+        """How many processes the job runs: 1 unless torchrun."""
+        return self.nproc_per_node * self.nnodes if self.kind == "torchrun" else 1
 
 
 SECTIONS: dict[str, type] = {

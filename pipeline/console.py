@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.contract import LoadPlan, Problem
@@ -33,9 +34,9 @@ def print_warnings(warnings: list[Problem]) -> None:
 def _print_each(problems: list[Problem]) -> None:
     for p in problems:
         label = "[yellow]warning[/] " if p.severity == "warning" else ""
-        err.print(f"  {label}[bold]{p.key}[/]: {p.message}")
+        err.print(f"  {label}[bold]{escape(p.key)}[/]: {escape(p.message)}")
         if p.fix:
-            err.print(f"      fix: [green]{p.fix}[/]")
+            err.print(f"      fix: [green]{escape(p.fix)}[/]")
 
 
 def print_plan(resolved: Resolved, plan: LoadPlan) -> None:
@@ -59,10 +60,10 @@ def print_summary(outcome: RunOutcome, where: str, run_id: str | None) -> None:
     for col in ("stage", "seconds", "result"):
         table.add_column(col)
     for name, r in outcome.results.items():
-        table.add_row(name, f"{r.seconds:.2f}", r.summary)
+        table.add_row(name, f"{r.seconds:.2f}", escape(r.summary))
     out.print(table)
     if outcome.error:
-        err.print(f"[bold red]{outcome.error}[/]")
+        err.print(f"[bold red]{escape(outcome.error)}[/]")  # errors hold [stage] brackets
     if run_id:
         out.print(f"MLflow run {run_id}")
     out.print(f"dashboard: [bold]{where}[/]")

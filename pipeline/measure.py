@@ -108,8 +108,9 @@ def stored_bytes(t: torch.Tensor) -> int:
     """Bytes as stored: a wrapper counts its inner tensors (int4 data + scales), not its dtype."""
     if not is_wrapper(t):
         return t.numel() * t.element_size()
-    names, _ = t.__tensor_flatten__()
-    return sum(stored_bytes(getattr(t, n)) for n in names)
+    names, _ = t.__tensor_flatten__()  # a DTensor holds this rank's shard: its bytes are what we read
+    inner = (getattr(t, n) for n in names)
+    return sum(stored_bytes(x) for x in inner if isinstance(x, torch.Tensor))
 
 
 def _quant_state_bytes(t: torch.Tensor) -> int:

@@ -31,7 +31,31 @@ def tracker_reachable(resolved: Any) -> list[Problem]:
 
 @rule
 def launcher_known(resolved: Any) -> list[Problem]:
-    if resolved.launcher.kind != "local":
-        return [Problem("launcher.kind", f"unknown launcher {resolved.launcher.kind!r}",
-                        "launcher=local")]
+    launcher = resolved.launcher
+    if launcher.kind not in ("local", "torchrun"):
+        return [Problem("launcher.kind", f"unknown launcher {launcher.kind!r}", "launcher=local|torchrun")]
+    if launcher.kind == "local":
+        return []
+    out = [Problem(f"launcher.{k}", f"must be ≥ {low}, got {v}", f"launcher.{k}={max(low, 1)}")
+           for k, v, low in (("nproc_per_node", launcher.nproc_per_node, 1), ("nnodes", launcher.nnodes, 1))
+           if v < low]
+    if launcher.nnodes > 1 and not launcher.rdzv_endpoint:
+        out.append(Problem("launcher.rdzv_endpoint", "several machines need a rendezvous address they "
+                           "all reach", "launcher.rdzv_endpoint=<host of node 0>:29500"))
+    if not 0 <= launcher.node_rank < max(launcher.nnodes, 1):
+        out.append(Problem("launcher.node_rank", f"must be in [0, {launcher.nnodes})", "launcher.node_rank=0"))
+    return out + _gpus_enough(resolved)
+
+
+def _gpus_enough(resolved: Any) -> list[Problem]:
+    """On GPUs, one process per GPU: asking for more processes than GPUs is refused."""
+    from pipeline.launch import gpu_count
+
+    launcher = resolved.launcher
+    if not resolved.stages["load"].device().startswith("cuda"):
+        return []
+    have = len(launcher.devices) if launcher.devices else gpu_count()
+    if have and launcher.nproc_per_node > have:
+        return [Problem("launcher.nproc_per_node", f"{launcher.nproc_per_node} processes per machine "
+                        f"but {have} GPU(s) visible", f"launcher.nproc_per_node={have}")]
     return []

@@ -165,6 +165,14 @@ class MlflowTracker:
         for path in result.artifacts:
             self.client.log_artifact(self.run_id, str(path))
 
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        batch = [Metric(k, float(v), stamp, 0) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+
     def finish(self, status: str, error: str | None = None) -> None:
         if self.run_id is None:
             return

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from stages.generate.clock import StepClock, Timing
+from stages.generate.clock import StepClock
 
 
 @dataclass

@@ -23,11 +23,15 @@ class LoadConfig:
 
 
 def resolve_device(requested: str) -> str:
+    """The device this process loads onto; a torchrun worker takes the GPU of its local rank."""
     import torch
 
+    from pipeline.distributed import local_rank
+
+    gpu = f"cuda:{local_rank()}"
     if requested == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    return "cuda:0" if requested == "cuda" else requested
+        return gpu if torch.cuda.is_available() else "cpu"
+    return gpu if requested == "cuda" else requested
 
 
 class Load(BaseStage):

@@ -11,7 +11,7 @@ from tests.conftest import mlflow_runs, run_cli
 
 
 def test_bench_runs_baselines_and_configs_on_a_tiny_model(tmp_path):
-    proc = run_cli("bench", "--model", "tiny_random", "--batches", "1,2", "--prompt", "8", "--new", "6",
+    run_cli("bench", "--model", "tiny_random", "--batches", "1,2", "--prompt", "8", "--new", "6",
                    "--repeats", "2", "--warmup", "1", "--configs", "convert=sdpa", "generate=fast",
                    "--out", str(tmp_path / "b"), cwd=tmp_path, check=0, timeout=600)
     rows = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]

@@ -1,4 +1,4 @@
-"""shard stage: where the weights live. ``single``: one device; ``pipeline``: layers spread out."""
+"""One-process placements: ``single`` (one device) and ``pipeline`` (accelerate: layers spread out)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,21 @@ from pipeline.contract import (BaseStage, LoadPlan, NoSettings, Problem, RunCont
                                StageResult, warning)
 
 
+def one_process_only(root: Any, option: str) -> list[Problem]:
+    n = root.launcher.processes
+    if n == 1:
+        return []
+    return [Problem("shard", f"shard={option} is one process, but the launcher starts {n}: each would "
+                    "run the whole job on its own", "shard=data_parallel (one replica per process), "
+                    "shard=tensor_parallel, or launcher=local")]
+
+
 class Single(BaseStage):
     name: ClassVar[str] = "shard"
     Config: ClassVar[type] = NoSettings
+
+    def problems(self, root: Any) -> list[Problem]:
+        return one_process_only(root, "single")
 
     def plan(self, plan: LoadPlan) -> None:
         plan.set(self.name, "device_map", {"": plan.device})
@@ -46,7 +58,7 @@ class PipelinePlacement(BaseStage):
     Config: ClassVar[type] = PipelinePlacementConfig
 
     def problems(self, root: Any) -> list[Problem]:
-        c, out = self.cfg, []
+        c, out = self.cfg, one_process_only(root, "pipeline")
         if c.device_map not in PLACEMENTS:
             out.append(Problem("shard.device_map", f"unknown placement {c.device_map!r}",
                                f"shard.device_map=<one of {', '.join(PLACEMENTS)}>"))

@@ -1,0 +1,111 @@
+"""Inside a torchrun worker: join the group, and turn every rank's numbers into one tracked run.
+
+The job's parent process owns the MLflow run (it creates it before launching and ends it after the
+group exits), so a rank that dies cannot leave it half-open. Workers only add to it: every rank's
+stage metrics are gathered after each stage, and rank 0 logs them as ``rank{r}/<stage>/<metric>``
+plus one aggregate under the usual name (throughput summed over replicas, memory and latency the
+worst rank), so sweeps, reports and the dashboard read a multi-GPU run like any other.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.contract import DistInfo, StageResult
+
+RUN_ENV = "OPTIPIPE_WORKER_RUN_ID"  # set by the parent: this process is a worker of that run
+URI_ENV = "OPTIPIPE_WORKER_TRACKER_URI"
+ERROR_FILE = "rank{rank}.error"
+
+
+def is_worker() -> bool:
+    return bool(os.environ.get(RUN_ENV)) and "RANK" in os.environ
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_worker() else 0
+
+
+def join_group(timeout_s: float) -> DistInfo:
+    """Initialise the process group torchrun described in the environment (NCCL on GPUs, else gloo)."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": torch.device("cuda", local_rank())} if cuda else {}))
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank(),
+                    device=f"cuda:{local_rank()}" if cuda else "cpu")
+
+
+def leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def aggregate(name: str, values: list[float], ranks_per_replica: int) -> float:
+    """One number for the run from every rank's value of metric ``name``."""
+    if name.endswith(("tokens_per_s", "sequences_per_s")):
+        return sum(values) / ranks_per_replica  # replicas add up; ranks of one replica share tokens
+    if "memory" in name or name.endswith(("_ms_p50", "_ms_p90", "seconds")) or name.endswith("_bytes"):
+        return max(values)  # the worst rank bounds the run
+    if name in ("mbu", "bandwidth_gb_per_s"):
+        return sum(values) / len(values)
+    return values[0]
+
+
+class RankTracker:
+    """The tracker of a worker: gathers every rank's stage result; rank 0 logs into the parent's run."""
+
+    def __init__(self, dist_info: DistInfo, output_dir: Path, ranks_per_replica: int) -> None:
+        from pipeline.config import TrackerSettings
+        from pipeline.tracking import MlflowTracker
+
+        self.dist, self.output_dir, self.ranks_per_replica = dist_info, output_dir, ranks_per_replica
+        self.inner = None
+        if dist_info.is_main and os.environ.get(URI_ENV):
+            self.inner = MlflowTracker(TrackerSettings(uri=os.environ[URI_ENV]))
+            self.inner.run_id = os.environ[RUN_ENV]
+        self.where, self.run_id = "", os.environ.get(RUN_ENV)
+        self.results: dict[str, StageResult] = {}  # aggregated, for rank 0's summary
+
+    def start(self, job: Any) -> None:  # the parent started the run
+        return None
+
+    def log_result(self, stage: str, result: StageResult) -> None:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, (result.metrics, [str(p) for p in result.artifacts]))
+        if not self.dist.is_main:
+            return
+        combined = StageResult(tags=dict(result.tags), seconds=result.seconds, summary=result.summary)
+        names = sorted({k for metrics, _ in gathered for k in metrics})
+        for name in names:
+            values = [metrics[name] for metrics, _ in gathered if name in metrics]
+            combined.metrics[name] = aggregate(name, values, self.ranks_per_replica)
+        per_rank = {f"rank{rank}/{stage}/{name}": value
+                    for rank, (metrics, _) in enumerate(gathered) for name, value in metrics.items()}
+        for _, files in gathered:  # every rank's files (e.g. its samples) on the one shared run
+            combined.artifacts += [Path(f) for f in files if Path(f).is_file() and Path(f) not in combined.artifacts]
+        if "decode_tokens_per_s" in combined.metrics:
+            combined.summary += (f" · all {self.dist.world_size} ranks: "
+                                 f"{combined.metrics['decode_tokens_per_s']:.1f} tok/s")
+        self.results[stage] = combined
+        if self.inner is not None:
+            self.inner.log_result(stage, combined)
+            self.inner.log_metrics(per_rank)
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """The parent ends the run; a failing rank leaves its reason where the parent reads it."""
+        if status != "FINISHED" and error:
+            (self.output_dir / ERROR_FILE.format(rank=self.dist.rank)).write_text(error)

@@ -1,0 +1,165 @@
+"""launcher=torchrun, the parent's side: re-run this job under torch.distributed.run and wait.
+
+The parent validated the config and created the MLflow run; it passes the run id to the workers
+(which re-compose the same overrides into the same output dir), never touches CUDA itself, and
+ends the run with the group's outcome: FINISHED, FAILED with the failing rank's own message, or
+KILLED on Ctrl-C. Any rank that fails makes torchrun stop the others; a rank stuck in a collective
+fails after ``launcher.collective_timeout_s``; ``launcher.max_seconds`` bounds the whole group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.config import LauncherSettings
+from pipeline.contract import StageResult
+from pipeline.distributed import ERROR_FILE, RUN_ENV, URI_ENV
+
+OUTCOME_FILE = "outcome.json"  # rank 0 writes the aggregated stage results here
+GRACE_S = 15.0  # after SIGTERM, how long ranks get to exit before SIGKILL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def visible_devices(settings: LauncherSettings, job_num: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES for this job: given, or the job's own group of GPUs in a sweep."""
+    if settings.devices:
+        return ",".join(str(d) for d in settings.devices)
+    if not settings.split_devices:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(gpu_count())]
+    groups = max(len(ids) // settings.nproc_per_node, 1)
+    start = (job_num % groups) * settings.nproc_per_node
+    return ",".join(ids[start:start + settings.nproc_per_node])
+
+
+def gpu_count() -> int:
+    """Visible GPUs without initialising CUDA in this process (nvidia-smi)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def torchrun_command(settings: LauncherSettings, overrides: list[str], output_dir: Path) -> list[str]:
+    endpoint = settings.rdzv_endpoint or f"127.0.0.1:{free_port()}"
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={settings.nproc_per_node}",
+            f"--nnodes={settings.nnodes}", f"--node_rank={settings.node_rank}",
+            f"--rdzv_backend={settings.rdzv_backend}", f"--rdzv_endpoint={endpoint}",
+            f"--rdzv_id={settings.rdzv_id}", "--max_restarts=0",
+            "-m", "pipeline", *overrides, f"hydra.run.dir={output_dir}", "hydra.output_subdir=null",
+            "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM torchrun and every worker, then SIGKILL what is left: no orphans."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=GRACE_S)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def run_group(settings: LauncherSettings, overrides: list[str], output_dir: Path, run_id: str | None,
+              tracker_uri: str | None, job_num: int) -> tuple[str, str | None]:
+    """(status, error) of the whole group."""
+    for stale in output_dir.glob(ERROR_FILE.format(rank="*")):
+        stale.unlink()
+    (output_dir / OUTCOME_FILE).unlink(missing_ok=True)
+    env = {**os.environ, RUN_ENV: run_id or "untracked", URI_ENV: tracker_uri or ""}
+    devices = visible_devices(settings, job_num)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    cmd = torchrun_command(settings, overrides, output_dir)
+    print(f"optipipe: torchrun ×{settings.nproc_per_node * settings.nnodes}"
+          + (f" on GPUs {devices}" if devices else ""), flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # Ctrl-C reaches us, not the ranks
+    try:
+        code = proc.wait(timeout=settings.max_seconds)
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        return "FAILED", f"the group ran past launcher.max_seconds={settings.max_seconds} and was stopped"
+    except KeyboardInterrupt:
+        stop_group(proc)
+        raise
+    if code == 0:
+        return "FINISHED", None
+    return "FAILED", rank_errors(output_dir) or f"torchrun exited with code {code}; the ranks' output is above"
+
+
+def rank_errors(output_dir: Path) -> str:
+    """The failing ranks' own messages, rank by rank."""
+    found = sorted(output_dir.glob(ERROR_FILE.format(rank="*")))
+    return "\n".join(f"{p.stem}: {p.read_text().strip()}" for p in found)
+
+
+def write_outcome(output_dir: Path, results: dict[str, StageResult]) -> None:
+    data = {name: {"metrics": r.metrics, "summary": r.summary, "seconds": r.seconds} for name, r in results.items()}
+    (output_dir / OUTCOME_FILE).write_text(json.dumps(data))
+
+
+def read_outcome(output_dir: Path) -> dict[str, StageResult]:
+    path = output_dir / OUTCOME_FILE
+    if not path.is_file():
+        return {}
+    return {name: StageResult(metrics=d["metrics"], summary=d["summary"], seconds=d["seconds"])
+            for name, d in json.loads(path.read_text()).items()}
+
+
+def launch_job(resolved, output_dir: Path, tracker, job, overrides: list[str], job_num: int):
+    """The parent's whole job: start the run, run the group, end the run with its outcome."""
+    from pipeline.runner import RunOutcome
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracker.start(job)
+    try:
+        status, error = run_group(resolved.launcher, overrides, output_dir, getattr(tracker, "run_id", None),
+                                  getattr(tracker, "uri", None), job_num)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED", "interrupted (Ctrl-C)")
+        raise
+    tracker.finish(status, error)
+    return RunOutcome(results=read_outcome(output_dir), status=status, error=error)
+
+
+def run_worker(resolved, output_dir: Path) -> str:
+    """One rank: join the group, plan (TP needs the group), run every stage, report through rank 0."""
+    from pipeline.distributed import RankTracker, join_group, leave_group
+    from pipeline.runner import execute, make_plan
+
+    dist_info = join_group(resolved.launcher.collective_timeout_s)
+    try:
+        plan = make_plan(resolved)
+        shard = resolved.stages["shard"]
+        per_replica = shard.ranks_per_replica(dist_info.world_size) if hasattr(shard, "ranks_per_replica") else 1
+        tracker = RankTracker(dist_info, output_dir, per_replica)
+        outcome = execute(resolved, plan, output_dir, tracker, job=None, dist=dist_info)
+        if dist_info.is_main and outcome.status == "FINISHED":
+            write_outcome(output_dir, tracker.results)
+    finally:
+        leave_group()
+    return outcome.status

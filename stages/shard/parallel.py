@@ -1,0 +1,229 @@
+"""Several processes (launcher=torchrun): tensor parallel, and data parallel with optional TP inside.
+
+Tensor parallel is transformers' own: the architecture's TP plan shards attention and MLP weights
+as DTensors over the process group inside ``from_pretrained``; every rank then runs the same
+tokens and all-reduces partial results. Data parallel loads one full replica per process (or per
+``tp_size`` processes) and gives each replica its own share of the prompts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult
+
+
+def needs_torchrun(root: Any, what: str, n: int) -> list[Problem]:
+    if root.launcher.kind == "torchrun":
+        return []
+    return [Problem("launcher", f"{what} needs several processes; launcher={root.launcher.kind} runs one",
+                    f"launcher=torchrun launcher.nproc_per_node={max(n, 2)}")]
+
+
+def tp_model_rules(root: Any, tp: int) -> list[Problem]:
+    """The architecture must have a TP plan, and ``tp`` must divide its attention and KV heads."""
+    from transformers import CONFIG_MAPPING
+
+    from stages.load.sources import architecture
+
+    out: list[Problem] = []
+    if root.stages["quantize"].describe().startswith("BitsAndBytes"):
+        out.append(Problem("quantize", "bitsandbytes layers cannot be sharded by transformers' "
+                           "tensor parallel (their packed weights are not DTensors)",
+                           "quantize=none, or shard=data_parallel (one replica per GPU)"))
+    arch = architecture(root.model)
+    if arch is None:  # shapes unknown without a download: transformers will say at load time
+        return out
+    model_type = arch.get("model_type", "")
+    config_class = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None  # lazy: no .get
+    if config_class is None or not getattr(config_class, "base_model_tp_plan", None):
+        out.append(Problem("shard", f"transformers has no tensor-parallel plan for model type "
+                           f"{model_type!r}", "shard=data_parallel, or shard=pipeline"))
+        return out
+    heads = int(arch.get("num_attention_heads") or 0)
+    kv = int(arch.get("num_key_value_heads") or heads)
+    if heads and (heads % tp or kv % tp):
+        fits = [d for d in range(tp, 0, -1) if heads % d == 0 and kv % d == 0]
+        out.append(Problem("shard.tp_size", f"tensor parallel over {tp} processes must divide the "
+                           f"{heads} attention heads and {kv} KV heads", f"a tensor-parallel size of "
+                           f"{fits[0]} (launcher.nproc_per_node / shard.tp_size)"))
+    return out
+
+
+def tp_load_kwargs(tp: int, world: int, device_type: str) -> dict[str, Any]:
+    """``from_pretrained`` kwargs for a TP plan over groups of ``tp`` ranks, in the API this
+    transformers version speaks (DistributedConfig in 5.x; a device mesh before it)."""
+    import transformers
+
+    config_class = getattr(transformers, "DistributedConfig", None)
+    params = inspect.signature(config_class).parameters if config_class else {}
+    if "tp_size" in params:
+        extra = {"dp_replicate_size": world // tp} if world > tp and "dp_replicate_size" in params else {}
+        return {"distributed_config": config_class(tp_size=tp, tp_plan="auto", **extra)}
+    if world == tp:
+        return {"tp_plan": "auto", "tp_size": tp}
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return {"tp_plan": "auto", "device_mesh": mesh["tp"]}
+
+
+def plan_tensor_parallel(stage: str, plan: LoadPlan, tp: int, world: int) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # the parent (validation, dry run): describe, do not build
+        plan.set(stage, "tp_plan", f"auto over {tp} processes")
+        return
+    for key, value in tp_load_kwargs(tp, world, plan.device.split(":")[0]).items():
+        plan.set(stage, key, value)
+
+
+def sharded_parameters(model: Any) -> tuple[int, int]:
+    """(parameters that are DTensors, all parameters): proof that TP really sharded the model."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    return sum(isinstance(p, DTensor) for p in params), len(params)
+
+
+def check_sharded(stage: str, model: Any, tp: int) -> dict[str, float]:
+    if tp <= 1:
+        return {}
+    sharded, total = sharded_parameters(model)
+    if sharded == 0:
+        raise StageError(stage, f"tensor parallel over {tp} processes was asked but no weight is sharded",
+                         "check that the model type has a TP plan (shard=data_parallel otherwise)")
+    return {"sharded_parameters": float(sharded), "parameters_total": float(total)}
+
+
+@dataclass
+class TensorParallelConfig:
+    tp_size: Optional[int] = None  # None: every process of the job; must equal it (replicas: data_parallel)
+
+
+class TensorParallel(BaseStage):
+    name: ClassVar[str] = "shard"
+    Config: ClassVar[type] = TensorParallelConfig
+
+    def tp(self, world: int) -> int:
+        return self.cfg.tp_size or world
+
+    def ranks_per_replica(self, world: int) -> int:
+        return self.tp(world)
+
+    def problems(self, root: Any) -> list[Problem]:
+        world = root.launcher.processes
+        tp = self.tp(world)
+        out = needs_torchrun(root, "shard=tensor_parallel", tp)
+        if out:
+            return out
+        if tp != world:
+            out.append(Problem("shard.tp_size", f"tensor parallel uses every process: {world} processes "
+                               f"but tp_size={tp}", f"launcher.nproc_per_node={tp}, or shard=data_parallel "
+                               f"shard.tp_size={tp} for {world // max(tp, 1)} replicas × TP{tp}"))
+        return out + tp_model_rules(root, tp)
+
+    def plan(self, plan: LoadPlan) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else (self.cfg.tp_size or 1)
+        plan_tensor_parallel(self.name, plan, self.tp(world), world)
+
+    def apply(self, ctx: RunContext) -> StageResult:
+        tp = self.tp(ctx.dist.world_size)
+        metrics = check_sharded(self.name, ctx.model, tp)
+        return StageResult(metrics={**metrics, "tp_size": float(tp)},
+                           tags={"shard.mode": "tensor_parallel", "shard.devices": ctx.dist.device},
+                           summary=f"tensor parallel ×{tp}: {metrics.get('sharded_parameters', 0):.0f} of "
+                                   f"{metrics.get('parameters_total', 0):.0f} weights sharded (rank 0 shown)")
+
+
+@dataclass
+class DataParallelConfig:
+    tp_size: int = 1  # >1: each replica is tensor parallel over tp_size processes (4 GPUs = 2 × TP2)
+
+
+def gpu_memory_bytes() -> Optional[int]:
+    """Smallest total memory of the visible GPUs, read through nvidia-smi (the parent process must
+    not initialise CUDA); None when unknown."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        return min(int(float(x)) for x in out.split()) * 2**20
+    except (subprocess.SubprocessError, ValueError, OSError):
+        return None
+
+
+def parameter_bytes(root: Any) -> Optional[float]:
+    """Parameters × bytes per parameter of the load dtype, from the config on the meta device."""
+    from stages.load.sources import architecture
+
+    arch = architecture(root.model)
+    if arch is None or root.model.task != "causal_lm":
+        return None
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(**arch)
+        with init_empty_weights():
+            n = AutoModelForCausalLM.from_config(config).num_parameters()
+    except Exception:  # an architecture we cannot instantiate empty: the rule is skipped
+        return None
+    dtype = root.stages["load"].torch_dtype_name()
+    return float(n) * (4 if dtype == "float32" else 2)
+
+
+def fits_one_gpu(param_bytes: Optional[float], gpu_bytes: Optional[int]) -> Optional[Problem]:
+    if param_bytes is None or gpu_bytes is None or param_bytes < 0.95 * gpu_bytes:
+        return None
+    return Problem("shard", f"a data-parallel replica holds every weight ({param_bytes / 2**30:.1f} GiB) "
+                   f"but one GPU has {gpu_bytes / 2**30:.1f} GiB", "shard=tensor_parallel, or "
+                   "shard.tp_size=2 (replicas of TP2), or quantize=int4_torchao")
+
+
+class DataParallel(BaseStage):
+    name: ClassVar[str] = "shard"
+    Config: ClassVar[type] = DataParallelConfig
+
+    def ranks_per_replica(self, world: int) -> int:
+        return self.cfg.tp_size
+
+    def problems(self, root: Any) -> list[Problem]:
+        world, tp = root.launcher.processes, self.cfg.tp_size
+        out = needs_torchrun(root, "shard=data_parallel", 2 * tp)
+        if out:
+            return out
+        if tp < 1 or world % tp:
+            return [Problem("shard.tp_size", f"{world} processes do not split into replicas of tp_size={tp}",
+                            f"launcher.nproc_per_node={2 * max(tp, 1)} (processes = replicas × tp_size)")]
+        if tp > 1:
+            return tp_model_rules(root, tp)
+        if root.stages["load"].device().startswith("cuda"):
+            problem = fits_one_gpu(parameter_bytes(root), gpu_memory_bytes())
+            out += [problem] if problem else []
+        return out
+
+    def plan(self, plan: LoadPlan) -> None:
+        import torch.distributed as dist
+
+        if self.cfg.tp_size == 1:
+            plan.set(self.name, "device_map", {"": plan.device})  # a full replica on this rank's device
+            return
+        world = dist.get_world_size() if dist.is_initialized() else self.cfg.tp_size
+        plan_tensor_parallel(self.name, plan, self.cfg.tp_size, world)
+
+    def apply(self, ctx: RunContext) -> StageResult:
+        tp, world = self.cfg.tp_size, ctx.dist.world_size
+        replicas, index = world // tp, ctx.dist.rank // tp
+        ctx.facts["replica"] = (index, replicas)  # generate takes this replica's share of the prompts
+        metrics = check_sharded(self.name, ctx.model, tp)
+        return StageResult(metrics={**metrics, "replicas": float(replicas), "tp_size": float(tp)},
+                           tags={"shard.mode": "data_parallel", "shard.devices": ctx.dist.device},
+                           summary=f"data parallel: {replicas} replica(s)" + (f" × TP{tp}" if tp > 1 else ""))

@@ -1,0 +1,184 @@
+"""launcher=torchrun with real torchrun, gloo and 2 processes: one tracked run, rank metrics,
+data-parallel splits, tensor parallel on CPU, failing and hanging ranks, and every rule."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.config import LauncherSettings
+from pipeline.contract import ConfigProblems
+from pipeline.distributed import aggregate
+from pipeline.launch import visible_devices
+from pipeline.validate import resolve
+from stages.shard.parallel import fits_one_gpu
+from tests.conftest import ROOT, TINY, composed, mlflow_runs, run_cli
+
+TORCHRUN = ("launcher=torchrun", "launcher.nproc_per_node=2")
+
+RANK_PLUGIN = '''
+import time
+from dataclasses import dataclass
+
+from pipeline.contract import BaseStage, StageError, StageResult
+
+@dataclass
+class RankTroubleConfig:
+    rank: int = 1
+    fail: bool = False
+    hang_s: float = 0.0
+
+class RankTrouble(BaseStage):
+    """An evaluate stage that fails, or hangs, on one rank only."""
+    name = "evaluate"
+    Config = RankTroubleConfig
+
+    def apply(self, ctx):
+        if ctx.dist.rank == self.cfg.rank:
+            if self.cfg.fail:
+                raise StageError("evaluate", f"rank {ctx.dist.rank} gave up on purpose")
+            time.sleep(self.cfg.hang_s)
+        return StageResult(metrics={"ok": 1.0})
+'''
+
+
+@pytest.fixture(scope="module")
+def rank_plugin(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("rankplugin")
+    (root / "rank_trouble.py").write_text(textwrap.dedent(RANK_PLUGIN))
+    return {"PYTHONPATH": f"{ROOT}:{root}"}
+
+
+def samples(folder: Path, pattern: str) -> list[dict]:
+    return [json.loads(line) for f in sorted(folder.glob(pattern)) for line in f.read_text().splitlines()]
+
+
+def no_process_mentions(text: str) -> bool:
+    return not any(text in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+
+
+def test_data_parallel_sweep_two_ranks_one_run_per_job(tmp_path):
+    proc = run_cli("-m", *TINY, *TORCHRUN, "shard=data_parallel", "generate.max_new_tokens=6",
+                   "generate.batch_size=1,2", cwd=tmp_path, check=0, timeout=600)
+    assert proc.stdout.count("optipipe: torchrun ×2") == 2
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    jobs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(runs) == 3 and len(jobs) == 2  # the sweep's parent + one run per job, not per rank
+    for run in jobs:
+        m = run.data.metrics
+        assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+        ranks = [m[f"rank{r}/generate/decode_tokens_per_s"] for r in (0, 1)]
+        assert m["generate/decode_tokens_per_s"] == pytest.approx(sum(ranks))  # replicas add up
+        assert m["generate/memory_peak_rss_gib"] == pytest.approx(
+            max(m[f"rank{r}/generate/memory_peak_rss_gib"] for r in (0, 1)))
+        assert m["shard/replicas"] == 2
+    batch2 = next(Path(r.data.tags["optipipe.output_dir"]) for r in jobs if r.data.params["generate.batch_size"] == "2")
+    rank0, rank1 = (samples(batch2, f"generate_samples_rank{r}.jsonl") for r in (0, 1))
+    assert len(rank0) == len(rank1) == 2  # batch_size is per replica
+    assert not {s["prompt"] for s in rank0} & {s["prompt"] for s in rank1}  # distinct prompts
+
+
+def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
+    common = (*TINY, "generate.max_new_tokens=8", "generate.benchmark=true", "generate.batch_size=2",
+              "generate=fast", "generate.warmup=1")
+    run_cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path, check=0)
+    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", f"hydra.run.dir={tmp_path}/tp",
+            cwd=tmp_path, check=0, timeout=600)
+    one = [s["output"] for s in samples(tmp_path / "one", "generate_samples.jsonl")]
+    tp = [s["output"] for s in samples(tmp_path / "tp", "generate_samples_rank0.jsonl")]
+    assert tp == one
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    tp_run = next(r for r in runs if r.data.tags.get("choice.shard") == "tensor_parallel")
+    assert tp_run.data.metrics["shard/sharded_parameters"] > 0 and tp_run.data.tags["world_size"] == "2"
+    # both ranks run the same tokens: throughput is one replica's, not the sum of two
+    m = tp_run.data.metrics
+    assert m["generate/decode_tokens_per_s"] == pytest.approx(
+        (m["rank0/generate/decode_tokens_per_s"] + m["rank1/generate/decode_tokens_per_s"]) / 2)
+
+
+def test_a_failing_rank_fails_the_run_with_its_message(tmp_path, rank_plugin):
+    start = time.time()
+    proc = run_cli(*TINY, *TORCHRUN, "shard=data_parallel", "evaluate._target_=rank_trouble.RankTrouble",
+                   "+evaluate.fail=true", "pipeline.allow=[rank_trouble]", f"hydra.run.dir={tmp_path}/run",
+                   cwd=tmp_path, env=rank_plugin, check=1, timeout=300)
+    assert "rank1: [evaluate] rank 1 gave up on purpose" in proc.stdout + proc.stderr
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert "rank 1 gave up on purpose" in runs[0].data.tags["optipipe.error"]
+    assert time.time() - start < 120 and no_process_mentions(f"{tmp_path}/run")
+
+
+def test_a_hanging_rank_ends_the_group_within_the_collective_timeout(tmp_path, rank_plugin):
+    start = time.time()
+    run_cli(*TINY, *TORCHRUN, "shard=data_parallel", "evaluate._target_=rank_trouble.RankTrouble",
+            "+evaluate.hang_s=600", "launcher.collective_timeout_s=5", "pipeline.allow=[rank_trouble]",
+            f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=rank_plugin, check=1, timeout=300)
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert runs[0].info.status == "FAILED" and "rank0" in runs[0].data.tags["optipipe.error"]
+    assert time.time() - start < 150 and no_process_mentions(f"{tmp_path}/run")
+
+
+def test_launcher_max_seconds_stops_the_whole_group(tmp_path, rank_plugin):
+    run_cli(*TINY, *TORCHRUN, "shard=data_parallel", "evaluate._target_=rank_trouble.RankTrouble",
+            "+evaluate.hang_s=600", "+evaluate.rank=0", "launcher.max_seconds=20",
+            "pipeline.allow=[rank_trouble]", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=rank_plugin,
+            check=1, timeout=300)
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert "launcher.max_seconds=20" in runs[0].data.tags["optipipe.error"]
+    assert no_process_mentions(f"{tmp_path}/run")
+
+
+def problems_of(*overrides: str) -> dict[str, str]:
+    with pytest.raises(ConfigProblems) as info:
+        resolve(composed("model=tiny_random", "tracker=none", *overrides))
+    found: dict[str, str] = {}
+    for p in info.value.problems:
+        found[p.key] = found.get(p.key, "") + f"{p.message} | {p.fix} || "
+    return found
+
+
+def test_multi_process_rules():
+    assert "launcher=torchrun" in problems_of("shard=tensor_parallel")["launcher"]
+    assert "launcher=torchrun" in problems_of("shard=data_parallel")["launcher"]
+    # tiny-llama: 4 attention heads, 2 KV heads → TP over 4 does not divide the KV heads
+    assert "size of 2" in problems_of("shard=tensor_parallel", "launcher=torchrun",
+                                      "launcher.nproc_per_node=4")["shard.tp_size"]
+    assert "shard=data_parallel shard.tp_size=2" in problems_of(
+        "shard=tensor_parallel", "shard.tp_size=2", "launcher=torchrun", "launcher.nproc_per_node=4")["shard.tp_size"]
+    assert "bitsandbytes" in problems_of("shard=tensor_parallel", *TORCHRUN, "quantize=nf4")["quantize"]
+    assert "replicas" in problems_of("shard=data_parallel", "shard.tp_size=2", "launcher=torchrun",
+                                     "launcher.nproc_per_node=3")["shard.tp_size"]
+    assert "shard=data_parallel" in problems_of("shard=single", *TORCHRUN)["shard"]
+    assert "shard=data_parallel" in problems_of("shard=pipeline", *TORCHRUN)["shard"]
+    assert "rendezvous" in problems_of("shard=data_parallel", *TORCHRUN, "launcher.nnodes=2")["launcher.rdzv_endpoint"]
+    assert "unknown launcher" in problems_of("launcher.kind=mpi")["launcher.kind"]
+    assert "no tensor-parallel plan" in problems_of("model=tiny_bert_random", "generate=encode",
+                                                    "shard=tensor_parallel", *TORCHRUN)["shard"]
+    resolve(composed("model=tiny_random", "tracker=none", "shard=data_parallel", "shard.tp_size=2",
+                     "launcher=torchrun", "launcher.nproc_per_node=4"))  # 2 replicas × TP2: fine
+
+
+def test_data_parallel_refuses_a_model_larger_than_one_gpu():
+    problem = fits_one_gpu(param_bytes=16e9, gpu_bytes=int(12 * 2**30))
+    assert problem is not None and "shard=tensor_parallel" in problem.fix
+    assert fits_one_gpu(param_bytes=16e9, gpu_bytes=int(80 * 2**30)) is None
+    assert fits_one_gpu(param_bytes=None, gpu_bytes=int(12 * 2**30)) is None  # unknown: not refused
+
+
+def test_sweep_jobs_take_disjoint_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    settings = LauncherSettings(kind="torchrun", nproc_per_node=2, split_devices=True)
+    assert [visible_devices(settings, k) for k in range(3)] == ["0,1", "2,3", "0,1"]
+    assert visible_devices(LauncherSettings(kind="torchrun", devices=[5, 6]), 0) == "5,6"
+
+
+def test_aggregates():
+    assert aggregate("decode_tokens_per_s", [10.0, 12.0], ranks_per_replica=1) == 22.0
+    assert aggregate("decode_tokens_per_s", [10.0, 12.0], ranks_per_replica=2) == 11.0
+    assert aggregate("memory_peak_allocated_gib", [3.0, 5.0], 1) == 5.0
+    assert aggregate("itl_ms_p90", [3.0, 5.0], 1) == 5.0
