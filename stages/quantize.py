@@ -153,10 +153,18 @@ class BitsAndBytes(BaseStage):
 TORCHAO_GROUPS = (32, 64, 128, 256)
 
 
+def linear_input_sizes(spec: Any) -> list[int]:
+    """Hidden and intermediate sizes of the model (the Linear inputs an int4 group must tile)."""
+    from stages.load.sources import architecture
+
+    arch = architecture(spec) or {}
+    return [arch[k] for k in ("hidden_size", "intermediate_size") if isinstance(arch.get(k), int)]
+
+
 @dataclass
 class TorchAoSettings:
     weights: str = "int4"  # int4 (group-wise, asymmetric) | int8 (per output row)
-    group_size: int = 128  # int4: weights sharing one scale and zero point
+    group_size: Optional[int] = None  # int4: weights sharing one scale; None: the largest of 128/64/32 that fits
     include_embeddings: bool = False  # quantize the input embedding and output head too
 
 
@@ -180,7 +188,7 @@ class TorchAo(BaseStage):
         if c.weights not in ("int4", "int8"):
             out.append(Problem("quantize.weights", f"torchao weight-only does int4 or int8, not "
                                f"{c.weights!r}", "quantize=int4_torchao / quantize=int8_torchao"))
-        if c.weights == "int4" and c.group_size not in TORCHAO_GROUPS:
+        if c.weights == "int4" and c.group_size is not None and c.group_size not in TORCHAO_GROUPS:
             out.append(Problem("quantize.group_size", f"group size {c.group_size} is not one of "
                                f"{TORCHAO_GROUPS}", "quantize.group_size=128"))
         out += self._shape_rules(root)
@@ -193,37 +201,41 @@ class TorchAo(BaseStage):
 
     def _shape_rules(self, root: Any) -> list[Problem]:
         """int4 groups must tile every Linear input: hidden and intermediate sizes (when readable)."""
-        from stages.load.sources import architecture
-
-        if self.cfg.weights != "int4" or self.cfg.group_size not in TORCHAO_GROUPS:
+        if self.cfg.weights != "int4" or self.cfg.group_size not in TORCHAO_GROUPS + (None,):
             return []
-        arch = architecture(root.model) or {}
-        sizes = [arch[k] for k in ("hidden_size", "intermediate_size") if isinstance(arch.get(k), int)]
-        if all(n % self.cfg.group_size == 0 for n in sizes):
-            return []
+        sizes = linear_input_sizes(root.model)
         fits = [g for g in TORCHAO_GROUPS if all(n % g == 0 for n in sizes)]
-        return [Problem("quantize.group_size", f"group size {self.cfg.group_size} does not divide the "
-                        f"model's Linear input sizes {sizes}",
+        if self.cfg.group_size is None and fits or self.cfg.group_size in fits:
+            return []
+        return [Problem("quantize.group_size", f"group size {self.cfg.group_size or 'auto'} does not "
+                        f"divide the model's Linear input sizes {sizes}",
                         f"quantize.group_size={max(fits)}" if fits else "quantize=int8_torchao")]
 
-    def torchao_config(self, device: str):
+    def group_size(self, spec: Any) -> int:
+        """The configured group size, or the largest that tiles this model's Linear inputs."""
+        if self.cfg.group_size is not None:
+            return self.cfg.group_size
+        sizes = linear_input_sizes(spec)
+        return next((g for g in (128, 64, 32) if all(n % g == 0 for n in sizes)), 32)
+
+    def torchao_config(self, device: str, group_size: int):
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
-        c = self.cfg
-        if c.weights == "int8":
+        if self.cfg.weights == "int8":
             return Int8WeightOnlyConfig()
         if device.startswith("cuda"):
-            return Int4WeightOnlyConfig(group_size=c.group_size, int4_packing_format="tile_packed_to_4d")
+            return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
         from torchao.quantization import IntxWeightOnlyConfig, PerGroup
         from torchao.quantization.quant_primitives import MappingType
 
-        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(c.group_size),
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size),
                                     mapping_type=MappingType.ASYMMETRIC)
 
     def plan(self, plan: LoadPlan) -> None:
         from transformers import TorchAoConfig
 
-        config = TorchAoConfig(self.torchao_config(plan.device),
+        self.chosen_group = self.group_size(plan.model) if self.cfg.weights == "int4" else None
+        config = TorchAoConfig(self.torchao_config(plan.device, self.chosen_group),
                                include_input_output_embeddings=self.cfg.include_embeddings,
                                untie_embedding_weights=self.cfg.include_embeddings)
         plan.set(self.name, "quantization_config", config)
@@ -246,7 +258,8 @@ class TorchAo(BaseStage):
         return StageResult(
             metrics={"quantized_layers": float(quantized), "unquantized_linear_layers": float(left),
                      "dense_weight_bytes": before, "weight_bytes": after, "compression": before / after},
-            tags={"quantize.method": f"torchao_{self.cfg.weights}", "quantize.format": str(kinds)},
+            tags={"quantize.method": f"torchao_{self.cfg.weights}", "quantize.format": str(kinds),
+                  "quantize.group_size": str(getattr(self, "chosen_group", None))},
             summary=f"torchao {self.cfg.weights} weight-only: {quantized} layers ({', '.join(kinds)}), "
                     f"{left} left, {before / 2**30:.2f} → {after / 2**30:.2f} GiB")
 

@@ -18,7 +18,11 @@ OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml")
 # Options that need one more value from the user before they mean anything.
 COMPLETIONS = {("model", "hub"): ["model.id=smollm2-135m-instruct", "model.source=embedded"],
                ("model", "minilm_l6"): ["generate=encode"], ("model", "tiny_bert_random"): ["generate=encode"],
-               ("generate", "encode"): ["model=tiny_bert_random"]}
+               ("generate", "encode"): ["model=tiny_bert_random"],
+               ("launcher", "torchrun"): ["shard=data_parallel"],
+               ("shard", "data_parallel"): ["launcher=torchrun"],
+               # SmolLM2 has 9 attention and 3 KV heads: TP over 3 processes
+               ("shard", "tensor_parallel"): ["launcher=torchrun", "launcher.nproc_per_node=3"]}
 
 
 def test_config_tree_has_every_group():
