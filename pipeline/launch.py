@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -84,6 +85,10 @@ def stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_group(settings: LauncherSettings, overrides: list[str], output_dir: Path, run_id: str | None,
               tracker_uri: str | None, job_num: int) -> tuple[str, str | None]:
     """(status, error) of the whole group."""
@@ -98,6 +103,8 @@ def run_group(settings: LauncherSettings, overrides: list[str], output_dir: Path
     print(f"optipipe: torchrun ×{settings.nproc_per_node * settings.nnodes}"
           + (f" on GPUs {devices}" if devices else ""), flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # Ctrl-C reaches us, not the ranks
+    # SIGTERM (a scheduler's cancel, `timeout`) must not orphan the group in its own session
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = proc.wait(timeout=settings.max_seconds)
     except subprocess.TimeoutExpired:
@@ -106,6 +113,8 @@ def run_group(settings: LauncherSettings, overrides: list[str], output_dir: Path
     except KeyboardInterrupt:
         stop_group(proc)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if code == 0:
         return "FINISHED", None
     return "FAILED", rank_errors(output_dir) or f"torchrun exited with code {code}; the ranks' output is above"

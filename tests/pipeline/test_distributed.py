@@ -182,3 +182,17 @@ def test_aggregates():
     assert aggregate("decode_tokens_per_s", [10.0, 12.0], ranks_per_replica=2) == 11.0
     assert aggregate("memory_peak_allocated_gib", [3.0, 5.0], 1) == 5.0
     assert aggregate("itl_ms_p90", [3.0, 5.0], 1) == 5.0
+
+
+@pytest.mark.gpu
+def test_tensor_parallel_over_two_gpus_with_nccl(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    common = (*TINY, "generate.max_new_tokens=8", "generate.benchmark=true", "generate=fast", "load.dtype=float32")
+    run_cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path, check=0)
+    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", f"hydra.run.dir={tmp_path}/tp", cwd=tmp_path,
+            check=0, timeout=600)
+    one = [s["output"] for s in samples(tmp_path / "one", "generate_samples.jsonl")]
+    assert [s["output"] for s in samples(tmp_path / "tp", "generate_samples_rank0.jsonl")] == one

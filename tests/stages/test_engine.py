@@ -102,3 +102,27 @@ def test_fast_engine_rules():
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=nf4"))
     resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=nf4",
                      "generate.fast_compile_mode=null"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_engine_with_cuda_graphs_equals_generate(tiny_model):
+    model = tiny_model.to("cuda")
+    try:
+        ids, mask = (t.to("cuda") for t in left_padded_batch(model.config.vocab_size))
+        free_run = plain(model, ids, mask, 24, eos=[])
+        eos = [int(free_run[0, ids.shape[1] + 5])]
+        engine = FastDecoder(model, compile_mode="reduce-overhead", stop_check_every=4)
+        for _ in range(2):  # the second call replays the captured graph
+            assert torch.equal(engine.generate(ids, mask, 24, eos, pad_token_id=0), plain(model, ids, mask, 24, eos))
+    finally:
+        tiny_model.to("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int4_torchao_uses_the_cuda_kernel_and_compiles(tmp_path):
+    result, _ = stage_output(tmp_path / "q", "model=tiny_random", "+model.config_overrides.hidden_size=256",
+                             "+model.config_overrides.intermediate_size=512", "load.dtype=bfloat16",
+                             "quantize=int4_torchao", "generate=fast", "generate.max_new_tokens=8")
+    assert result.metrics["recompiles_timed"] == 0 and result.metrics["mbu"] > 0
