@@ -11,23 +11,19 @@ common=(model=llama3_8b_random load.dtype=bfloat16 generate.benchmark=true gener
         generate.max_new_tokens=256 generate.warmup=1 generate.repeats=3 launcher.collective_timeout_s=600
         "tracker.uri=sqlite:///$store/multi.db" tracker.experiment=multi-gpu)
 job() {  # one job; a failure is recorded in the store and the next job runs
-  echo "=== $*"; timeout 420 ${OPTIPIPE:-optipipe} "${common[@]}" "$@" 2>&1 | grep -v "Loading weights" | tail -4
+  echo "=== $*"; timeout 240 ${OPTIPIPE:-optipipe} "${common[@]}" "$@" 2>&1 | grep -v "Loading weights" | tail -4
 }
 if [ "$phase" = 2gpu ]; then
   tp=(launcher=torchrun launcher.nproc_per_node=2 "launcher.devices=[2,3]")
   job shard=tensor_parallel "${tp[@]}" generate=fast generate.batch_size=1 tracker.run_name=tp2_fast_b1
-  job shard=tensor_parallel "${tp[@]}" convert=compile generate.batch_size=1 tracker.run_name=tp2_hf_compile_b1
   job shard=data_parallel "${tp[@]}" generate=fast generate.batch_size=32 tracker.run_name=dp2_fast_b32
   CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline generate.batch_size=1 tracker.run_name=pipeline2_b1
   job shard=tensor_parallel "${tp[@]}" convert=sdpa generate.batch_size=1 tracker.run_name=tp2_eager_b1
   job shard=tensor_parallel "${tp[@]}" generate=fast generate.batch_size=32 tracker.run_name=tp2_fast_b32
-  job shard=data_parallel "${tp[@]}" generate=fast generate.batch_size=1 tracker.run_name=dp2_fast_b1
-  CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline generate.batch_size=32 tracker.run_name=pipeline2_b32
+  job shard=tensor_parallel "${tp[@]}" convert=compile generate.batch_size=1 tracker.run_name=tp2_hf_compile_b1
 else
   tp=(launcher=torchrun launcher.nproc_per_node=4)
   job shard=tensor_parallel "${tp[@]}" generate=fast generate.batch_size=1 tracker.run_name=tp4_fast_b1
   job shard=data_parallel "${tp[@]}" generate=fast generate.batch_size=32 tracker.run_name=dp4_fast_b32
   job shard=tensor_parallel "${tp[@]}" generate=fast generate.batch_size=32 tracker.run_name=tp4_fast_b32
-  job shard=data_parallel shard.tp_size=2 "${tp[@]}" generate=fast generate.batch_size=32 tracker.run_name=dp2xtp2_fast_b32
-  job shard=tensor_parallel "${tp[@]}" convert=compile generate.batch_size=1 tracker.run_name=tp4_hf_compile_b1
 fi

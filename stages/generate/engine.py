@@ -124,10 +124,12 @@ class FastDecoder:
         while produced < max_new_tokens:
             if produced >= min_new_tokens:
                 banned = free
-            token, position, cache_position, done = step(token, position, cache_position, mask, done,
-                                                         banned, pad, eos)
+            if self.compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # a new replay may reuse the last outputs' memory
+            # the graph's outputs live in its pool and are overwritten by the next replay: keep copies
+            token, position, cache_position, done = (t.clone() for t in step(
+                token, position, cache_position, mask, done, banned, pad, eos))
             out[:, produced:produced + 1] = token
-            token = token.clone()  # the graph's output buffer is overwritten by the next replay
             produced += 1
             if clock is not None:
                 clock(input_ids, logits)
