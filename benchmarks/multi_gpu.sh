@@ -8,7 +8,7 @@
 set -u
 store=${1:?store dir}; phase=${2:?phase}
 common=(model=llama3_8b_random load.dtype=bfloat16 generate.benchmark=true generate.prompt_tokens=128
-        generate.max_new_tokens=256 generate.warmup=1 generate.repeats=3 launcher.collective_timeout_s=600
+        generate.max_new_tokens=256 generate.warmup=1 generate.repeats=3 ++launcher.collective_timeout_s=600
         "tracker.uri=sqlite:///$store/multi.db" tracker.experiment=multi-gpu)
 job() {  # one job; a failure is recorded in the store and the next job runs
   echo "=== $*"; timeout 240 ${OPTIPIPE:-optipipe} "${common[@]}" "$@" 2>&1 | grep -v "Loading weights" | tail -4
@@ -26,4 +26,9 @@ else
   job shard=tensor_parallel "${tp[@]}" generate=fast generate.batch_size=1 tracker.run_name=tp4_fast_b1
   job shard=data_parallel "${tp[@]}" generate=fast generate.batch_size=32 tracker.run_name=dp4_fast_b32
   job shard=tensor_parallel "${tp[@]}" generate=fast generate.batch_size=32 tracker.run_name=tp4_fast_b32
+fi
+if [ "$phase" = 4gpu_short ]; then  # what fitted the last minutes of the session's device time
+  CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline generate.batch_size=1 tracker.run_name=pipeline2_b1
+  job shard=tensor_parallel launcher=torchrun launcher.nproc_per_node=4 convert=sdpa generate.batch_size=1 tracker.run_name=tp4_eager_b1
+  job shard=data_parallel launcher=torchrun launcher.nproc_per_node=4 generate=fast generate.batch_size=32 tracker.run_name=dp4_fast_b32
 fi

@@ -45,11 +45,30 @@ def join_group(timeout_s: float) -> DistInfo:
                     device=f"cuda:{local_rank()}" if cuda else "cpu")
 
 
-def leave_group() -> None:
+TEARDOWN_S = 30.0
+
+
+def leave_group() -> bool:
+    """Tear the group down, bounded: on 2 GPUs, tensor-parallel jobs whose decode step was captured
+    as a CUDA graph finished their work but did not exit within minutes (seen once, 2026-11-26, not
+    yet diagnosed). A teardown that outlasts ``TEARDOWN_S`` is abandoned; False tells the caller to
+    exit the process at once (its results are already logged)."""
+    import threading
+
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return True
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    done = threading.Event()
+
+    def destroy() -> None:
         dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, daemon=True).start()
+    return done.wait(TEARDOWN_S)
 
 
 def aggregate(name: str, values: list[float], ranks_per_replica: int) -> float:

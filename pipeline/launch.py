@@ -170,5 +170,10 @@ def run_worker(resolved, output_dir: Path) -> str:
         if dist_info.is_main and outcome.status == "FINISHED":
             write_outcome(output_dir, tracker.results)
     finally:
-        leave_group()
+        left = leave_group()
+    if not left:  # a stuck teardown must not hold the group (and its GPUs) after the work is done
+        print(f"optipipe: rank {dist_info.rank}: process group teardown timed out; exiting", flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if outcome.status == "FINISHED" else 1)
     return outcome.status
