@@ -62,10 +62,12 @@ def no_process_mentions(text: str) -> bool:
     return not any(text in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
 
 
-def test_data_parallel_sweep_two_ranks_one_run_per_job(tmp_path):
-    proc = run_cli("-m", *TINY, *TORCHRUN, "shard=data_parallel", "generate.max_new_tokens=6",
-                   "generate.batch_size=1,2", cwd=tmp_path, check=0, timeout=600)
-    assert proc.stdout.count("optipipe: torchrun ×2") == 2
+def test_scaling_preset_data_parallel_two_ranks_one_run_per_job(tmp_path):
+    """experiment=multi_gpu_scaling narrowed to what a CPU does: data parallel, 2 gloo ranks."""
+    proc = run_cli("-m", "experiment=multi_gpu_scaling", *TINY, "load.dtype=float32", *TORCHRUN,
+                   "shard=data_parallel", "generate.max_new_tokens=6", "generate.batch_size=1,2",
+                   cwd=tmp_path, check=0, timeout=600)
+    assert proc.stdout.count("optipipe: torchrun ×2") == 2 and "best: optipipe" in proc.stdout
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     jobs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(runs) == 3 and len(jobs) == 2  # the sweep's parent + one run per job, not per rank
