@@ -84,7 +84,7 @@ def open_entry(entry: Entry, args: argparse.Namespace, workdir: Path):
 def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]]:
     from pipeline import measure
 
-    workdir = Path(args.out) / "work" / entry.label.replace(" ", "_").replace("/", "_")
+    workdir = Path(args.out) / "work" / slug(entry.label)
     workdir.mkdir(parents=True, exist_ok=True)
     resolved, ctx = open_entry(entry, args, workdir)
     generate, rows = resolved.stages["generate"], []
@@ -95,6 +95,9 @@ def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]
                "compiled": str(getattr(ctx.model, "_compiled_call", None) is not None
                                or generate.cfg.engine == "fast" and generate.cfg.fast_compile_mode is not None),
                **{k: v for k, v in result.metrics.items() if k in COLUMNS}}
+        if args.profile:
+            row.update(profiled(generate, ctx, Path(args.out) / f"profile_{slug(entry.label)}_b{batch}.md",
+                                f"{entry.label}, batch {batch}"))
         rows.append(row)
         print(json.dumps(row), flush=True)
     del ctx
@@ -102,6 +105,24 @@ def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
+
+
+def profiled(generate: Any, ctx: RunContext, path: Path, title: str) -> dict[str, float]:
+    """One more (untimed) generate under the profiler: where the decode time goes."""
+    from pipeline.profile import profile_call, write_report
+
+    saved = generate.cfg.warmup, generate.cfg.repeats
+    generate.cfg.warmup, generate.cfg.repeats = 0, 1
+    try:
+        shares, top = profile_call(lambda: generate.apply(ctx), cuda=torch.cuda.is_available())
+    finally:
+        generate.cfg.warmup, generate.cfg.repeats = saved
+    write_report(path, title, shares, top)
+    return shares
 
 
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -171,6 +192,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tracker-uri", default=None, help="MLflow store (default: outputs/mlflow.db)")
     p.add_argument("--experiment", default="optipipe-bench")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, one generate under the profiler per row: profile_<config>_b<batch>.md")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.baselines = [b for b in args.baselines.split(",") if b]
@@ -200,6 +223,6 @@ def main(argv: list[str]) -> int:
     (out / "bench.md").write_text(md + "\n")
     print("\n" + md, flush=True)  # plain print: a Markdown table must not be wrapped
     if not args.no_track:
-        run_id = track(args, rows, [out / "bench.json", out / "bench.md"])
+        run_id = track(args, rows, [out / "bench.json", out / "bench.md", *sorted(out.glob("profile_*.md"))])
         console.out.print(f"\nMLflow: parent run {run_id} (optipipe report --parent {run_id})")
     return 0

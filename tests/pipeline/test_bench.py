@@ -50,3 +50,25 @@ def test_ratios_are_per_batch_size():
     for r in rows:
         r.update(compiled="False", weight_bytes=2**30)
     assert "| x | 8 | False | 300.0 | 1.50 |" in table(rows)
+
+
+def test_bench_profile_says_where_the_time_goes(tmp_path):
+    run_cli("bench", "--model", "tiny_random", "--batches", "2", "--prompt", "8", "--new", "6", "--repeats", "1",
+            "--baselines", "plain", "--configs", "generate=fast", "--profile", "--no-track",
+            "--out", str(tmp_path / "b"), cwd=tmp_path, check=0, timeout=600)
+    rows = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]
+    for r in rows:
+        shares = {k: v for k, v in r.items() if k.startswith("profile_") and k.endswith("_share")}
+        assert sum(shares.values()) == pytest.approx(1.0) and shares["profile_matmul_share"] > 0
+        assert 0 < r["profile_busy_fraction"] <= 1
+    report = (tmp_path / "b" / "profile_generate_fast_b2.md").read_text()
+    assert "| matmul |" in report and "busy fraction" in report
+
+
+def test_kernel_names_fall_into_categories():
+    from pipeline.profile import category
+
+    assert category("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "communication"
+    assert category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert category("triton_poi_fused_add_mul_0") == "other"

@@ -135,6 +135,29 @@ def test_launcher_max_seconds_stops_the_whole_group(tmp_path, rank_plugin):
     assert no_process_mentions(f"{tmp_path}/run")
 
 
+def test_ctrl_c_stops_every_rank_and_marks_the_run_killed(tmp_path, rank_plugin):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *TINY, *TORCHRUN, "shard=data_parallel",
+                             "evaluate._target_=rank_trouble.RankTrouble", "+evaluate.hang_s=600",
+                             "pipeline.allow=[rank_trouble]", f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env={**os.environ, **rank_plugin, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "generate_samples_rank1.jsonl").exists():
+        time.sleep(0.5)
+    time.sleep(2)  # rank 1 is now asleep in its evaluate stage, rank 0 waits for it
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=90) == 130
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert runs[0].info.status == "KILLED"
+    assert no_process_mentions(str(run_dir))
+
+
 def problems_of(*overrides: str) -> dict[str, str]:
     with pytest.raises(ConfigProblems) as info:
         resolve(composed("model=tiny_random", "tracker=none", *overrides))
