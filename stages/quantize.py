@@ -39,6 +39,14 @@ def dense_bytes(model: torch.nn.Module, dtype_bytes: int) -> float:
     return float(model.num_parameters()) * dtype_bytes
 
 
+def size_metrics(model: torch.nn.Module, quantized: int, left: int, dense_dtype: str) -> dict[str, float]:
+    """Layers quantized and left, and the weights' bytes before (every parameter dense) and after."""
+    before = dense_bytes(model, DTYPE_BYTES.get(dense_dtype, 2))
+    after = float(measure.weight_bytes(model))
+    return {"quantized_layers": float(quantized), "unquantized_linear_layers": float(left),
+            "dense_weight_bytes": before, "weight_bytes": after, "compression": before / after}
+
+
 class NoQuantize(BaseStage):
     """Weights stay in the load dtype; reports what a quantizer would have had to work with."""
 
@@ -132,17 +140,15 @@ class BitsAndBytes(BaseStage):
                              "quantized", "check quantize.skip_modules, or use quantize=none")
         unquantized_dtype = str(next(p.dtype for p in model.parameters()
                                      if p.dtype.is_floating_point)).removeprefix("torch.")
-        before = dense_bytes(model, DTYPE_BYTES.get(unquantized_dtype, 2))
-        after = float(measure.weight_bytes(model))
+        sizes = size_metrics(model, quantized, left, unquantized_dtype)
+        before, after = sizes["dense_weight_bytes"], sizes["weight_bytes"]
         tags = {"quantize.method": self.method(), "quantize.modules": str(counts)}
         if self.cfg.bits == 4 and self.cfg.compute_dtype != unquantized_dtype:
             tags["quantize.warning"] = (f"4-bit compute dtype {self.cfg.compute_dtype} differs from "
                                         f"the model's {unquantized_dtype}: activations are cast at "
                                         f"every quantized layer")
         return StageResult(
-            metrics={"quantized_layers": float(quantized), "unquantized_linear_layers": float(left),
-                     "dense_weight_bytes": before, "weight_bytes": after, "compression": before / after},
-            tags=tags,
+            metrics=sizes, tags=tags,
             summary=f"bitsandbytes {self.method()}: {quantized} layers quantized, {left} left, "
                     f"{before / 2**30:.2f} → {after / 2**30:.2f} GiB")
 
@@ -252,12 +258,11 @@ class TorchAo(BaseStage):
             raise StageError(self.name, f"asked for torchao {self.cfg.weights} but no Linear weight "
                              "was quantized", "quantize=none, or check the model's Linear shapes")
         dtype = next(p.dtype for p in model.parameters() if not measure.is_wrapper(p))
-        before = dense_bytes(model, DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 2))
-        after = float(measure.weight_bytes(model))
         left = count_linear(model) - quantized
+        sizes = size_metrics(model, quantized, left, str(dtype).removeprefix("torch."))
+        before, after = sizes["dense_weight_bytes"], sizes["weight_bytes"]
         return StageResult(
-            metrics={"quantized_layers": float(quantized), "unquantized_linear_layers": float(left),
-                     "dense_weight_bytes": before, "weight_bytes": after, "compression": before / after},
+            metrics=sizes,
             tags={"quantize.method": f"torchao_{self.cfg.weights}", "quantize.format": str(kinds),
                   "quantize.group_size": str(getattr(self, "chosen_group", None))},
             summary=f"torchao {self.cfg.weights} weight-only: {quantized} layers ({', '.join(kinds)}), "
