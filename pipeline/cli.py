@@ -90,7 +90,7 @@ def run_job(cfg: DictConfig) -> float | None:
     try:
         resolved = resolve(cfg)
         if is_worker():  # a torchrun rank of a job whose parent already validated and tracks it
-            sys.exit(0 if launch.run_worker(resolved, Path(hc.runtime.output_dir)) == "FINISHED" else EXIT_FAILED)
+            launch.run_worker(resolved, Path(hc.runtime.output_dir))  # ends the process
         plan = make_plan(resolved)
     except ConfigProblems as e:
         console.print_problems(e.problems)

@@ -155,7 +155,7 @@ def launch_job(resolved, output_dir: Path, tracker, job, overrides: list[str], j
     return RunOutcome(results=read_outcome(output_dir), status=status, error=error)
 
 
-def run_worker(resolved, output_dir: Path) -> str:
+def run_worker(resolved, output_dir: Path) -> None:
     """One rank: join the group, plan (TP needs the group), run every stage, report through rank 0."""
     from pipeline.distributed import RankTracker, join_group, leave_group
     from pipeline.runner import execute, make_plan
@@ -171,9 +171,11 @@ def run_worker(resolved, output_dir: Path) -> str:
             write_outcome(output_dir, tracker.results)
     finally:
         left = leave_group()
-    if not left:  # a stuck teardown must not hold the group (and its GPUs) after the work is done
-        print(f"optipipe: rank {dist_info.rank}: process group teardown timed out; exiting", flush=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0 if outcome.status == "FINISHED" else 1)
-    return outcome.status
+    if not left:
+        print(f"optipipe: rank {dist_info.rank}: process group teardown timed out", flush=True)
+    # Everything is logged and written. Leave without the interpreter's teardown: on GPUs,
+    # tensor-parallel ranks with a captured decode graph finished their work but did not exit
+    # (seen 2026-11-26; the cause is not pinned down), holding the group and its GPUs.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if outcome.status == "FINISHED" else 1)
