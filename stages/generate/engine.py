@@ -89,24 +89,29 @@ class FastDecoder:
                                            dynamic=False)
         return self._step
 
+    def _prefill(self, input_ids, attention_mask, max_new_tokens):
+        """The prompt into the cache (eager: one call per generation). Returns the last logits and
+        what the decode steps start from: the full-length mask, positions and cache positions."""
+        batch, prompt = input_ids.shape
+        # Positions as transformers derives them from a left-padded mask; the mask spans the whole
+        # cache (future slots 1: causality hides them) so its shape never changes between steps.
+        position = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        mask = torch.ones(batch, prompt + max_new_tokens, dtype=attention_mask.dtype, device=input_ids.device)
+        mask[:, :prompt] = attention_mask
+        cache_position = torch.arange(prompt, device=input_ids.device)
+        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
+                            cache_position=cache_position, use_cache=True, logits_to_keep=1,
+                            **{self.cache_kw: self.cache}).logits[:, -1]
+        return logits, mask, position, cache_position
+
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  eos_token_ids: list[int], pad_token_id: int, min_new_tokens: int = 0,
                  clock: StepClock | None = None) -> torch.Tensor:
         """Prompt + new tokens, like ``generate``'s output (rows padded after their EOS)."""
-        batch, prompt = input_ids.shape
-        device = input_ids.device
-        total = prompt + max_new_tokens
-        self._ensure_cache(batch, total)
-        # Positions as transformers derives them from a left-padded mask; the mask spans the whole
-        # cache (future slots 1: causality hides them) so its shape never changes between steps.
-        position = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
-        mask[:, :prompt] = attention_mask
-        cache_position = torch.arange(prompt, device=device)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
-                            cache_position=cache_position, use_cache=True, logits_to_keep=1,
-                            **{self.cache_kw: self.cache}).logits[:, -1]
+        batch, device = input_ids.shape[0], input_ids.device
+        self._ensure_cache(batch, input_ids.shape[1] + max_new_tokens)
+        logits, mask, position, cache_position = self._prefill(input_ids, attention_mask, max_new_tokens)
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
         # EOS is banned until min_new_tokens are out, as transformers' MinNewTokens processor does.
         vocab = logits.shape[-1]
