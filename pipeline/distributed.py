@@ -116,9 +116,9 @@ class RankTracker:
                     for rank, (metrics, _) in enumerate(gathered) for name, value in metrics.items()}
         for _, files in gathered:  # every rank's files (e.g. its samples) on the one shared run
             combined.artifacts += [Path(f) for f in files if Path(f).is_file() and Path(f) not in combined.artifacts]
-        if "decode_tokens_per_s" in combined.metrics:
-            combined.summary += (f" · all {self.dist.world_size} ranks: "
-                                 f"{combined.metrics['decode_tokens_per_s']:.1f} tok/s")
+        for key, unit in (("decode_tokens_per_s", "tok/s"), ("sequences_per_s", "seq/s")):
+            if key in combined.metrics:  # the console line speaks for the whole group, not rank 0
+                combined.summary += f" · all {self.dist.world_size} ranks: {combined.metrics[key]:.1f} {unit}"
         self.results[stage] = combined
         if self.inner is not None:
             self.inner.log_result(stage, combined)

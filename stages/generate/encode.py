@@ -44,6 +44,13 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
+def chunk_of(texts: list[str], batch_size: int, b: int, replica: tuple[int, int]) -> list[str]:
+    """Batch ``b`` of one data-parallel replica: replicas interleave, so none repeats another's texts."""
+    index, count = replica
+    start = (b * count + index) * batch_size
+    return [texts[(start + i) % len(texts)] for i in range(batch_size)]
+
+
 class Encode(BaseStage):
     name: ClassVar[str] = "generate"
     Config: ClassVar[type] = EncodeConfig
@@ -66,18 +73,19 @@ class Encode(BaseStage):
             return P.read_prompt_file(self.cfg.text_file)
         return list(self.cfg.texts) if self.cfg.texts else default_texts()
 
-    def batches(self, tokenizer: Any, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    def batches(self, tokenizer: Any, device: torch.device,
+                replica: tuple[int, int] = (0, 1)) -> list[dict[str, torch.Tensor]]:
         c, texts = self.cfg, self.texts()
         out = []
         for b in range(c.batches):
-            chunk = [texts[(b * c.batch_size + i) % len(texts)] for i in range(c.batch_size)]
+            chunk = chunk_of(texts, c.batch_size, b, replica)
             enc = tokenizer(chunk, padding=True, truncation=True, max_length=c.max_length, return_tensors="pt")
             out.append({k: v.to(device) for k, v in enc.items()})
         return out
 
     def apply(self, ctx: RunContext) -> StageResult:
         c, model = self.cfg, ctx.model
-        batches = self.batches(ctx.tokenizer, measure.input_device(model))
+        batches = self.batches(ctx.tokenizer, measure.input_device(model), ctx.facts.get("replica", (0, 1)))
         devices = measure.cuda_devices_in_use(model)
         latencies, run_seconds, embeddings = [], [], None
         with Progress(transient=True) as bar, workload_context(ctx.workload_hooks), torch.inference_mode():

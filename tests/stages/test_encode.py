@@ -36,3 +36,12 @@ def test_real_minilm_sdpa_matches_eager_embeddings(tmp_path):
     a, b = heads["sdpa"], heads["eager"]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.999
+
+
+def test_data_parallel_replicas_encode_different_texts():
+    from stages.generate.encode import chunk_of
+
+    texts = [f"t{i}" for i in range(10)]
+    assert chunk_of(texts, 2, 0, (0, 1)) == ["t0", "t1"] and chunk_of(texts, 2, 1, (0, 1)) == ["t2", "t3"]
+    first, second = ([x for b in range(2) for x in chunk_of(texts, 2, b, (r, 2))] for r in (0, 1))
+    assert first == ["t0", "t1", "t4", "t5"] and second == ["t2", "t3", "t6", "t7"]
