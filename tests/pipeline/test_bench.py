@@ -12,7 +12,7 @@ from tests.conftest import mlflow_runs, run_cli
 
 def test_bench_runs_baselines_and_configs_on_a_tiny_model(tmp_path):
     run_cli("bench", "--model", "tiny_random", "--batches", "1,2", "--prompt", "8", "--new", "6",
-                   "--repeats", "2", "--warmup", "1", "--configs", "convert=sdpa", "generate=fast",
+                   "--repeats", "2", "--warmup", "1", "--configs", "convert=sdpa", "generate=fast", "--profile",
                    "--out", str(tmp_path / "b"), cwd=tmp_path, check=0, timeout=600)
     rows = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]
     assert [(r["config"], r["batch"]) for r in rows] == [
@@ -22,6 +22,13 @@ def test_bench_runs_baselines_and_configs_on_a_tiny_model(tmp_path):
     assert all(r["x_plain"] == 1.0 for r in rows if r["config"] == "plain")
     assert {r["compiled"] for r in rows if r["config"] == "generate=fast"} == {"True"}
     assert "| generate=fast | 2 |" in (tmp_path / "b" / "bench.md").read_text()
+    # --profile: where each row's time went
+    for r in rows:
+        shares = {k: v for k, v in r.items() if k.startswith("profile_") and k.endswith("_share")}
+        assert sum(shares.values()) == pytest.approx(1.0) and shares["profile_matmul_share"] > 0
+        assert 0 < r["profile_busy_fraction"] <= 1
+    report = (tmp_path / "b" / "profile_generate_fast_b2.md").read_text()
+    assert "| matmul |" in report and "busy fraction" in report
     # one parent, one child per row; `optipipe report --parent` reads the bench back like a sweep
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     parent = [r for r in runs if r.data.tags.get("optipipe.bench") == "true"]
@@ -50,19 +57,6 @@ def test_ratios_are_per_batch_size():
     for r in rows:
         r.update(compiled="False", weight_bytes=2**30)
     assert "| x | 8 | False | 300.0 | 1.50 |" in table(rows)
-
-
-def test_bench_profile_says_where_the_time_goes(tmp_path):
-    run_cli("bench", "--model", "tiny_random", "--batches", "2", "--prompt", "8", "--new", "6", "--repeats", "1",
-            "--baselines", "plain", "--configs", "generate=fast", "--profile", "--no-track",
-            "--out", str(tmp_path / "b"), cwd=tmp_path, check=0, timeout=600)
-    rows = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]
-    for r in rows:
-        shares = {k: v for k, v in r.items() if k.startswith("profile_") and k.endswith("_share")}
-        assert sum(shares.values()) == pytest.approx(1.0) and shares["profile_matmul_share"] > 0
-        assert 0 < r["profile_busy_fraction"] <= 1
-    report = (tmp_path / "b" / "profile_generate_fast_b2.md").read_text()
-    assert "| matmul |" in report and "busy fraction" in report
 
 
 def test_kernel_names_fall_into_categories():
