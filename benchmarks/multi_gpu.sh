@@ -3,7 +3,7 @@
 # group where launched so), logged to one MLflow store; multi_gpu_table.py turns it into a table.
 #   benchmarks/multi_gpu.sh STORE_DIR PHASE      PHASE: 2gpu (GPUs 2,3) | 4gpu (GPUs 0-3) | remaining
 # The plain-transformers equivalents are measured by the same generate stage:
-#   shard=pipeline (accelerate device_map="auto", transformers generate)         = device_map="auto"
+#   shard=pipeline shard.device_map=auto (accelerate, transformers generate)      = device_map="auto"
 #   shard=tensor_parallel convert=compile (tp_plan="auto", static cache + compile) = tp_plan="auto"
 set -u
 store=${1:?store dir}; phase=${2:?phase}
@@ -29,7 +29,8 @@ case "$phase" in
     job shard=tensor_parallel "${four[@]}" generate=fast generate.batch_size=32 tracker.run_name=tp4_fast_b32 ;;
   remaining)  # what issue 5 still lacks, for the next session (4 GPUs)
     CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline generate.batch_size=1 tracker.run_name=pipeline2_b1
-    CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline generate.batch_size=32 tracker.run_name=pipeline2_b32
+    CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline shard.device_map=auto generate.batch_size=1 tracker.run_name=device_map_auto2_b1
+    CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline shard.device_map=auto generate.batch_size=32 tracker.run_name=device_map_auto2_b32
     job shard=tensor_parallel "${two[@]}" convert=compile generate.batch_size=1 tracker.run_name=tp2_hf_compile_b1
     job shard=tensor_parallel "${two[@]}" generate=fast generate.batch_size=1 tracker.run_name=tp2_fast_b1_exit
     job shard=data_parallel "${four[@]}" generate=fast generate.batch_size=32 tracker.run_name=dp4_fast_b32

@@ -25,6 +25,15 @@ def test_pipeline_placement_offloads_to_disk_and_generates_the_same_text(tmp_pat
     assert "disk" in runs[0].data.tags["shard.devices"] and runs[0].data.metrics["shard/modules_disk"] >= 1
 
 
+def test_pipeline_placement_fills_the_first_device_first_by_default():
+    from pipeline.runner import make_plan
+
+    plan = make_plan(resolve(composed("model=tiny_random", "shard=pipeline", "tracker=none")))
+    assert plan.kwargs["device_map"] == "sequential"
+    plan = make_plan(resolve(composed("model=tiny_random", "shard=pipeline", "shard.device_map=auto", "tracker=none")))
+    assert plan.kwargs["device_map"] == "auto"
+
+
 def test_pipeline_placement_rules():
     with pytest.raises(ConfigProblems, match="shard.device_map"):
         resolve(composed("model=tiny_random", "shard=pipeline", "shard.device_map=everywhere"))
