@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from pipeline import console
+from pipeline.config import compose
 from pipeline.contract import STAGE_ORDER, ConfigProblems, DistInfo, LoadPlan, RunContext
 from pipeline.runner import make_plan, open_context
 from pipeline.validate import resolve
@@ -44,13 +45,6 @@ class Entry:
     baseline: dict[str, Any] | None = None  # generate kwargs of a plain-transformers baseline
 
 
-def composed(overrides: list[str]):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(version_base="1.3", config_module="conf"):
-        return compose(config_name="config", overrides=overrides)
-
-
 def common(args: argparse.Namespace) -> list[str]:
     """What every row shares: model, dtype, exact prompt/output lengths, repeats; no tracking per row."""
     return [f"model={args.model}", "tracker=none", f"load.dtype={args.dtype}", "generate.benchmark=true",
@@ -65,7 +59,7 @@ def entries(args: argparse.Namespace) -> list[Entry]:
 
 def open_entry(entry: Entry, args: argparse.Namespace, workdir: Path):
     """(resolved config, context with the model loaded and every pre-generate stage applied)."""
-    resolved = resolve(composed(common(args) + entry.overrides))
+    resolved = resolve(compose(common(args) + entry.overrides))
     if entry.baseline is None:
         ctx = open_context(resolved, make_plan(resolved), workdir)
         for name in STAGE_ORDER[:4]:  # load, quantize, convert, shard: once per model
@@ -209,7 +203,7 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:  # every configuration is validated before the first model loads
         for entry in entries(args):
-            resolve(composed(common(args) + entry.overrides))
+            resolve(compose(common(args) + entry.overrides))
     except ConfigProblems as e:
         console.print_problems(e.problems)
         return 2

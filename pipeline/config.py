@@ -68,6 +68,14 @@ class LauncherSettings:
         return self.nproc_per_node * self.nnodes if self.kind == "torchrun" else 1
 
 
+def compose(overrides: list[str]) -> DictConfig:
+    """The config exactly as the CLI composes it from these overrides, without a Hydra runtime."""
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSpec,
     "pipeline": PipelineSettings,

@@ -1,4 +1,5 @@
-"""launcher=torchrun, the parent's side: re-run this job under torch.distributed.run and wait.
+"""launcher=torchrun: the parent re-runs this job under torch.distributed.run and waits
+(``launch_job``); each rank runs the stages (``run_worker``, with pipeline.distributed).
 
 The parent validated the config and created the MLflow run; it passes the run id to the workers
 (which re-compose the same overrides into the same output dir), never touches CUDA itself, and

@@ -101,7 +101,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def is_wrapper(t: torch.Tensor) -> bool:
     """A tensor subclass holding other tensors (torchao's quantized weights): no storage of its own."""
-    return hasattr(type(t), "__tensor_flatten__") and not type(t).__name__ == "Parameter"
+    return hasattr(type(t), "__tensor_flatten__")
 
 
 def stored_bytes(t: torch.Tensor) -> int:

@@ -155,13 +155,13 @@ class MlflowTracker:
         self.client.set_tag(parent_run_id, f"optipipe.reused.{job}", run_id)
 
     def log_result(self, stage: str, result: StageResult) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import RunTag
 
-        stamp = int(time.time() * 1000)
-        metrics = [Metric(f"{stage}/{k}", float(v), stamp, 0) for k, v in result.metrics.items()]
-        metrics.append(Metric(f"{stage}/stage_seconds", float(result.seconds), stamp, 0))
+        self.log_metrics({**{f"{stage}/{k}": v for k, v in result.metrics.items()},
+                          f"{stage}/stage_seconds": result.seconds})
         tags = [RunTag(k, str(v)[:5000]) for k, v in result.tags.items()]
-        self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
+        if tags:
+            self.client.log_batch(self.run_id, tags=tags)
         for path in result.artifacts:
             self.client.log_artifact(self.run_id, str(path))
 

@@ -8,15 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+
+from pipeline.config import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def composed(*overrides: str):
     """The config exactly as the CLI would compose it (no Hydra runtime needed)."""
-    with initialize_config_module(version_base="1.3", config_module="conf"):
-        return compose(config_name="config", overrides=list(overrides))
+    return compose(list(overrides))
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300,

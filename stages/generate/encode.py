@@ -44,13 +44,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
-def chunk_of(texts: list[str], batch_size: int, b: int, replica: tuple[int, int]) -> list[str]:
-    """Batch ``b`` of one data-parallel replica: replicas interleave, so none repeats another's texts."""
-    index, count = replica
-    start = (b * count + index) * batch_size
-    return [texts[(start + i) % len(texts)] for i in range(batch_size)]
-
-
 class Encode(BaseStage):
     name: ClassVar[str] = "generate"
     Config: ClassVar[type] = EncodeConfig
@@ -78,7 +71,7 @@ class Encode(BaseStage):
         c, texts = self.cfg, self.texts()
         out = []
         for b in range(c.batches):
-            chunk = chunk_of(texts, c.batch_size, b, replica)
+            chunk = P.replica_batch(texts, c.batch_size, replica, batch_index=b)
             enc = tokenizer(chunk, padding=True, truncation=True, max_length=c.max_length, return_tensors="pt")
             out.append({k: v.to(device) for k, v in enc.items()})
         return out

@@ -62,6 +62,15 @@ def batch_of(prompts: list[str], batch_size: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(batch_size)]
 
 
+def replica_batch(texts: list[str], batch_size: int, replica: tuple[int, int] = (0, 1),
+                  batch_index: int = 0) -> list[str]:
+    """Batch ``batch_index`` of data-parallel replica ``replica = (index, count)``, cycling through
+    ``texts``: replicas take interleaved slices, so none repeats another's texts while there are enough."""
+    index, count = replica
+    start = (batch_index * count + index) * batch_size
+    return [texts[(start + i) % len(texts)] for i in range(batch_size)]
+
+
 def use_chat_template(tokenizer: Any, mode: str) -> bool:
     has = bool(getattr(tokenizer, "chat_template", None))
     return has if mode == "auto" else (mode == "on")

@@ -19,12 +19,6 @@ from stages.generate.engine import FastDecoder, Sampling
 ENGINES = ("transformers", "fast")
 
 
-def replica_share(prompts: list[str], batch_size: int, replica: tuple[int, int]) -> list[str]:
-    """This replica's batch: data-parallel replicas take consecutive, distinct slices of the prompts."""
-    index, count = replica
-    return P.batch_of(prompts, batch_size * count)[index * batch_size:(index + 1) * batch_size]
-
-
 def eos_ids(model: Any) -> list[int]:
     """The ids that end a sequence, as generate reads them (generation config first); [] if none."""
     eos = getattr(model.generation_config, "eos_token_id", None)
@@ -148,7 +142,7 @@ class Generate(BaseStage):
 
     def apply(self, ctx: RunContext) -> StageResult:
         model, tok, c = ctx.model, ctx.tokenizer, self.cfg
-        texts = replica_share(self.prompt_texts(), c.batch_size, ctx.facts.get("replica", (0, 1)))
+        texts = P.replica_batch(self.prompt_texts(), c.batch_size, ctx.facts.get("replica", (0, 1)))
         chat = P.use_chat_template(tok, c.chat_template) and not c.prompt_tokens
         if c.chat_template == "on" and not getattr(tok, "chat_template", None):
             raise StageError(self.name, "generate.chat_template=on but the tokenizer has no chat "

@@ -72,13 +72,17 @@ def tp_load_kwargs(tp: int, world: int, device_type: str) -> dict[str, Any]:
     return {"tp_plan": "auto", "device_mesh": mesh["tp"]}
 
 
-def plan_tensor_parallel(stage: str, plan: LoadPlan, tp: int, world: int) -> None:
+def plan_tensor_parallel(stage: str, plan: LoadPlan, tp_size: Optional[int]) -> None:
+    """``tp_size`` None: every process. In the parent (validation, dry run) the kwargs are only
+    described; a rank builds them once the process group exists."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():  # the parent (validation, dry run): describe, do not build
-        plan.set(stage, "tp_plan", f"auto over {tp} processes")
+    if not dist.is_initialized():
+        plan.set(stage, "tp_plan", "auto")
+        plan.set(stage, "tp_size", tp_size or "every process")
         return
-    for key, value in tp_load_kwargs(tp, world, plan.device.split(":")[0]).items():
+    world = dist.get_world_size()
+    for key, value in tp_load_kwargs(tp_size or world, world, plan.device.split(":")[0]).items():
         plan.set(stage, key, value)
 
 
@@ -128,10 +132,7 @@ class TensorParallel(BaseStage):
         return out + tp_model_rules(root, tp)
 
     def plan(self, plan: LoadPlan) -> None:
-        import torch.distributed as dist
-
-        world = dist.get_world_size() if dist.is_initialized() else (self.cfg.tp_size or 1)
-        plan_tensor_parallel(self.name, plan, self.tp(world), world)
+        plan_tensor_parallel(self.name, plan, self.cfg.tp_size)
 
     def apply(self, ctx: RunContext) -> StageResult:
         tp = self.tp(ctx.dist.world_size)
@@ -211,13 +212,10 @@ class DataParallel(BaseStage):
         return out
 
     def plan(self, plan: LoadPlan) -> None:
-        import torch.distributed as dist
-
         if self.cfg.tp_size == 1:
             plan.set(self.name, "device_map", {"": plan.device})  # a full replica on this rank's device
             return
-        world = dist.get_world_size() if dist.is_initialized() else self.cfg.tp_size
-        plan_tensor_parallel(self.name, plan, self.cfg.tp_size, world)
+        plan_tensor_parallel(self.name, plan, self.cfg.tp_size)
 
     def apply(self, ctx: RunContext) -> StageResult:
         tp, world = self.cfg.tp_size, ctx.dist.world_size

@@ -39,7 +39,10 @@ def test_real_minilm_sdpa_matches_eager_embeddings(tmp_path):
 
 
 def test_data_parallel_replicas_encode_different_texts():
-    from stages.generate.encode import chunk_of
+    from stages.generate.prompts import replica_batch
+
+    def chunk_of(texts, batch_size, b, replica):
+        return replica_batch(texts, batch_size, replica, batch_index=b)
 
     texts = [f"t{i}" for i in range(10)]
     assert chunk_of(texts, 2, 0, (0, 1)) == ["t0", "t1"] and chunk_of(texts, 2, 1, (0, 1)) == ["t2", "t3"]
