@@ -49,7 +49,8 @@ def common(args: argparse.Namespace) -> list[str]:
     """What every row shares: model, dtype, exact prompt/output lengths, repeats; no tracking per row."""
     return [f"model={args.model}", "tracker=none", f"load.dtype={args.dtype}", "generate.benchmark=true",
             f"generate.prompt_tokens={args.prompt}", f"generate.max_new_tokens={args.new}",
-            f"generate.repeats={args.repeats}", f"generate.warmup={args.warmup}", *args.set]
+            f"generate.repeats={args.repeats}", f"generate.warmup={args.warmup}",
+            *(["generate.profile=true"] if args.profile else []), *args.set]
 
 
 def entries(args: argparse.Namespace) -> list[Entry]:
@@ -88,10 +89,11 @@ def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]
         row = {"config": entry.label, "batch": batch, "weight_bytes": float(measure.weight_bytes(ctx.model)),
                "compiled": str(getattr(ctx.model, "_compiled_call", None) is not None
                                or generate.cfg.engine == "fast" and generate.cfg.fast_compile_mode is not None),
-               **{k: v for k, v in result.metrics.items() if k in COLUMNS}}
-        if args.profile:
-            row.update(profiled(generate, ctx, Path(args.out) / f"profile_{slug(entry.label)}_b{batch}.md",
-                                f"{entry.label}, batch {batch}"))
+               **{k: v for k, v in result.metrics.items() if k in COLUMNS or k.startswith("profile_")}}
+        for report in (a for a in result.artifacts if a.name.startswith("generate_profile_")):
+            # beside bench.md, named by row; the title says which configuration it was
+            text = report.read_text().replace("# generate,", f"# {entry.label},", 1)
+            (Path(args.out) / f"profile_{slug(entry.label)}_b{batch}.md").write_text(text)
         rows.append(row)
         print(json.dumps(row), flush=True)
     del ctx
@@ -103,20 +105,6 @@ def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]
 
 def slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
-
-
-def profiled(generate: Any, ctx: RunContext, path: Path, title: str) -> dict[str, float]:
-    """One more (untimed) generate under the profiler: where the decode time goes."""
-    from pipeline.profile import profile_call, write_report
-
-    saved = generate.cfg.warmup, generate.cfg.repeats
-    generate.cfg.warmup, generate.cfg.repeats = 0, 1
-    try:
-        shares, top = profile_call(lambda: generate.apply(ctx), cuda=torch.cuda.is_available())
-    finally:
-        generate.cfg.warmup, generate.cfg.repeats = saved
-    write_report(path, title, shares, top)
-    return shares
 
 
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

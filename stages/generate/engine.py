@@ -129,7 +129,7 @@ class FastDecoder:
         while produced < max_new_tokens:
             if produced >= min_new_tokens:
                 banned = free
-            if self.compile_mode == "reduce-overhead":
+            if self.compile_mode in ("reduce-overhead", "max-autotune"):  # the modes that capture CUDA graphs
                 torch.compiler.cudagraph_mark_step_begin()  # a new replay may reuse the last outputs' memory
             # the graph's outputs live in its pool and are overwritten by the next replay: keep copies
             token, position, cache_position, done = (t.clone() for t in step(

@@ -48,6 +48,7 @@ class GenerateConfig:
     engine: str = "transformers"  # transformers: model.generate | fast: static cache + compiled step
     fast_compile_mode: Optional[str] = "reduce-overhead"  # fast engine's torch.compile mode; null: eager
     stop_check_every: int = 16  # fast engine: tokens between its "every row finished?" checks
+    profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
 
 
 def compiled_graphs() -> int:
@@ -165,6 +166,7 @@ class Generate(BaseStage):
                 timing, outputs = self._one_run(model, inputs, kwargs, devices)
                 summary.runs.append(timing)
                 bar.advance(task)
+            profile = self._profile(ctx, model, inputs, kwargs, devices) if c.profile else {}
         metrics = summary.metrics()
         metrics["warmup_seconds"] = warmup_s  # includes compile time when convert compiles
         metrics["recompiles_timed"] = float(compiled_graphs() - graphs_before)
@@ -178,7 +180,8 @@ class Generate(BaseStage):
             metrics.update(roofline_metrics(model, metrics, devices))
         samples = self._save_samples(ctx, tok, texts, inputs["input_ids"].shape[1], outputs)
         return StageResult(
-            metrics={**metrics, **memory}, artifacts=[samples],
+            metrics={**metrics, **memory, **profile},
+            artifacts=[samples, *([self._profile_path(ctx)] if profile else [])],
             tags={"generate.chat_template": str(chat), **hook_tags,
                   "generate.mode": "sample" if c.do_sample else "greedy"},
             seconds=sum(r.end - r.start for r in summary.runs),
@@ -204,6 +207,24 @@ class Generate(BaseStage):
         if not timing.steps:
             raise StageError(self.name, "generate produced no new token")
         return timing, out
+
+    def _profile_path(self, ctx: RunContext):
+        rank = f"_rank{ctx.dist.rank}" if ctx.dist.world_size > 1 else ""
+        return ctx.output_dir / f"generate_profile_b{self.cfg.batch_size}{rank}.md"
+
+    def _profile(self, ctx, model, inputs, kwargs, devices) -> dict[str, float]:
+        """One more (untimed) run under the PyTorch profiler: where the decode time goes, per rank."""
+        from pipeline.profile import profile_call, write_report
+
+        runs: list[Timing] = []
+        shares, top = profile_call(lambda: runs.append(self._one_run(model, inputs, kwargs, devices)[0]),
+                                   cuda=bool(devices))
+        steps = max(len(runs[0].steps), 1)  # prefill + decode steps of the profiled run
+        shares["profile_device_ms_per_step"] = shares["profile_busy_ms"] / steps
+        shares["profile_matmul_ms_per_step"] = shares["profile_busy_ms"] * shares.get("profile_matmul_share", 0) / steps
+        rank = f", rank {ctx.dist.rank}" if ctx.dist.world_size > 1 else ""
+        write_report(self._profile_path(ctx), f"generate, batch {self.cfg.batch_size}{rank}", shares, top)
+        return shares
 
     def _decoder(self, model) -> FastDecoder:
         """One engine per model: its static cache and captured step are reused across repeats."""

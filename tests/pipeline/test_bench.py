@@ -28,7 +28,8 @@ def test_bench_runs_baselines_and_configs_on_a_tiny_model(tmp_path):
         assert sum(shares.values()) == pytest.approx(1.0) and shares["profile_matmul_share"] > 0
         assert 0 < r["profile_busy_fraction"] <= 1
     report = (tmp_path / "b" / "profile_generate_fast_b2.md").read_text()
-    assert "| matmul |" in report and "busy fraction" in report
+    assert "| matmul |" in report and "busy fraction" in report and report.startswith("# generate=fast, batch 2")
+    assert "per generated token" in report and all(r["profile_matmul_ms_per_step"] > 0 for r in rows)
     # one parent, one child per row; `optipipe report --parent` reads the bench back like a sweep
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     parent = [r for r in runs if r.data.tags.get("optipipe.bench") == "true"]
@@ -63,6 +64,7 @@ def test_kernel_names_fall_into_categories():
     from pipeline.profile import category
 
     assert category("ncclDevKernel_AllReduce_Sum_bf16_RING_LL") == "communication"
+    assert category("_c10d_functional::wait_tensor") == "communication"  # a rank waiting on its peers
     assert category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert category("triton_poi_fused_add_mul_0") == "other"

@@ -89,7 +89,7 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     common = (*TINY, "generate.max_new_tokens=8", "generate.benchmark=true", "generate.batch_size=2",
               "generate=fast", "generate.warmup=1")
     run_cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path, check=0)
-    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", f"hydra.run.dir={tmp_path}/tp",
+    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "generate.profile=true", f"hydra.run.dir={tmp_path}/tp",
             cwd=tmp_path, check=0, timeout=600)
     one = [s["output"] for s in samples(tmp_path / "one", "generate_samples.jsonl")]
     tp = [s["output"] for s in samples(tmp_path / "tp", "generate_samples_rank0.jsonl")]
@@ -101,6 +101,10 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     m = tp_run.data.metrics
     assert m["generate/decode_tokens_per_s"] == pytest.approx(
         (m["rank0/generate/decode_tokens_per_s"] + m["rank1/generate/decode_tokens_per_s"]) / 2)
+    # generate.profile=true: every rank profiles its own share (collectives show up as communication)
+    assert all(0 < m[f"rank{r}/generate/profile_busy_fraction"] <= 1 for r in (0, 1))
+    assert m["rank1/generate/profile_communication_share"] > 0
+    assert "| communication |" in (tmp_path / "tp" / "generate_profile_b2_rank1.md").read_text()
 
 
 def test_a_failing_rank_fails_the_run_with_its_message(tmp_path, rank_plugin):
