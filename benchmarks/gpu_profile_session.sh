@@ -3,7 +3,8 @@
 #   call 1: GPU 0/1 one-card benches, GPUs 2,3 multi_gpu.sh rest2
 #   call 2: GPU 0 `optipipe bench --profile` at batch 1 and 32; GPU 1 batch-1 variants (compile mode,
 #           4-bit) with profiles; GPUs 2,3 multi_gpu.sh rest2b; then multi_gpu.sh rest4a on all four
-#   call 3: multi_gpu.sh rest4b and the GPU-marked distributed tests
+#   call 3: the GQA decode attention against the old one (GPU 0, profiled), 4-bit rows (GPU 1), GPU
+#           tests (GPUs 2,3), then multi_gpu.sh rest4b (data parallel × tensor parallel)
 set -u
 export OPTIPIPE="python3 -m pipeline" OPTIPIPE_CACHE=$PWD/.bench-cache PYTHONUNBUFFERED=1
 call=${1:?call 1|2}
@@ -31,9 +32,18 @@ elif [ "$call" = 2 ]; then
   JOB_TIMEOUT=130 timeout 280 bash benchmarks/multi_gpu.sh $OUT rest2b > $OUT/multi2.log 2>&1
   wait
   JOB_TIMEOUT=110 timeout 220 bash benchmarks/multi_gpu.sh $OUT rest4a > $OUT/multi4.log 2>&1
-else
-  JOB_TIMEOUT=150 timeout 300 bash benchmarks/multi_gpu.sh $OUT rest4b > $OUT/multi4.log 2>&1
-  timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/pipeline/test_distributed.py > $OUT/tests.log 2>&1
+else  # after the GQA decode attention: old and new side by side, 4-bit rows, GPU tests, DP × TP
+  CUDA_VISIBLE_DEVICES=0 timeout 250 $OPTIPIPE bench --model llama3_8b_random --batches 1,32 --repeats 2 --warmup 1 \
+      --profile --baselines "" --configs "generate=fast generate.fast_gqa_attention=false" generate=fast \
+      --out $OUT/bench --tracker-uri sqlite:///$OUT/bench.db > $OUT/bench.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 250 $OPTIPIPE bench --model llama3_8b_random --batches 1 --repeats 2 --warmup 1 \
+      --baselines "" --configs generate=fast "quantize=int4_torchao generate=fast" \
+      "quantize=int4_torchao quantize.include_embeddings=true generate=fast" \
+      --out $OUT/b1 --tracker-uri sqlite:///$OUT/b1.db > $OUT/b1.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=2,3 timeout 250 python3 -m pytest -q -p no:cacheprovider -m gpu tests/stages/test_engine.py \
+      tests/pipeline/test_distributed.py > $OUT/tests.log 2>&1
+  wait
+  JOB_TIMEOUT=160 timeout 170 bash benchmarks/multi_gpu.sh $OUT rest4b > $OUT/multi4.log 2>&1
 fi
 for f in bench/bench.md b1/bench.md; do [ -f $OUT/$f ] && cat $OUT/$f; done
 grep -hv "Loading weights" $OUT/multi*.log | grep -v "^$" | tail -30; tail -3 $OUT/tests.log 2>/dev/null

@@ -41,7 +41,6 @@ case "$phase" in
     job shard=data_parallel "${four[@]}" generate=fast generate.batch_size=32 tracker.run_name=dp4_fast_b32
     job shard=tensor_parallel "${four[@]}" generate=fast generate.batch_size=32 tracker.run_name=tp4_fast_b32 ;;
   rest4b)  # fifth call: GPUs 0-3
-    job shard=data_parallel shard.tp_size=2 "${four[@]}" generate=fast generate.batch_size=32 tracker.run_name=dp2xtp2_fast_b32
-    job shard=tensor_parallel "${four[@]}" generate=fast generate.batch_size=1 generate.profile=true tracker.run_name=tp4_fast_b1_profile ;;
+    job shard=data_parallel shard.tp_size=2 "${four[@]}" generate=fast generate.batch_size=32 tracker.run_name=dp2xtp2_fast_b32 ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac

@@ -13,12 +13,14 @@ transformers computes them), same padding of finished rows, same trimming at the
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from stages.generate.clock import StepClock
+from stages.generate.gqa_attention import GqaDecodeAttention
 
 
 @dataclass
@@ -52,8 +54,9 @@ class FastDecoder:
     """Owns one static cache sized for (batch, prompt + new tokens) and the compiled step."""
 
     def __init__(self, model: Any, compile_mode: str | None = "reduce-overhead",
-                 stop_check_every: int = 16, sampling: Sampling | None = None) -> None:
-        self.model, self.compile_mode = model, compile_mode
+                 stop_check_every: int = 16, sampling: Sampling | None = None,
+                 gqa_attention: bool = True) -> None:
+        self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
         self.stop_check_every = max(1, stop_check_every)
         self.sampling = sampling or Sampling()
         self.cache, self.cache_shape = None, None
@@ -104,11 +107,21 @@ class FastDecoder:
                             **{self.cache_kw: self.cache}).logits[:, -1]
         return logits, mask, position, cache_position
 
+    def attention(self):
+        """The attention the engine runs under: grouped-query decode attention unless turned off."""
+        return GqaDecodeAttention(self.model) if self.gqa_attention else nullcontext()
+
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  eos_token_ids: list[int], pad_token_id: int, min_new_tokens: int = 0,
                  clock: StepClock | None = None) -> torch.Tensor:
         """Prompt + new tokens, like ``generate``'s output (rows padded after their EOS)."""
+        with self.attention():
+            return self._generate(input_ids, attention_mask, max_new_tokens, eos_token_ids, pad_token_id,
+                                  min_new_tokens, clock)
+
+    def _generate(self, input_ids, attention_mask, max_new_tokens, eos_token_ids, pad_token_id,
+                  min_new_tokens, clock) -> torch.Tensor:
         batch, device = input_ids.shape[0], input_ids.device
         self._ensure_cache(batch, input_ids.shape[1] + max_new_tokens)
         logits, mask, position, cache_position = self._prefill(input_ids, attention_mask, max_new_tokens)

@@ -12,6 +12,7 @@ from rich.progress import Progress
 from pipeline import measure, roofline
 from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult, workload_context
 from stages.convert import COMPILE_MODES
+from stages.generate import gqa_attention
 from stages.generate import prompts as P
 from stages.generate.clock import StepClock, Timing, TimingSummary
 from stages.generate.engine import FastDecoder, Sampling
@@ -48,6 +49,7 @@ class GenerateConfig:
     engine: str = "transformers"  # transformers: model.generate | fast: static cache + compiled step
     fast_compile_mode: Optional[str] = "reduce-overhead"  # fast engine's torch.compile mode; null: eager
     stop_check_every: int = 16  # fast engine: tokens between its "every row finished?" checks
+    fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
     profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
 
 
@@ -167,6 +169,10 @@ class Generate(BaseStage):
                 summary.runs.append(timing)
                 bar.advance(task)
             profile = self._profile(ctx, model, inputs, kwargs, devices) if c.profile else {}
+        if c.engine == "fast":  # what the decode steps attended with (the model's own, or ours for GQA)
+            attention = self._decoder(model).attention()
+            hook_tags["generate.decode_attention"] = (gqa_attention.NAME if getattr(attention, "active", False)
+                                                      else str(model.config._attn_implementation))
         metrics = summary.metrics()
         metrics["warmup_seconds"] = warmup_s  # includes compile time when convert compiles
         metrics["recompiles_timed"] = float(compiled_graphs() - graphs_before)
@@ -232,7 +238,7 @@ class Generate(BaseStage):
         engine = getattr(model, "_optipipe_fast_decoder", None)
         if engine is None:
             sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)
-            engine = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling)
+            engine = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention)
             model._optipipe_fast_decoder = engine
         return engine
 

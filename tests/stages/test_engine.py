@@ -88,6 +88,7 @@ def test_generate_fast_gives_the_transformers_output(tmp_path, model):
     ref, ref_out = stage_output(tmp_path / "ref", *common)
     assert fast_out == ref_out
     assert fast.metrics["decode_tokens_per_s"] > 0 and fast.metrics["recompiles_timed"] == 0
+    assert fast.tags["generate.decode_attention"] == "optipipe_gqa_decode"  # both models are GQA
     if model == "smollm2_135m":
         assert "Paris" in fast_out[0]
 
@@ -126,3 +127,49 @@ def test_int4_torchao_uses_the_cuda_kernel_and_compiles(tmp_path):
                              "+model.config_overrides.intermediate_size=512", "load.dtype=bfloat16",
                              "quantize=int4_torchao", "generate=fast", "generate.max_new_tokens=8")
     assert result.metrics["recompiles_timed"] == 0 and result.metrics["mbu"] > 0
+
+
+def test_gqa_decode_attention_equals_sdpa_with_repeated_heads():
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from stages.generate.gqa_attention import gqa_decode_attention
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 3, 8, 2, 11, 16
+    q = torch.randn(batch, heads, 1, dim)
+    k, v = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., :4], mask[2, ..., 7:] = False, False  # left padding; unfilled cache slots
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask, scale=0.3).transpose(1, 2)
+    got, _ = gqa_decode_attention(module, q, k, v, mask, scaling=0.3)
+    assert got.shape == (batch, 1, heads, dim) and torch.allclose(got, expected, atol=1e-6)
+    # a prompt (several query tokens) goes to transformers' SDPA unchanged
+    q5 = torch.randn(batch, heads, 5, dim)
+    mask5 = torch.ones(batch, 1, 5, length, dtype=torch.bool)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    assert torch.equal(gqa_decode_attention(module, q5, k, v, mask5)[0], sdpa_attention_forward(module, q5, k, v, mask5)[0])
+
+
+def test_engine_decodes_with_gqa_attention_and_restores_the_model_choice(tiny_model, monkeypatch):
+    import stages.generate.gqa_attention as G
+
+    calls = []
+
+    def counting(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return original(module, query, *args, **kwargs)
+
+    original = G.gqa_decode_attention
+    monkeypatch.setattr(G, "gqa_decode_attention", counting)
+    ids, mask = left_padded_batch(tiny_model.config.vocab_size)
+    expected = plain(tiny_model, ids, mask, 6, eos=[])
+    for gqa in (True, False):
+        calls.clear()
+        got = FastDecoder(tiny_model, compile_mode=None, gqa_attention=gqa).generate(ids, mask, 6, [], 0)
+        assert torch.equal(got, expected)
+        layers = tiny_model.config.num_hidden_layers
+        assert calls == ([ids.shape[1]] * layers + [1] * 5 * layers if gqa else [])
+        assert tiny_model.config._attn_implementation == "sdpa"  # evaluate etc. see the user's choice

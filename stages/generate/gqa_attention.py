@@ -1,0 +1,81 @@
+"""Decode-step attention for grouped-query models that reads each key/value head once.
+
+With a padding mask (and the fast engine always has one: its static cache is longer than what is
+filled), transformers' SDPA path cannot use ``enable_gqa`` and under ``torch.compile`` copies every
+key/value head ``heads // kv_heads`` times (``repeat_kv``) before attending. At batch 32 on an 8B
+Llama shape that copy and the attention over it were 43 % of the decode step's GPU time (profile of
+2026-11-26, H200). For one query token the copy is avoidable: the query heads that share a key/value
+head are laid out as that head's rows of queries, ``(batch, kv_heads, group, dim)``, and one SDPA call
+attends them all to the one key/value head. Anything else (prefill, MHA, soft-capping, sinks,
+per-head masks) goes to transformers' own SDPA function unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NAME = "optipipe_gqa_decode"
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+def _sdpa() -> Any:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def gqa_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Same contract as transformers' ``sdpa_attention_forward``: (batch, q_len, heads, dim), None."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    plain = (q_len != 1 or heads == kv_heads or dropout or key.shape[-1] != value.shape[-1]
+             or any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS)
+             or (attention_mask is not None and attention_mask.shape[1] != 1))
+    if plain:
+        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                       is_causal=is_causal, **kwargs)
+    # query head h uses key/value head h // group (repeat_kv's order), so a reshape groups them
+    packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling,
+                                         is_causal=False)  # the mask holds causality; rows are heads here
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Make ``NAME`` a valid ``attn_implementation`` whose masks are built as SDPA's are."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, gqa_decode_attention)
+    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return NAME
+
+
+class GqaDecodeAttention:
+    """While open, a model that uses SDPA uses ``gqa_decode_attention`` instead (restored on exit,
+    so stages after generate see the user's choice). Other implementations are left alone."""
+
+    def __init__(self, model: Any) -> None:
+        self.config = model.config
+        self.before = getattr(self.config, "_attn_implementation", None)
+        self.active = self.before == "sdpa" and _is_gqa(self.config)
+
+    def __enter__(self) -> "GqaDecodeAttention":
+        if self.active:
+            self.config._attn_implementation = register()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            self.config._attn_implementation = self.before
+
+
+def _is_gqa(config: Any) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+    return bool(heads and kv_heads and kv_heads < heads)
