@@ -235,6 +235,12 @@ class Generate(BaseStage):
     def _decoder(self, model) -> FastDecoder:
         """One engine per model: its static cache and captured step are reused across repeats."""
         c = self.cfg
+        devices = set((getattr(model, "hf_device_map", None) or {}).values())
+        if c.fast_compile_mode and len(devices) > 1:  # found on GPUs: dynamo refuses accelerate's hooks
+            raise StageError(self.name, f"the model is split over {len(devices)} devices by accelerate; the "
+                             "compiled decode step cannot cross its device hooks", "shard.device_map=sequential "
+                             "(whole on the first GPU when it fits), shard=tensor_parallel, or "
+                             "generate.fast_compile_mode=null")
         engine = getattr(model, "_optipipe_fast_decoder", None)
         if engine is None:
             sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)

@@ -2,8 +2,9 @@
 
 Tensor parallel is transformers' own: the architecture's TP plan shards attention and MLP weights
 as DTensors over the process group inside ``from_pretrained``; every rank then runs the same
-tokens and all-reduces partial results. Data parallel loads one full replica per process (or per
-``tp_size`` processes) and gives each replica its own share of the prompts.
+tokens and all-reduces partial results. Data parallel loads one full replica per process and gives
+each replica its own share of the prompts; with ``tp_size`` > 1 each replica is then sharded over
+its own ranks (stages/shard/replica_tp.py: transformers cannot shard over part of the group).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult
+from stages.shard.replica_tp import base_plan, shard_replica, unsupported_entries
 
 
 def needs_torchrun(root: Any, what: str, n: int) -> list[Problem]:
@@ -92,6 +94,26 @@ def sharded_parameters(model: Any) -> tuple[int, int]:
 
     params = list(model.parameters())
     return sum(isinstance(p, DTensor) for p in params), len(params)
+
+
+def replica_tp_rules(root: Any) -> list[Problem]:
+    """Replicas × TP shard with torch's column-/row-wise styles: other plan entries, and quantized
+    weights (tensor subclasses that DTensor cannot split), are refused before launch."""
+    from transformers import CONFIG_MAPPING
+
+    from stages.load.sources import architecture
+
+    out: list[Problem] = []
+    if root.stages["quantize"].describe() != "NoQuantize":
+        out.append(Problem("quantize", "replicas × TP shard full-precision weights only",
+                           "quantize=none, or shard.tp_size=1 (quantized replicas)"))
+    model_type = (architecture(root.model) or {}).get("model_type", "")
+    if model_type in CONFIG_MAPPING:
+        bad = unsupported_entries(base_plan(CONFIG_MAPPING[model_type]))
+        if bad:
+            out.append(Problem("shard.tp_size", f"replicas × TP apply column-/row-wise TP plans only; "
+                               f"{model_type} has {', '.join(bad)}", "shard=tensor_parallel, or shard.tp_size=1"))
+    return out
 
 
 def check_sharded(stage: str, model: Any, tp: int) -> dict[str, float]:
@@ -205,22 +227,22 @@ class DataParallel(BaseStage):
             return [Problem("shard.tp_size", f"{world} processes do not split into replicas of tp_size={tp}",
                             f"launcher.nproc_per_node={2 * max(tp, 1)} (processes = replicas × tp_size)")]
         if tp > 1:
-            return tp_model_rules(root, tp)
-        if root.stages["load"].device().startswith("cuda"):
+            out += tp_model_rules(root, tp) + replica_tp_rules(root)
+        if root.stages["load"].device().startswith("cuda"):  # each rank loads its replica whole first
             problem = fits_one_gpu(parameter_bytes(root), gpu_memory_bytes())
             out += [problem] if problem else []
         return out
 
     def plan(self, plan: LoadPlan) -> None:
-        if self.cfg.tp_size == 1:
-            plan.set(self.name, "device_map", {"": plan.device})  # a full replica on this rank's device
-            return
-        plan_tensor_parallel(self.name, plan, self.cfg.tp_size)
+        # a full replica on this rank's device; with tp_size > 1 apply() then shards it over the replica
+        plan.set(self.name, "device_map", {"": plan.device})
 
     def apply(self, ctx: RunContext) -> StageResult:
         tp, world = self.cfg.tp_size, ctx.dist.world_size
         replicas, index = world // tp, ctx.dist.rank // tp
         ctx.facts["replica"] = (index, replicas)  # generate takes this replica's share of the prompts
+        if tp > 1:
+            shard_replica(ctx.model, ctx.dist.device.split(":")[0], world, tp)
         metrics = check_sharded(self.name, ctx.model, tp)
         return StageResult(metrics={**metrics, "replicas": float(replicas), "tp_size": float(tp)},
                            tags={"shard.mode": "data_parallel", "shard.devices": ctx.dist.device},

@@ -107,6 +107,30 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     assert "| communication |" in (tmp_path / "tp" / "generate_profile_b2_rank1.md").read_text()
 
 
+def test_replicas_of_tensor_parallel_give_the_single_process_text(tmp_path):
+    """4 gloo ranks = 2 replicas × TP2: each replica's two ranks run the same tokens, and each
+    replica's text equals one process generating for that replica's prompts."""
+    common = (*TINY, "generate.max_new_tokens=8", "generate.benchmark=true", "generate.batch_size=2",
+              "generate=fast")
+    run_cli(*common, "launcher=torchrun", "launcher.nproc_per_node=4", "shard=data_parallel", "shard.tp_size=2",
+            f"hydra.run.dir={tmp_path}/dptp", cwd=tmp_path, check=0, timeout=600)
+    ranks = [samples(tmp_path / "dptp", f"generate_samples_rank{r}.jsonl") for r in range(4)]
+    assert ranks[0] == ranks[1] and ranks[2] == ranks[3]
+    assert not {s["prompt"] for s in ranks[0]} & {s["prompt"] for s in ranks[2]}
+    for replica, rows in enumerate((ranks[0], ranks[2])):
+        prompts = tmp_path / f"replica{replica}.txt"
+        prompts.write_text("\n".join(s["prompt"] for s in rows) + "\n")
+        run_cli(*common, f"generate.prompt_file={prompts}", f"hydra.run.dir={tmp_path}/one{replica}",
+                "tracker=none", cwd=tmp_path, check=0)
+        assert samples(tmp_path / f"one{replica}", "generate_samples.jsonl") == rows
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    m = runs[0].data.metrics
+    assert m["shard/replicas"] == 2 and m["shard/tp_size"] == 2 and m["shard/sharded_parameters"] > 0
+    # two replicas, each counted once: the sum over ranks halved
+    assert m["generate/decode_tokens_per_s"] == pytest.approx(
+        sum(m[f"rank{r}/generate/decode_tokens_per_s"] for r in range(4)) / 2)
+
+
 def test_a_failing_rank_fails_the_run_with_its_message(tmp_path, rank_plugin):
     start = time.time()
     proc = run_cli(*TINY, *TORCHRUN, "shard=data_parallel", "evaluate._target_=rank_trouble.RankTrouble",
@@ -188,6 +212,8 @@ def test_multi_process_rules():
     assert "unknown launcher" in problems_of("launcher.kind=mpi")["launcher.kind"]
     assert "no tensor-parallel plan" in problems_of("model=tiny_bert_random", "generate=encode",
                                                     "shard=tensor_parallel", *TORCHRUN)["shard"]
+    assert "quantize=none" in problems_of("shard=data_parallel", "shard.tp_size=2", "launcher=torchrun",
+                                          "launcher.nproc_per_node=4", "quantize=int8_torchao")["quantize"]
     resolve(composed("model=tiny_random", "tracker=none", "shard=data_parallel", "shard.tp_size=2",
                      "launcher=torchrun", "launcher.nproc_per_node=4"))  # 2 replicas × TP2: fine
 

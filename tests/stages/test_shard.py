@@ -25,6 +25,13 @@ def test_pipeline_placement_offloads_to_disk_and_generates_the_same_text(tmp_pat
     assert "disk" in runs[0].data.tags["shard.devices"] and runs[0].data.metrics["shard/modules_disk"] >= 1
 
 
+def test_fast_engine_refuses_a_model_split_by_accelerate(tmp_path):
+    proc = run_cli(*TINY, "shard=pipeline", "shard.max_memory={cpu: 400KB}", f"shard.offload_folder={tmp_path}/off",
+                   "generate=fast", "tracker=none", cwd=tmp_path, check=1)
+    assert "cannot cross its device hooks" in proc.stdout + proc.stderr
+    assert "shard.device_map=sequential" in proc.stdout + proc.stderr
+
+
 def test_pipeline_placement_fills_the_first_device_first_by_default():
     from pipeline.runner import make_plan
 
