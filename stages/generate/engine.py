@@ -55,8 +55,13 @@ class FastDecoder:
 
     def __init__(self, model: Any, compile_mode: str | None = "reduce-overhead",
                  stop_check_every: int = 16, sampling: Sampling | None = None,
-                 gqa_attention: bool = True) -> None:
+                 gqa_attention: bool = True, compile_prefill: bool = False) -> None:
         self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
+        # The prefill is one forward per generation; eager it launches every kernel from Python.
+        # Compiled (no CUDA graph: prompt lengths vary, dynamic shapes after the first recompile)
+        # its small ops fuse. Off by default: not yet measured on a GPU.
+        self._prefill_forward = (torch.compile(self._forward, dynamic=None, fullgraph=True)
+                                 if compile_prefill else self._forward)
         self.stop_check_every = max(1, stop_check_every)
         self.sampling = sampling or Sampling()
         self.cache, self.cache_shape = None, None
@@ -102,10 +107,14 @@ class FastDecoder:
         mask = torch.ones(batch, prompt + max_new_tokens, dtype=attention_mask.dtype, device=input_ids.device)
         mask[:, :prompt] = attention_mask
         cache_position = torch.arange(prompt, device=input_ids.device)
-        logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
-                            cache_position=cache_position, use_cache=True, logits_to_keep=1,
-                            **{self.cache_kw: self.cache}).logits[:, -1]
+        logits = self._prefill_forward(input_ids, mask, position, cache_position)
         return logits, mask, position, cache_position
+
+    def _forward(self, input_ids, mask, position, cache_position):
+        """The prompt's forward into the cache; the last position's logits."""
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=position,
+                          cache_position=cache_position, use_cache=True, logits_to_keep=1,
+                          **{self.cache_kw: self.cache}).logits[:, -1]
 
     def attention(self):
         """The attention the engine runs under: grouped-query decode attention unless turned off."""

@@ -49,6 +49,7 @@ class GenerateConfig:
     engine: str = "transformers"  # transformers: model.generate | fast: static cache + compiled step
     fast_compile_mode: Optional[str] = "reduce-overhead"  # fast engine's torch.compile mode; null: eager
     stop_check_every: int = 16  # fast engine: tokens between its "every row finished?" checks
+    fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
     fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
     profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
 
@@ -244,7 +245,8 @@ class Generate(BaseStage):
         engine = getattr(model, "_optipipe_fast_decoder", None)
         if engine is None:
             sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)
-            engine = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention)
+            engine = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention,
+                                 c.fast_compile_prefill)
             model._optipipe_fast_decoder = engine
         return engine
 
