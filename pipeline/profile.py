@@ -16,7 +16,10 @@ from typing import Any, Callable
 CATEGORIES: list[tuple[str, re.Pattern]] = [
     ("communication", re.compile(r"nccl|all_?reduce|all_?gather|reduce_scatter|gloo|c10d|wait_tensor", re.I)),
     ("attention", re.compile(r"attention|attn|sdpa|flash|fmha|softmax", re.I)),
-    ("matmul", re.compile(r"gemm|matmul|\bmm\b|addmm|bmm|linear|cutlass|nvjet|sm90_|int4pack|tinygemm", re.I)),
+    # inductor's pointwise / reduction kernels are named after every op they fused ("…_bmm_cat_cos…")
+    ("other", re.compile(r"^triton_(poi|red|per)_")),
+    ("matmul", re.compile(r"gemm|matmul|(^|[^a-z])mm([^a-z]|$)|addmm|bmm|linear|cutlass|nvjet|sm90_|int4pack|tinygemm",
+                          re.I)),
     ("copy", re.compile(r"copy|memcpy|memset|cat|index", re.I)),
 ]
 

@@ -68,3 +68,5 @@ def test_kernel_names_fall_into_categories():
     assert category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert category("triton_poi_fused_add_mul_0") == "other"
+    assert category("triton_poi_fused__to_copy_add_arange_bmm_cat_cos_index_copy_mul_neg_sin_slice") == "other"
+    assert category("triton_tem_fused_mm_0") == category("aten::mm") == "matmul"  # max-autotune's templates
