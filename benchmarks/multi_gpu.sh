@@ -22,25 +22,24 @@ case "$phase" in
     CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline generate.batch_size=1 tracker.run_name=pipeline2_b1
     job shard=tensor_parallel "${two[@]}" convert=sdpa generate.batch_size=1 tracker.run_name=tp2_eager_b1
     job shard=tensor_parallel "${two[@]}" generate=fast generate.batch_size=32 tracker.run_name=tp2_fast_b32
-    job shard=tensor_parallel "${two[@]}" convert=compile generate.batch_size=1 tracker.run_name=tp2_hf_compile_b1
-    CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline shard.device_map=auto generate.batch_size=32 tracker.run_name=device_map_auto2_b32 ;;
+    job shard=tensor_parallel "${two[@]}" convert=compile generate.batch_size=1 tracker.run_name=tp2_hf_compile_b1 ;;
   4gpu)  # run 2026-11-26: tp4_fast_b1 only
     job shard=tensor_parallel "${four[@]}" generate=fast generate.batch_size=1 tracker.run_name=tp4_fast_b1
     job shard=data_parallel "${four[@]}" generate=fast generate.batch_size=32 tracker.run_name=dp4_fast_b32
     job shard=tensor_parallel "${four[@]}" generate=fast generate.batch_size=32 tracker.run_name=tp4_fast_b32 ;;
-  rest2)  # run 2026-11-26 (third call, GPUs 2,3; the last job was cut by the call's limit after logging)
+  rest2)  # gpu_profile_session.sh call 1, GPUs 2,3 (the last job was cut by the call's limit after logging)
     CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline generate.batch_size=1 tracker.run_name=pipeline2_b1
     CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline shard.device_map=auto generate.batch_size=1 tracker.run_name=device_map_auto2_b1
     job shard=tensor_parallel "${two[@]}" generate=fast generate.batch_size=1 generate.profile=true tracker.run_name=tp2_fast_b1_profile
     job shard=tensor_parallel "${two[@]}" convert=compile generate.batch_size=1 tracker.run_name=tp2_hf_compile_b1 ;;
-  rest2b)  # fourth call, GPUs 2,3: placement with the fast engine, and the device_map="auto" batch-32 baseline
+  rest2b)  # gpu_profile_session.sh call 2, GPUs 2,3: placement with the fast engine, and the device_map="auto" batch-32 baseline
     CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline generate=fast generate.batch_size=1 tracker.run_name=pipeline2_fast_b1
     CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline shard.device_map=balanced generate=fast generate.batch_size=1 tracker.run_name=balanced2_fast_b1
     CUDA_VISIBLE_DEVICES=2,3 job shard=pipeline shard.device_map=auto generate.batch_size=32 tracker.run_name=device_map_auto2_b32 ;;
-  rest4a)  # fourth call, after rest2b: GPUs 0-3
+  rest4a)  # gpu_profile_session.sh call 2, after rest2b: GPUs 0-3
     job shard=data_parallel "${four[@]}" generate=fast generate.batch_size=32 tracker.run_name=dp4_fast_b32
     job shard=tensor_parallel "${four[@]}" generate=fast generate.batch_size=32 tracker.run_name=tp4_fast_b32 ;;
-  rest4b)  # fifth call: GPUs 0-3
+  rest4b)  # gpu_profile_session.sh calls 3 (failed: transformers' TP API) and 4: GPUs 0-3
     job shard=data_parallel shard.tp_size=2 "${four[@]}" generate=fast generate.batch_size=32 tracker.run_name=dp2xtp2_fast_b32 ;;
   *) echo "unknown phase $phase"; exit 2 ;;
 esac

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from stages.generate.clock import StepClock
-from stages.generate.gqa_attention import GqaDecodeAttention
+from stages.generate.gqa_attention import NAME as GQA_DECODE_ATTENTION, GqaDecodeAttention
 
 
 @dataclass
@@ -119,6 +119,11 @@ class FastDecoder:
     def attention(self):
         """The attention the engine runs under: grouped-query decode attention unless turned off."""
         return GqaDecodeAttention(self.model) if self.gqa_attention else nullcontext()
+
+    def decode_attention(self) -> str:
+        """The attention implementation the decode steps run with (for the run's tags)."""
+        gqa = self.gqa_attention and GqaDecodeAttention(self.model).active
+        return GQA_DECODE_ATTENTION if gqa else str(self.model.config._attn_implementation)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,

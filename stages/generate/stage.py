@@ -12,7 +12,6 @@ from rich.progress import Progress
 from pipeline import measure, roofline
 from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult, workload_context
 from stages.convert import COMPILE_MODES
-from stages.generate import gqa_attention
 from stages.generate import prompts as P
 from stages.generate.clock import StepClock, Timing, TimingSummary
 from stages.generate.engine import FastDecoder, Sampling
@@ -171,9 +170,7 @@ class Generate(BaseStage):
                 bar.advance(task)
             profile = self._profile(ctx, model, inputs, kwargs, devices) if c.profile else {}
         if c.engine == "fast":  # what the decode steps attended with (the model's own, or ours for GQA)
-            attention = self._decoder(model).attention()
-            hook_tags["generate.decode_attention"] = (gqa_attention.NAME if getattr(attention, "active", False)
-                                                      else str(model.config._attn_implementation))
+            hook_tags["generate.decode_attention"] = self._decoder(model).decode_attention()
         metrics = summary.metrics()
         metrics["warmup_seconds"] = warmup_s  # includes compile time when convert compiles
         metrics["recompiles_timed"] = float(compiled_graphs() - graphs_before)

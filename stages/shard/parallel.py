@@ -26,22 +26,28 @@ def needs_torchrun(root: Any, what: str, n: int) -> list[Problem]:
                     f"launcher=torchrun launcher.nproc_per_node={max(n, 2)}")]
 
 
-def tp_model_rules(root: Any, tp: int) -> list[Problem]:
-    """The architecture must have a TP plan, and ``tp`` must divide its attention and KV heads."""
+def model_config_class(root: Any) -> tuple[Optional[dict], str, Any]:
+    """(architecture fields, model type, transformers config class or None); fields None when the
+    shapes are unknown without a download."""
     from transformers import CONFIG_MAPPING
 
     from stages.load.sources import architecture
 
+    arch = architecture(root.model)
+    model_type = (arch or {}).get("model_type", "")
+    return arch, model_type, CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None  # lazy: no .get
+
+
+def tp_model_rules(root: Any, tp: int) -> list[Problem]:
+    """The architecture must have a TP plan, and ``tp`` must divide its attention and KV heads."""
     out: list[Problem] = []
     if root.stages["quantize"].describe().startswith("BitsAndBytes"):
         out.append(Problem("quantize", "bitsandbytes layers cannot be sharded by transformers' "
                            "tensor parallel (their packed weights are not DTensors)",
                            "quantize=none, or shard=data_parallel (one replica per GPU)"))
-    arch = architecture(root.model)
+    arch, model_type, config_class = model_config_class(root)
     if arch is None:  # shapes unknown without a download: transformers will say at load time
         return out
-    model_type = arch.get("model_type", "")
-    config_class = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else None  # lazy: no .get
     if config_class is None or not getattr(config_class, "base_model_tp_plan", None):
         out.append(Problem("shard", f"transformers has no tensor-parallel plan for model type "
                            f"{model_type!r}", "shard=data_parallel, or shard=pipeline"))
@@ -56,22 +62,15 @@ def tp_model_rules(root: Any, tp: int) -> list[Problem]:
     return out
 
 
-def tp_load_kwargs(tp: int, world: int, device_type: str) -> dict[str, Any]:
-    """``from_pretrained`` kwargs for a TP plan over groups of ``tp`` ranks, in the API this
-    transformers version speaks (DistributedConfig in 5.x; a device mesh before it)."""
+def tp_load_kwargs(tp: int) -> dict[str, Any]:
+    """``from_pretrained`` kwargs for a TP plan over every rank, in the API this transformers version
+    speaks (DistributedConfig in 5.x; plain kwargs before it). Replicas × TP: replica_tp.py."""
     import transformers
 
     config_class = getattr(transformers, "DistributedConfig", None)
-    params = inspect.signature(config_class).parameters if config_class else {}
-    if "tp_size" in params:
-        extra = {"dp_replicate_size": world // tp} if world > tp and "dp_replicate_size" in params else {}
-        return {"distributed_config": config_class(tp_size=tp, tp_plan="auto", **extra)}
-    if world == tp:
-        return {"tp_plan": "auto", "tp_size": tp}
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    return {"tp_plan": "auto", "device_mesh": mesh["tp"]}
+    if config_class is not None and "tp_size" in inspect.signature(config_class).parameters:
+        return {"distributed_config": config_class(tp_size=tp, tp_plan="auto")}
+    return {"tp_plan": "auto", "tp_size": tp}
 
 
 def plan_tensor_parallel(stage: str, plan: LoadPlan, tp_size: Optional[int]) -> None:
@@ -83,8 +82,7 @@ def plan_tensor_parallel(stage: str, plan: LoadPlan, tp_size: Optional[int]) -> 
         plan.set(stage, "tp_plan", "auto")
         plan.set(stage, "tp_size", tp_size or "every process")
         return
-    world = dist.get_world_size()
-    for key, value in tp_load_kwargs(tp_size or world, world, plan.device.split(":")[0]).items():
+    for key, value in tp_load_kwargs(tp_size or dist.get_world_size()).items():
         plan.set(stage, key, value)
 
 
@@ -99,17 +97,13 @@ def sharded_parameters(model: Any) -> tuple[int, int]:
 def replica_tp_rules(root: Any) -> list[Problem]:
     """Replicas × TP shard with torch's column-/row-wise styles: other plan entries, and quantized
     weights (tensor subclasses that DTensor cannot split), are refused before launch."""
-    from transformers import CONFIG_MAPPING
-
-    from stages.load.sources import architecture
-
     out: list[Problem] = []
     if root.stages["quantize"].describe() != "NoQuantize":
         out.append(Problem("quantize", "replicas × TP shard full-precision weights only",
                            "quantize=none, or shard.tp_size=1 (quantized replicas)"))
-    model_type = (architecture(root.model) or {}).get("model_type", "")
-    if model_type in CONFIG_MAPPING:
-        bad = unsupported_entries(base_plan(CONFIG_MAPPING[model_type]))
+    _, model_type, config_class = model_config_class(root)
+    if config_class is not None:
+        bad = unsupported_entries(base_plan(config_class))
         if bad:
             out.append(Problem("shard.tp_size", f"replicas × TP apply column-/row-wise TP plans only; "
                                f"{model_type} has {', '.join(bad)}", "shard=tensor_parallel, or shard.tp_size=1"))
