@@ -109,10 +109,16 @@ def slug(label: str) -> str:
 
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row's decode tokens/s over plain transformers' at the same batch size."""
-    plain = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["config"] == "plain"}
+    nan = float("nan")
+    plain = {r["batch"]: r.get("decode_tokens_per_s", nan) for r in rows if r["config"] == "plain"}
     for r in rows:
-        r["x_plain"] = r["decode_tokens_per_s"] / plain[r["batch"]] if r["batch"] in plain else float("nan")
+        r["x_plain"] = r.get("decode_tokens_per_s", nan) / plain.get(r["batch"], nan)
     return rows
+
+
+def cell(value: Any, digits: int) -> str:
+    """A number, or n/a where there is none (one new token has no decode rate): never "nan"."""
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -122,10 +128,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     nan = float("nan")
     for r in rows:
         peak = r.get("memory_peak_allocated_gib", r.get("memory_peak_rss_gib", nan))
-        cells = (r["config"], r["batch"], r["compiled"], f"{r['decode_tokens_per_s']:.1f}", f"{r['x_plain']:.2f}",
-                 f"{r.get('ttft_ms_p50', nan):.1f}", f"{r.get('itl_ms_p50', nan):.2f}",
-                 f"{r.get('itl_ms_p90', nan):.2f}", f"{peak:.2f}", f"{r['weight_bytes'] / 2**30:.2f}",
-                 f"{r.get('mbu', nan):.2f}")
+        cells = (r["config"], r["batch"], r["compiled"], cell(r.get("decode_tokens_per_s"), 1), cell(r["x_plain"], 2),
+                 cell(r.get("ttft_ms_p50"), 1), cell(r.get("itl_ms_p50"), 2), cell(r.get("itl_ms_p90"), 2),
+                 cell(peak, 2), cell(r["weight_bytes"] / 2**30, 2), cell(r.get("mbu"), 2))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

@@ -49,10 +49,10 @@ TEARDOWN_S = 30.0
 
 
 def leave_group() -> bool:
-    """Tear the group down, bounded: on 2 GPUs, tensor-parallel jobs whose decode step was captured
-    as a CUDA graph finished their work but did not exit within minutes (seen once, 2026-11-26, not
-    yet diagnosed). A teardown that outlasts ``TEARDOWN_S`` is abandoned; False tells the caller to
-    exit the process at once (its results are already logged)."""
+    """Leave the group once every result is logged. On GPUs the group is not destroyed: NCCL's
+    teardown of communicators that CUDA graphs (and symmetric memory) still reference outlasted
+    ``TEARDOWN_S`` on tensor-parallel jobs, and the caller exits the process at once anyway, which
+    frees them. Elsewhere (gloo) the teardown is bounded. False: it did not finish in time."""
     import threading
 
     import torch.distributed as dist
@@ -61,6 +61,7 @@ def leave_group() -> bool:
         return True
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+        return True
     done = threading.Event()
 
     def destroy() -> None:

@@ -85,6 +85,18 @@ def memory_peaks(devices: Iterable[int]) -> dict[str, float]:
     return out
 
 
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes a decode step reads: all but an input embedding of its own (a lookup reads a
+    few rows of it, not the whole table; one tied to the output head is read whole by the head)."""
+    total = weight_bytes(model)
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    weight = getattr(embed, "weight", None)
+    if weight is None or (head is not None and getattr(head, "weight", None) is weight):
+        return total
+    return total - stored_bytes(weight)
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameters and buffers as stored (packed 4-bit weights with their scales)."""
     tensors = list(model.parameters()) + list(model.buffers())

@@ -97,9 +97,19 @@ class NullTracker:
 
 
 def _client(uri: str):
+    """A client whose store exists. A new SQLite store creates its schema on first use; several
+    jobs doing that at once (a parallel sweep's first jobs) broke the store for every later run,
+    so the first use is serialized with a lock file beside the database."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock
+
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=300):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # creates or upgrades the schema, one process at a time
+    return client
 
 
 def experiment_id(client, name: str, uri: str) -> str:

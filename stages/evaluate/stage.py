@@ -19,7 +19,7 @@ import torch
 from pipeline.measure import input_device
 from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult
 from stages.evaluate import compare, corpus
-from stages.evaluate.perplexity import perplexity
+from stages.evaluate.perplexity import WINDOWINGS, perplexity
 from stages.generate import prompts as P
 from stages.generate.encode import default_texts, pool
 from stages.load import sources
@@ -52,6 +52,7 @@ class EvaluateConfig:
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
     max_length: int = 256
     stride: int = 128
+    windowing: str = "strided"  # strided (transformers guide) | rolling (lm-eval's loglikelihood_rolling)
     batch_size: int = 4
     reference: bool = True  # compare with the same weights, no quantize/convert, eager attention
     reference_dtype: Optional[str] = None  # None: the load dtype
@@ -59,6 +60,11 @@ class EvaluateConfig:
     new_tokens: int = 32  # greedy continuation length for token agreement
     cache: bool = True  # reference results cached per model, dtype, corpus and settings
     gate: GateSettings = field(default_factory=GateSettings)
+
+
+def prefix_token(tok: Any) -> int | None:
+    """What lm-eval's rolling windows start with: BOS, else EOS (None: neither; strided only)."""
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
 
 class Evaluate(BaseStage):
@@ -72,6 +78,9 @@ class Evaluate(BaseStage):
         if not 0 < c.stride <= c.max_length:
             out.append(Problem("evaluate.stride", f"must be in 1..max_length ({c.max_length}), got "
                                f"{c.stride}", f"evaluate.stride={max(1, c.max_length // 2)}"))
+        if c.windowing not in WINDOWINGS:
+            out.append(Problem("evaluate.windowing", f"unknown windowing {c.windowing!r}",
+                               f"evaluate.windowing=<one of {', '.join(WINDOWINGS)}>"))
         if c.reference_dtype not in (None, "bfloat16", "float16", "float32"):
             out.append(Problem("evaluate.reference_dtype", f"unknown dtype {c.reference_dtype!r}",
                                "evaluate.reference_dtype=float32"))
@@ -96,10 +105,13 @@ class Evaluate(BaseStage):
                 emb = pool(model(**enc).last_hidden_state, enc["attention_mask"], "mean")
             return {"embeddings": emb.float().cpu()}
         c = self.cfg
-        ppl = perplexity(model, ids, c.max_length, c.stride, c.batch_size, keep_positions=c.compare_tokens)
+        ppl = perplexity(model, ids, c.max_length, c.stride, c.batch_size, keep_positions=c.compare_tokens,
+                         windowing=c.windowing, prefix_token=prefix_token(tok))
         logprobs = torch.cat(ppl.logprobs)
         out = {"nll_sum": ppl.nll_sum, "scored_tokens": ppl.scored_tokens, "windows": ppl.windows,
-               "argmax": logprobs.argmax(-1), "greedy": self.greedy(model, tok)}
+               "argmax": logprobs.argmax(-1)}
+        if c.reference:  # the greedy continuation only serves the comparison with the reference
+            out["greedy"] = self.greedy(model, tok)
         if keep_full:
             out["logprobs"] = logprobs
         out["topk_values"], out["topk_indices"] = compare.top_k(logprobs)
@@ -120,7 +132,7 @@ class Evaluate(BaseStage):
     def cache_path(self, ctx: RunContext, corpus_sha: str, dtype: str) -> Path:
         spec = ctx.facts["model_spec"]
         key = {"v": CACHE_VERSION, "model": asdict(spec), "dtype": dtype, "corpus": corpus_sha,
-               "max_length": self.cfg.max_length, "stride": self.cfg.stride,
+               "max_length": self.cfg.max_length, "stride": self.cfg.stride, "windowing": self.cfg.windowing,
                "compare_tokens": self.cfg.compare_tokens, "new_tokens": self.cfg.new_tokens,
                "top_k": compare.TOP_K}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -171,11 +183,17 @@ class Evaluate(BaseStage):
         if task != "encoder":
             text = self._corpus(ctx)
             ids = torch.tensor(ctx.tokenizer(text.text, add_special_tokens=False)["input_ids"])
-            if ids.numel() < self.cfg.max_length:
-                raise StageError(self.name, f"the corpus {text.name!r} has {ids.numel()} tokens, less "
-                                 f"than one window of {self.cfg.max_length}",
-                                 f"evaluate.max_length={max(2, ids.numel() // 2)}, or a longer corpus")
-            tags.update({"evaluate.corpus": text.name, "evaluate.corpus_sha256": text.sha256})
+            if self.cfg.windowing == "rolling" and prefix_token(ctx.tokenizer) is None:
+                raise StageError(self.name, "rolling windows start with the tokenizer's BOS or EOS token, "
+                                 "and this tokenizer has neither", "evaluate.windowing=strided")
+            if ids.numel() < 2:
+                raise StageError(self.name, f"the corpus {text.name!r} has {ids.numel()} token(s): nothing "
+                                 "to predict", "a longer evaluate.corpus.file (or evaluate.corpus.max_chars)")
+            tags.update({"evaluate.corpus": text.name, "evaluate.corpus_sha256": text.sha256,
+                         "evaluate.windowing": self.cfg.windowing})
+            if ids.numel() <= self.cfg.max_length:  # not an error: the whole corpus is one window
+                tags["evaluate.windows_note"] = (f"the corpus ({ids.numel()} tokens) fits one window of "
+                                                 f"evaluate.max_length={self.cfg.max_length}")
             ctx.facts["corpus_sha"] = text.sha256
         ours = self.measure(ctx.model, ctx.tokenizer, task, ids, keep_full=True)
         if task != "encoder":

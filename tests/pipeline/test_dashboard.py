@@ -72,6 +72,7 @@ def test_sweep_against_a_real_server_nests_and_logs_everything(tmp_path, mlflow_
     assert {"report/summary.csv", "report/throughput_vs_memory.png"} <= {f["path"] for f in report}
 
 
+@pytest.mark.slow
 def test_four_parallel_jobs_lose_nothing_in_one_sqlite_store(tmp_path):
     run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4", *TINY, "generate.batch_size=1,2,3,4",
             cwd=tmp_path, check=0)
@@ -112,6 +113,7 @@ def test_experiment_page_renders_the_sweep_in_headless_chromium(tmp_path, mlflow
     assert shot.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_nests_jobs_under_the_sweep(tmp_path):
     run_cli("-m", "hydra/launcher=submitit_local", *TINY, "generate.batch_size=1,2", cwd=tmp_path, check=0)
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")

@@ -62,6 +62,7 @@ def no_process_mentions(text: str) -> bool:
     return not any(text in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
 
 
+@pytest.mark.slow
 def test_scaling_preset_data_parallel_two_ranks_one_run_per_job(tmp_path):
     """experiment=multi_gpu_scaling narrowed to what a CPU does: data parallel, 2 gloo ranks."""
     proc = run_cli("-m", "experiment=multi_gpu_scaling", *TINY, "load.dtype=float32", *TORCHRUN,
@@ -91,12 +92,22 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     run_cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path, check=0)
     run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "generate.profile=true", f"hydra.run.dir={tmp_path}/tp",
             cwd=tmp_path, check=0, timeout=600)
-    one = [s["output"] for s in samples(tmp_path / "one", "generate_samples.jsonl")]
-    tp = [s["output"] for s in samples(tmp_path / "tp", "generate_samples_rank0.jsonl")]
-    assert tp == one
+    # shard.runtime=transformers: its DTensor layers and collectives stay available as the baseline
+    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "shard.runtime=transformers",
+            f"hydra.run.dir={tmp_path}/tp_hf", cwd=tmp_path, check=0, timeout=600)
+    one = [s["token_ids"] for s in samples(tmp_path / "one", "generate_samples.jsonl")]
+    for folder in ("tp", "tp_hf"):
+        assert [s["token_ids"] for s in samples(tmp_path / folder, "generate_samples_rank0.jsonl")] == one
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
-    tp_run = next(r for r in runs if r.data.tags.get("choice.shard") == "tensor_parallel")
+    hf_run = next(r for r in runs if r.data.tags.get("shard.runtime") == "transformers")
+    assert hf_run.data.tags["shard.collective"] == "gloo (transformers)" and "shard.head" not in hf_run.data.tags
+    tp_run = next(r for r in runs if r.data.tags.get("shard.runtime") == "optipipe")
     assert tp_run.data.metrics["shard/sharded_parameters"] > 0 and tp_run.data.tags["world_size"] == "2"
+    # our local layers ran (not transformers' DTensor ones), through gloo: no peer memory on a CPU
+    tags = tp_run.data.tags
+    assert (tags["shard.runtime"], tags["shard.collective"], tags["shard.head"]) == ("optipipe", "gloo", "vocab_parallel")
+    assert "not CUDA" in tags["shard.collective_why"]
+    assert tp_run.data.metrics["shard/local_tp_layers"] > 0 and tp_run.data.metrics["shard/dtensor_parameters_left"] == 0
     # both ranks run the same tokens: throughput is one replica's, not the sum of two
     m = tp_run.data.metrics
     assert m["generate/decode_tokens_per_s"] == pytest.approx(
@@ -107,6 +118,7 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     assert "| communication |" in (tmp_path / "tp" / "generate_profile_b2_rank1.md").read_text()
 
 
+@pytest.mark.slow
 def test_replicas_of_tensor_parallel_give_the_single_process_text(tmp_path):
     """4 gloo ranks = 2 replicas × TP2: each replica's two ranks run the same tokens, and each
     replica's text equals one process generating for that replica's prompts."""
@@ -143,6 +155,7 @@ def test_a_failing_rank_fails_the_run_with_its_message(tmp_path, rank_plugin):
     assert time.time() - start < 120 and no_process_mentions(f"{tmp_path}/run")
 
 
+@pytest.mark.slow
 def test_a_hanging_rank_ends_the_group_within_the_collective_timeout(tmp_path, rank_plugin):
     start = time.time()
     run_cli(*TINY, *TORCHRUN, "shard=data_parallel", "evaluate._target_=rank_trouble.RankTrouble",
@@ -153,6 +166,7 @@ def test_a_hanging_rank_ends_the_group_within_the_collective_timeout(tmp_path, r
     assert time.time() - start < 150 and no_process_mentions(f"{tmp_path}/run")
 
 
+@pytest.mark.slow
 def test_launcher_max_seconds_stops_the_whole_group(tmp_path, rank_plugin):
     run_cli(*TINY, *TORCHRUN, "shard=data_parallel", "evaluate._target_=rank_trouble.RankTrouble",
             "+evaluate.hang_s=600", "+evaluate.rank=0", "launcher.max_seconds=20",
@@ -163,6 +177,7 @@ def test_launcher_max_seconds_stops_the_whole_group(tmp_path, rank_plugin):
     assert no_process_mentions(f"{tmp_path}/run")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_rank_and_marks_the_run_killed(tmp_path, rank_plugin):
     import os
     import signal
@@ -204,6 +219,10 @@ def test_multi_process_rules():
     assert "shard=data_parallel shard.tp_size=2" in problems_of(
         "shard=tensor_parallel", "shard.tp_size=2", "launcher=torchrun", "launcher.nproc_per_node=4")["shard.tp_size"]
     assert "bitsandbytes" in problems_of("shard=tensor_parallel", *TORCHRUN, "quantize=nf4")["quantize"]
+    bad_tp = problems_of("shard=tensor_parallel", *TORCHRUN, "shard.all_reduce=symm_mem", "shard.runtime=dtensor",
+                         "shard.one_shot_max_kib=0")
+    assert "needs CUDA" in bad_tp["shard.all_reduce"] and "optipipe|transformers" in bad_tp["shard.runtime"]
+    assert "shard.one_shot_max_kib=1024" in bad_tp["shard.one_shot_max_kib"]
     assert "replicas" in problems_of("shard=data_parallel", "shard.tp_size=2", "launcher=torchrun",
                                      "launcher.nproc_per_node=3")["shard.tp_size"]
     assert "shard=data_parallel" in problems_of("shard=single", *TORCHRUN)["shard"]
@@ -240,14 +259,21 @@ def test_aggregates():
 
 
 @pytest.mark.gpu
-def test_tensor_parallel_over_two_gpus_with_nccl(tmp_path):
+def test_tensor_parallel_over_two_gpus_gives_the_one_gpu_text(tmp_path):
+    """On 2 GPUs with peer access: our layers with the one-shot symmetric-memory all-reduce
+    (symm_mem: no silent fallback) inside the CUDA graph give the one-GPU text, batch 1 and 4."""
     import torch
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    common = (*TINY, "generate.max_new_tokens=8", "generate.benchmark=true", "generate=fast", "load.dtype=float32")
-    run_cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path, check=0)
-    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", f"hydra.run.dir={tmp_path}/tp", cwd=tmp_path,
-            check=0, timeout=600)
-    one = [s["output"] for s in samples(tmp_path / "one", "generate_samples.jsonl")]
-    assert [s["output"] for s in samples(tmp_path / "tp", "generate_samples_rank0.jsonl")] == one
+    for batch in (1, 4):
+        common = (*TINY, "generate.max_new_tokens=32", "generate.benchmark=true", "generate=fast",
+                  "load.dtype=float32", f"generate.batch_size={batch}")
+        run_cli(*common, f"hydra.run.dir={tmp_path}/one{batch}", cwd=tmp_path, check=0)
+        run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "shard.all_reduce=symm_mem",
+                f"hydra.run.dir={tmp_path}/tp{batch}", cwd=tmp_path, check=0, timeout=600)
+        one = [s["output"] for s in samples(tmp_path / f"one{batch}", "generate_samples.jsonl")]
+        assert [s["output"] for s in samples(tmp_path / f"tp{batch}", "generate_samples_rank0.jsonl")] == one
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    tp_runs = [r for r in runs if r.data.tags.get("choice.shard") == "tensor_parallel"]
+    assert {r.data.tags["shard.collective"] for r in tp_runs} == {"symm_mem_one_shot"}

@@ -179,3 +179,17 @@ def test_ctrl_c_in_a_sweep_kills_the_job_and_the_sweep(tmp_path, plugin_path):
     assert code == 130
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the job and its parent; job 2 never began
+
+
+def test_one_new_token_reports_decode_as_not_applicable(tmp_path):
+    """No decode step: neither the console nor the store shows a NaN rate."""
+    proc = run_cli("model=tiny_random", "generate.max_new_tokens=1", "generate.warmup=0", "generate.repeats=2",
+                   "load.num_threads=1", cwd=tmp_path, check=0)
+    assert "decode n/a (1 new token)" in proc.stdout and "nan" not in proc.stdout.lower()
+    assert "CPU threads: 1" in proc.stdout
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    run = runs[0]
+    assert "generate/decode_tokens_per_s" not in run.data.metrics
+    assert not [k for k, v in run.data.metrics.items() if v != v]  # no NaN anywhere
+    assert run.data.tags["generate.decode"].startswith("not applicable")
+    assert run.data.params["load.num_threads"] == "1"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import csv
 import io
 
@@ -46,6 +48,7 @@ def test_report_on_unknown_experiment_says_so(tmp_path):
     assert "no experiment named 'nope'" in proc.stdout
 
 
+@pytest.mark.slow
 def test_rerunning_a_sweep_skips_finished_jobs_unless_asked(tmp_path):
     sweep = ("-m", *TINY, "generate.batch_size=1,2")
     run_cli(*sweep, cwd=tmp_path, check=0)

@@ -75,6 +75,7 @@ def test_cuda_device_without_cuda():
     assert "no CUDA device" in problems_of("load.device=cuda")
 
 
+@pytest.mark.slow
 def test_unknown_hub_model_offline_is_a_clear_problem(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert "cannot read config.json of hub model" in problems_of("model=hub", "model.id=no-org/no-model")

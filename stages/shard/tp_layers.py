@@ -1,0 +1,159 @@
+"""Tensor-parallel layers as plain local tensors, each followed by one chosen all-reduce.
+
+transformers shards the weights inside ``from_pretrained`` (memory-efficient: a rank reads only its
+slices) and then runs every sharded layer through DTensor wrappers and NCCL. After the load this
+module takes over the layers of the plan: the DTensor weights become the plain tensors of this
+rank's shard, transformers' per-layer forward wrappers go, and
+
+- column-wise layers (q/k/v, gate/up) are plain ``Linear`` layers over this rank's output slice;
+- row-wise layers (attention output, down projection) sum their partial products with
+  ``AllReduce`` (one-shot symmetric memory on NVLink GPUs, the process group elsewhere);
+- the output head keeps only this rank's slice of the vocabulary, so no rank reads the whole
+  head; one all-reduce of zero-padded logits (each rank fills its own columns) assembles them;
+- an embedding sharded over the vocabulary is gathered whole once: a lookup reads a few rows, so
+  a whole copy costs memory (1 GB for Llama-3-8B) but no time, and saves an all-reduce per step.
+
+A plan with any other style (embeddings sharded over the vocabulary, MoE experts, packed layers)
+is left to transformers as it is: ``localize`` changes nothing and says why.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stages.shard.all_reduce import AllReduce
+
+COLUMN, ROW, HEAD, EMBEDDING = "colwise", "rowwise", ("colwise_gather_output", "colwise_rep"), "embedding_rowwise"
+
+
+class RowParallelLinear(torch.nn.Linear):
+    """This rank's slice of the input features; the partial products are summed over the group
+    and the bias (whole on every rank) added once after the sum."""
+
+    reduce: AllReduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.optipipe.tp_linear_sum(x, self.weight, self.reduce.name)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelHead(torch.nn.Linear):
+    """Rank r holds rows r·⌈vocab/world⌉ … of the vocabulary (torch's chunk split, as transformers
+    shards); returns the full logits."""
+
+    reduce: AllReduce
+    vocab: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:  # rare in heads: bias slice appended as one more input column
+            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+            weight = torch.cat([self.weight, self.bias[:, None]], -1)
+        else:
+            weight = self.weight
+        return torch.ops.optipipe.tp_linear_gather(x, weight, self.reduce.name, self.vocab)
+
+
+@dataclass
+class LocalTp:
+    """What ``localize`` did: counts that prove it, and why it did nothing when it did not."""
+
+    column: int = 0
+    row: int = 0
+    head: str = "replicated"  # vocab_parallel | replicated
+    skipped: str = ""  # non-empty: the model was left to transformers' own TP, and why
+    styles: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> int:
+        return self.column + self.row + (self.head == "vocab_parallel")
+
+
+def plan_style(name: str, plan: dict[str, str]) -> str | None:
+    """The plan's style for module ``name`` (layer numbers written as ``*`` in the plan)."""
+    return plan.get(name) or plan.get(re.sub(r"\.\d+(?=\.|$)", ".*", name))
+
+
+def _local(p: torch.nn.Parameter | None) -> torch.nn.Parameter | None:
+    from torch.distributed.tensor import DTensor
+
+    if p is None:
+        return None
+    data = p.to_local() if isinstance(p, DTensor) else p.data
+    return torch.nn.Parameter(data.detach(), requires_grad=False)
+
+
+def _unwrap(module: torch.nn.Module, whole: bool = False) -> None:
+    """Drop transformers' per-instance forward wrapper and make the weights plain tensors: this
+    rank's shard, or (``whole``) the full tensor gathered from every rank."""
+    from torch.distributed.tensor import DTensor
+
+    module.__dict__.pop("forward", None)
+    for key in ("weight", "bias"):
+        p = module._parameters.get(key)
+        if whole and isinstance(p, DTensor):
+            module._parameters[key] = torch.nn.Parameter(p.full_tensor().detach(), requires_grad=False)
+        elif key in module._parameters:
+            module._parameters[key] = _local(p)
+
+
+def _shard_rows(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of a whole ``weight`` (torch's chunk split: the last rank may get fewer)."""
+    chunk = -(-weight.shape[0] // world)
+    return weight[min(rank * chunk, weight.shape[0]):][:chunk].clone()
+
+
+def _head(module: torch.nn.Linear, reduce: AllReduce, rank: int, world: int, vocab: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    weight = module._parameters["weight"]
+    if isinstance(weight, DTensor):  # transformers already kept only this rank's rows
+        _unwrap(module)
+    else:  # a whole head (untied here: the embedding keeps the full matrix it may share)
+        module.__dict__.pop("forward", None)
+        module.weight = torch.nn.Parameter(_shard_rows(weight.data, rank, world), requires_grad=False)
+        if module.bias is not None:
+            module.bias = torch.nn.Parameter(_shard_rows(module.bias.data, rank, world), requires_grad=False)
+    module.__class__ = VocabParallelHead
+    module.reduce, module.vocab = reduce, vocab
+    module.out_features = module.weight.shape[0]
+
+
+def _supported(module: torch.nn.Module, style: str) -> bool:
+    if style == EMBEDDING:
+        return isinstance(module, torch.nn.Embedding)
+    return style in (COLUMN, ROW, *HEAD) and isinstance(module, torch.nn.Linear)
+
+
+def localize(model: Any, reduce: AllReduce, rank: int, world: int, vocab_parallel_head: bool = True) -> LocalTp:
+    """Take over the TP plan's layers of ``model`` (loaded by transformers' TP), in place."""
+    plan = dict(getattr(model, "tp_plan", None) or {})
+    chosen = [(m, plan_style(n, plan)) for n, m in model.named_modules() if plan_style(n, plan)]
+    report = LocalTp(styles={s: s for _, s in chosen})
+    unknown = sorted({s for m, s in chosen if not _supported(m, s)})
+    if not chosen or unknown:
+        report.skipped = (f"plan styles {', '.join(unknown)} are transformers' own" if unknown
+                          else "the model has no tensor-parallel plan")
+        return report
+    head = model.get_output_embeddings() if vocab_parallel_head else None
+    for module, style in chosen:
+        if module is head or style in HEAD:  # the head: below, or left to transformers' gather
+            continue
+        _unwrap(module, whole=style == EMBEDDING)
+        if style == EMBEDDING:
+            continue
+        if style == ROW:
+            module.__class__ = RowParallelLinear
+            module.reduce = reduce
+            module.in_features = module.weight.shape[1]
+            report.row += 1
+        else:
+            module.out_features = module.weight.shape[0]
+            report.column += 1
+    if isinstance(head, torch.nn.Linear):
+        _head(head, reduce, rank, world, int(head.weight.shape[0]))  # a DTensor's shape is the global one
+        report.head = "vocab_parallel"
+    return report
