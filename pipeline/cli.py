@@ -22,7 +22,7 @@ from pipeline import console, launch, sweep
 from pipeline.config import flatten, is_secret_key
 from pipeline.contract import ConfigProblems, Problem, StageError
 from pipeline.distributed import is_worker
-from pipeline.runner import execute, make_plan
+from pipeline.runner import execute, make_plan, write_results
 from pipeline.tracking import PARENT_ENV, JobInfo, make_tracker, redact_overrides
 from pipeline.validate import Resolved, resolve
 
@@ -112,6 +112,7 @@ def run_job(cfg: DictConfig) -> float | None:
                                     int(hc.job.num) if in_sweep else 0)
     else:
         outcome = execute(resolved, plan, output_dir, tracker, job)
+    write_results(output_dir, outcome, getattr(tracker, "run_id", None))
     console.print_summary(outcome, tracker.where, getattr(tracker, "run_id", None))
     if outcome.status != "FINISHED":
         if in_sweep:

@@ -69,9 +69,13 @@ class LauncherSettings:
 
 
 def compose(overrides: list[str]) -> DictConfig:
-    """The config exactly as the CLI composes it from these overrides, without a Hydra runtime."""
+    """The config exactly as the CLI composes it from these overrides: inside a running ``optipipe``
+    (its search path, ``--config-dir`` included) or, without a Hydra runtime, from our package."""
     from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name="config", overrides=overrides)
     with initialize_config_module(version_base="1.3", config_module="conf"):
         return hydra_compose(config_name="config", overrides=overrides)
 

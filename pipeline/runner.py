@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,24 @@ class RunOutcome:
     results: dict[str, StageResult] = field(default_factory=dict)
     status: str = "FINISHED"
     error: str | None = None
+
+
+RESULTS_FILE = "metrics.json"
+
+
+def write_results(output_dir: Path, outcome: RunOutcome, run_id: str | None) -> Path:
+    """The run's numbers beside its config in the run directory, tracked or not (``tracker=none``):
+    every stage metric as ``<stage>/<metric>``, the tags, the status and the MLflow run id."""
+    def number(v: float) -> float | None:
+        return None if v != v else v  # JSON has no NaN
+
+    data = {"status": outcome.status, "error": outcome.error, "mlflow_run_id": run_id,
+            "metrics": {f"{stage}/{k}": number(v) for stage, r in outcome.results.items() for k, v in r.metrics.items()},
+            "tags": {k: v for r in outcome.results.values() for k, v in r.tags.items()},
+            "environment_file": "environment.json"}
+    path = output_dir / RESULTS_FILE
+    path.write_text(json.dumps(data, indent=1, default=str))
+    return path
 
 
 def make_plan(resolved: Resolved) -> LoadPlan:

@@ -24,6 +24,8 @@ class MlflowSweep(Callback):
         _active.append(self)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        params = config.hydra.sweeper.get("params") or {}  # an experiment's own sweep (hydra.sweeper.params)
+        check_every_point([f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task))
         settings, problems = typed(TrackerSettings, config.get("tracker"), "tracker")
         if problems or settings.kind != "mlflow" or tracker_problems(settings):
             return  # each job reports the problem itself, with exit code 2
@@ -70,6 +72,61 @@ class MlflowSweep(Callback):
         for path in files:
             client.log_artifact(self.run_id, str(path), artifact_path="report")
         print("\n" + report.markdown(rows) + "\n\n" + report.best_line(rows), flush=True)
+
+
+def sweep_points(overrides: list[str]) -> list[list[str]] | None:
+    """Every job's overrides, as the basic sweeper will run them (a cartesian product of the
+    comma lists and range()/choice() values); None when a search sweeper's intervals decide them."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.key_or_group.startswith("hydra"):
+            continue  # launcher/sweeper settings: nothing of ours to validate
+        if not o.is_sweep_override():
+            axes.append([o.input_line])
+            continue
+        if o.is_interval_sweep():
+            return None
+        axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+    return [list(p) for p in itertools.product(*axes)]
+
+
+def check_every_point(overrides: list[str]) -> None:
+    """One bad value in a sweep stops it before its first job: every problem of every point is
+    listed (the point named), exit code 2, nothing loaded, no parent run written."""
+    import sys
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline import console
+    from pipeline.config import compose
+    from pipeline.contract import ConfigProblems, Problem
+    from pipeline.validate import resolve
+
+    points = sweep_points(overrides) or []
+    varying = {o.split("=", 1)[0] for p in points for o in p if any(o not in q for q in points)}
+    where: dict[tuple[str, str, str], list[str]] = {}  # one problem → the points it occurs at
+    for point in points:
+        label = " ".join(o for o in point if o.split("=", 1)[0] in varying)
+        try:
+            resolve(compose(point))
+        except ConfigProblems as e:
+            for p in e.problems:
+                if p.severity != "warning":
+                    where.setdefault((p.key, p.message, p.fix), []).append(label)
+        except (HydraException, OmegaConfBaseException) as e:  # e.g. a key that only one point misspells
+            first = str(e).strip().splitlines()[0][:300]
+            where.setdefault(("sweep", f"does not compose: {first}", "fix or drop that value"), []).append(label)
+    if where:
+        console.print_problems([Problem(key, f"{msg} (sweep point{'s' if len(at) > 1 else ''}: "
+                                        f"{'every one' if len(at) == len(points) else ', '.join(at)})", fix)
+                                for (key, msg, fix), at in where.items()])
+        console.err.print(f"optipipe: the sweep has {len(points)} points; none was run")
+        sys.exit(2)
 
 
 def close_open_parent(status: str) -> None:

@@ -32,7 +32,8 @@ def readme_commands() -> list[tuple[str, list[str], str]]:
             if "optipipe" not in words:
                 continue
             args = words[words.index("optipipe") + 1:]
-            if args[:1] and args[0] in NOT_JOBS or any(p in code for p in PLACEHOLDERS) or NETWORK in comment:
+            flags = args[:1] and args[0].startswith("--")  # --help, --cfg: Hydra's own, not a job
+            if args[:1] and args[0] in NOT_JOBS or flags or any(p in code for p in PLACEHOLDERS) or NETWORK in comment:
                 continue
             out.append((line.strip(), args, comment.lower()))
     return out

@@ -12,13 +12,12 @@ its own ranks (stages/shard/replica_tp.py: transformers cannot shard over part o
 from __future__ import annotations
 
 import inspect
-import shutil
-import subprocess
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult
 from stages.shard.all_reduce import MODES as ALL_REDUCE_MODES, AllReduce, self_test
+from stages.shard.capacity import fits_one_gpu, gpu_memory_bytes, parameter_bytes
 from stages.shard.replica_tp import base_plan, shard_replica, unsupported_entries
 from stages.shard.tp_layers import localize
 
@@ -217,47 +216,6 @@ class TensorParallel(BaseStage):
 @dataclass
 class DataParallelConfig:
     tp_size: int = 1  # >1: each replica is tensor parallel over tp_size processes (4 GPUs = 2 × TP2)
-
-
-def gpu_memory_bytes() -> Optional[int]:
-    """Smallest total memory of the visible GPUs, read through nvidia-smi (the parent process must
-    not initialise CUDA); None when unknown."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-        return min(int(float(x)) for x in out.split()) * 2**20
-    except (subprocess.SubprocessError, ValueError, OSError):
-        return None
-
-
-def parameter_bytes(root: Any) -> Optional[float]:
-    """Parameters × bytes per parameter of the load dtype, from the config on the meta device."""
-    from stages.load.sources import architecture
-
-    arch = architecture(root.model)
-    if arch is None or root.model.task != "causal_lm":
-        return None
-    try:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.for_model(**arch)
-        with init_empty_weights():
-            n = AutoModelForCausalLM.from_config(config).num_parameters()
-    except Exception:  # an architecture we cannot instantiate empty: the rule is skipped
-        return None
-    dtype = root.stages["load"].torch_dtype_name()
-    return float(n) * (4 if dtype == "float32" else 2)
-
-
-def fits_one_gpu(param_bytes: Optional[float], gpu_bytes: Optional[int]) -> Optional[Problem]:
-    if param_bytes is None or gpu_bytes is None or param_bytes < 0.95 * gpu_bytes:
-        return None
-    return Problem("shard", f"a data-parallel replica holds every weight ({param_bytes / 2**30:.1f} GiB) "
-                   f"but one GPU has {gpu_bytes / 2**30:.1f} GiB", "shard=tensor_parallel, or "
-                   "shard.tp_size=2 (replicas of TP2), or quantize=int4_torchao")
 
 
 class DataParallel(BaseStage):

@@ -193,3 +193,39 @@ def test_one_new_token_reports_decode_as_not_applicable(tmp_path):
     assert not [k for k, v in run.data.metrics.items() if v != v]  # no NaN anywhere
     assert run.data.tags["generate.decode"].startswith("not applicable")
     assert run.data.params["load.num_threads"] == "1"
+
+
+def test_one_bad_sweep_point_stops_the_sweep_before_any_job(tmp_path):
+    proc = run_cli("-m", *TINY, "generate.batch_size=1,0,2", cwd=tmp_path, check=2)
+    assert "generate.batch_size: must be ≥ 1, got 0 (sweep point: generate.batch_size=0)" in proc.stderr
+    assert "none was run" in proc.stderr and "optipipe run" not in proc.stdout
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()  # no parent run, no job run
+    assert not list(tmp_path.glob("outputs/multirun/*/*/*"))
+
+
+def test_sweep_points_are_the_basic_sweepers_product():
+    from pipeline.sweep import sweep_points
+
+    points = sweep_points(["quantize=none,nf4", "generate.batch_size=range(1,4)", "model=tiny_random",
+                           "hydra/launcher=joblib"])
+    assert len(points) == 6 and ["quantize=nf4", "generate.batch_size=3", "model=tiny_random"] in points
+    assert sweep_points(["generate.batch_size=int(interval(1, 8))"]) is None  # a search sweeper's space
+
+
+def test_every_run_leaves_its_numbers_in_the_run_dir(tmp_path):
+    """metrics.json beside the config: untracked runs keep their results; tracked ones name the run."""
+    for tracker in ("none", "mlflow"):
+        run_cli(*TINY, f"tracker={tracker}", f"hydra.run.dir={tmp_path}/{tracker}", cwd=tmp_path, check=0)
+        data = json.loads((tmp_path / tracker / "metrics.json").read_text())
+        assert data["status"] == "FINISHED" and data["metrics"]["generate/decode_tokens_per_s"] > 0
+        assert data["metrics"]["load/parameters"] > 0 and data["tags"]["model.source"] == "random"
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert json.loads((tmp_path / "none" / "metrics.json").read_text())["mlflow_run_id"] is None
+    assert json.loads((tmp_path / "mlflow" / "metrics.json").read_text())["mlflow_run_id"] == runs[0].info.run_id
+
+
+def test_help_says_what_the_cli_can_do(tmp_path):
+    out = run_cli("--help", cwd=tmp_path, check=0).stdout
+    assert "optipipe bench --help" in out and "optipipe report --help" in out and "pipeline.dry_run=true" in out
+    assert "generate: default, encode, fast, none" in out and "shard: data_parallel" in out
+    assert "optipipe -sc install=bash" in out
