@@ -31,6 +31,15 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300
     return proc
 
 
+def default_sigint() -> None:
+    """preexec_fn for a process that a test interrupts: a shell that starts the test run in the
+    background (no job control) hands every child SIGINT ignored, and Python then never raises
+    KeyboardInterrupt; restore the terminal's default so the process sees Ctrl-C as a user would."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def mlflow_runs(store: Path):
     from mlflow.tracking import MlflowClient
 

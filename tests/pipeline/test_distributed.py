@@ -17,7 +17,7 @@ from pipeline.distributed import aggregate
 from pipeline.launch import visible_devices
 from pipeline.validate import resolve
 from stages.shard.parallel import fits_one_gpu
-from tests.conftest import ROOT, TINY, composed, mlflow_runs, run_cli
+from tests.conftest import ROOT, TINY, composed, default_sigint, mlflow_runs, run_cli
 
 TORCHRUN = ("launcher=torchrun", "launcher.nproc_per_node=2")
 
@@ -189,7 +189,7 @@ def test_ctrl_c_stops_every_rank_and_marks_the_run_killed(tmp_path, rank_plugin)
                              "evaluate._target_=rank_trouble.RankTrouble", "+evaluate.hang_s=600",
                              "pipeline.allow=[rank_trouble]", f"hydra.run.dir={run_dir}"],
                             cwd=tmp_path, env={**os.environ, **rank_plugin, "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "generate_samples_rank1.jsonl").exists():
         time.sleep(0.5)

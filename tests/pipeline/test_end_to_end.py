@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY, mlflow_runs, run_cli
+from tests.conftest import ROOT, TINY, default_sigint, mlflow_runs, run_cli
 
 PLUGIN = '''
 import time
@@ -125,7 +125,7 @@ def interrupt_once(tmp_path: Path, plugin_path: Path, args: list[str], samples_g
     env = {**os.environ, **plugin_env(plugin_path), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "evaluate._target_=echo_stage.Echo",
                              "+evaluate.sleep_s=60"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
     deadline = time.time() + 90
     while time.time() < deadline and not list(tmp_path.glob(samples_glob)):
         time.sleep(0.5)
