@@ -20,7 +20,7 @@ is left to transformers as it is: ``localize`` changes nothing and says why.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,7 +65,6 @@ class LocalTp:
     row: int = 0
     head: str = "replicated"  # vocab_parallel | replicated
     skipped: str = ""  # non-empty: the model was left to transformers' own TP, and why
-    styles: dict[str, str] = field(default_factory=dict)
 
     @property
     def layers(self) -> int:
@@ -132,7 +131,7 @@ def localize(model: Any, reduce: AllReduce, rank: int, world: int, vocab_paralle
     """Take over the TP plan's layers of ``model`` (loaded by transformers' TP), in place."""
     plan = dict(getattr(model, "tp_plan", None) or {})
     chosen = [(m, plan_style(n, plan)) for n, m in model.named_modules() if plan_style(n, plan)]
-    report = LocalTp(styles={s: s for _, s in chosen})
+    report = LocalTp()
     unknown = sorted({s for m, s in chosen if not _supported(m, s)})
     if not chosen or unknown:
         report.skipped = (f"plan styles {', '.join(unknown)} are transformers' own" if unknown
