@@ -7,7 +7,8 @@ against the one-GPU `generate=fast` row of the same batch measured by the same i
     python benchmarks/gpu_table.py --render DIR/gpu_table.json [...] --into BENCHMARKS.md   (tables only)
 
 Rows start in the order given, each as soon as enough of the host's GPUs are free, so on a host
-with more GPUs than a row needs, rows run side by side on disjoint GPUs.
+with more GPUs than a row needs, rows run side by side on disjoint GPUs; `--sequential` runs them
+one at a time (slower, but no neighbour's compile or load beside a timed row).
 
 `--gptfast DIR` adds gpt-fast's own one-GPU and tensor-parallel rows (a copy of
 ../shared/anchors/gptfast, measuring only). `--into` replaces the section between the
@@ -36,12 +37,15 @@ TP2 = ["shard=tensor_parallel", "launcher=torchrun", "launcher.nproc_per_node=2"
 TP4 = ["shard=tensor_parallel", "launcher=torchrun", "launcher.nproc_per_node=4"]
 DP = ["shard=data_parallel", "launcher=torchrun"]
 FAST = ["generate=fast"]
+NO_CD = ["generate.fast_coordinate_descent=false"]
 # name: (GPUs, batch, overrides, what the row is)
 ROWS = {
     "one_gpu_b1": (1, 1, FAST, "one GPU, `generate=fast`"),
     "one_gpu_b32": (1, 32, FAST, "one GPU, `generate=fast`"),
+    "one_gpu_b1_cublas": (1, 1, FAST + NO_CD, "one GPU, `generate=fast`, cuBLAS matmuls (no coordinate descent)"),
     "tp2_b1": (2, 1, TP2 + FAST, "TP2, our layers + all-reduce (`shard=tensor_parallel generate=fast`)"),
     "tp2_b32": (2, 32, TP2 + FAST, "TP2, our layers + all-reduce"),
+    "tp2_b1_cublas": (2, 1, TP2 + FAST + NO_CD, "TP2, our layers + all-reduce, cuBLAS matmuls"),
     "tp2_nccl_b1": (2, 1, TP2 + FAST + ["shard.all_reduce=process_group"], "TP2, our layers, NCCL all-reduce"),
     "tp2_hf_layers_b1": (2, 1, TP2 + FAST + ["shard.runtime=transformers"],
                          "TP2, transformers' DTensor layers + our engine"),
@@ -125,12 +129,13 @@ def need(name: str, gpus: int) -> int:
     return ROWS[name][0] if torch.cuda.is_available() else 1
 
 
-def run(names: list[str], out: Path, timeout: int, gptfast: Path | None, extra: list[str], gpus: int) -> dict:
-    """Start rows in order as GPUs free up; collect each as it ends."""
+def run(names: list[str], out: Path, timeout: int, gptfast: Path | None, extra: list[str], gpus: int,
+        sequential: bool = False) -> dict:
+    """Start rows in order as GPUs free up (``sequential``: each alone on the host); collect each as it ends."""
     out.mkdir(parents=True, exist_ok=True)
     pending, running, free, rows = list(names), [], list(range(gpus)), []
     while pending or running:
-        while pending and need(pending[0], gpus) <= len(free):
+        while pending and need(pending[0], gpus) <= len(free) and not (sequential and running):
             need_now = need(pending[0], gpus)
             running.append(job(pending.pop(0), out, timeout, extra, free[:need_now]))
             free = free[need_now:]
@@ -228,6 +233,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"any of {', '.join(ROWS)}")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per job")
     ap.add_argument("--gptfast", type=Path, help="folder with gpt-fast's anchor (a copy of ../shared/anchors/gptfast)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="one row at a time (no neighbour compiling or loading beside a timed row)")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every job (e.g. a small model)")
     ap.add_argument("--render", type=Path, nargs="*", help="only render these result JSONs (one table each)")
     ap.add_argument("--into", type=Path, help="replace the gpu_table section of this markdown file")
@@ -242,7 +249,8 @@ def main() -> None:
         too_big = [n for n in args.rows.split(",") if need(n, gpus) > gpus]
         if too_big:
             raise SystemExit(f"rows {too_big} need more than the {gpus} GPUs of this host: leave them out of --rows")
-        results = [run(args.rows.split(","), args.out, args.timeout, args.gptfast, args.set, gpus)]
+        results = [run(args.rows.split(","), args.out, args.timeout, args.gptfast, args.set, gpus,
+                        args.sequential)]
         (args.out / "gpu_table.json").write_text(json.dumps(results[0], indent=1))
     text = "\n\n".join(table(r) for r in results)
     print(text)

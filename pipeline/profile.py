@@ -14,10 +14,14 @@ from typing import Any, Callable
 
 # kernel / op name → category; first match wins
 CATEGORIES: list[tuple[str, re.Pattern]] = [
+    # an M=1 matmul that inductor turned into a reduction (coordinate-descent tuning) keeps "mm" in
+    # the fused kernel's name; it streams weights like any matmul
+    ("matmul", re.compile(r"^triton_(red|per)_fused_(\w*_)?mm(_|$)")),
+    # inductor's other kernels are named after every op they fused ("…_bmm_cat_cos…", "…_tp_all_reduce_…"
+    # when the fused ops feed a collective): element-wise work, whatever the names of its neighbours
+    ("other", re.compile(r"^triton_(poi|red|per)_")),
     ("communication", re.compile(r"nccl|all_?reduce|all_?gather|reduce_scatter|gloo|c10d|wait_tensor", re.I)),
     ("attention", re.compile(r"attention|attn|sdpa|flash|fmha|softmax", re.I)),
-    # inductor's pointwise / reduction kernels are named after every op they fused ("…_bmm_cat_cos…")
-    ("other", re.compile(r"^triton_(poi|red|per)_")),
     ("matmul", re.compile(r"gemm|matmul|(^|[^a-z])mm([^a-z]|$)|addmm|bmm|linear|cutlass|nvjet|sm90_|int4pack|tinygemm",
                           re.I)),
     ("copy", re.compile(r"copy|memcpy|memset|cat|index", re.I)),

@@ -50,13 +50,28 @@ def choose(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
+def step_compile_options(mode: str, coordinate_descent: bool) -> dict[str, Any]:
+    """inductor options for the decode step: ``mode``'s own, plus coordinate-descent tuning when asked.
+
+    At batch 1 every projection is a matrix-vector product (M = 1). cuBLAS runs those below the
+    memory bandwidth they could reach; with coordinate-descent tuning on, inductor rewrites an M = 1
+    matmul as a multiply-and-sum reduction, fuses it with its neighbours and tunes its block sizes
+    on the card — the setting gpt-fast compiles with. (``torch.compile`` takes a mode or options,
+    not both: the mode's options are spelled out here.)"""
+    from torch._inductor import list_mode_options
+
+    return {**list_mode_options(mode), **({"coordinate_descent_tuning": True} if coordinate_descent else {})}
+
+
 class FastDecoder:
     """Owns one static cache sized for (batch, prompt + new tokens) and the compiled step."""
 
     def __init__(self, model: Any, compile_mode: str | None = "reduce-overhead",
                  stop_check_every: int = 16, sampling: Sampling | None = None,
-                 gqa_attention: bool = True, compile_prefill: bool = False) -> None:
+                 gqa_attention: bool = True, compile_prefill: bool = False,
+                 coordinate_descent: bool = True) -> None:
         self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
+        self.coordinate_descent = coordinate_descent
         # The prefill is one forward per generation; eager it launches every kernel from Python.
         # Compiled (no CUDA graph: prompt lengths vary, dynamic shapes after the first recompile)
         # its small ops fuse. Off by default: not yet measured on a GPU.
@@ -93,8 +108,8 @@ class FastDecoder:
             if self.compile_mode is None:
                 self._step = self._decode_step
             else:
-                self._step = torch.compile(self._decode_step, mode=self.compile_mode, fullgraph=True,
-                                           dynamic=False)
+                self._step = torch.compile(self._decode_step, fullgraph=True, dynamic=False,
+                                           options=step_compile_options(self.compile_mode, self.coordinate_descent))
         return self._step
 
     def _prefill(self, input_ids, attention_mask, max_new_tokens):
@@ -124,6 +139,13 @@ class FastDecoder:
         """The attention implementation the decode steps run with (for the run's tags)."""
         gqa = self.gqa_attention and GqaDecodeAttention(self.model).active
         return GQA_DECODE_ATTENTION if gqa else str(self.model.config._attn_implementation)
+
+    def kernel_tuning(self) -> str:
+        """How the decode step's kernels were chosen (for the run's tags)."""
+        if self.compile_mode is None:
+            return "eager"
+        return "coordinate_descent" if step_compile_options(self.compile_mode, self.coordinate_descent).get(
+            "coordinate_descent_tuning") else "inductor_default"
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,

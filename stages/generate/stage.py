@@ -50,6 +50,7 @@ class GenerateConfig:
     stop_check_every: int = 16  # fast engine: tokens between its "every row finished?" checks
     fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
     fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
+    fast_coordinate_descent: bool = True  # fast engine: inductor tunes the step's kernels (M=1 matmuls as reductions)
     profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
 
 
@@ -97,6 +98,11 @@ class Generate(BaseStage):
         if c.chat_template not in ("auto", "on", "off"):
             out.append(Problem("generate.chat_template", f"unknown mode {c.chat_template!r}",
                                "generate.chat_template=auto|on|off"))
+        if not 0 < c.top_p <= 1:
+            out.append(Problem("generate.top_p", f"must be in (0, 1], got {c.top_p}",
+                               "generate.top_p=0.9 (1.0: no nucleus cut)"))
+        if c.top_k < 0:
+            out.append(Problem("generate.top_k", f"must be ≥ 0, got {c.top_k}", "generate.top_k=50 (0: no top-k cut)"))
         if c.do_sample and c.temperature <= 0:
             out.append(Problem("generate.temperature", "sampling needs temperature > 0",
                                "generate.temperature=0.7 or generate.do_sample=false"))
@@ -178,6 +184,7 @@ class Generate(BaseStage):
             profile = self._profile(ctx, model, inputs, kwargs, devices) if c.profile else {}
         if c.engine == "fast":  # what the decode steps attended with (the model's own, or ours for GQA)
             hook_tags["generate.decode_attention"] = self._decoder(model).decode_attention()
+            hook_tags["generate.kernel_tuning"] = self._decoder(model).kernel_tuning()
         metrics = summary.metrics()
         metrics["warmup_seconds"] = warmup_s  # includes compile time when convert compiles
         metrics["recompiles_timed"] = float(compiled_graphs() - graphs_before)
@@ -251,7 +258,7 @@ class Generate(BaseStage):
         if engine is None:
             sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)
             engine = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention,
-                                 c.fast_compile_prefill)
+                                 c.fast_compile_prefill, c.fast_coordinate_descent)
             model._optipipe_fast_decoder = engine
         return engine
 

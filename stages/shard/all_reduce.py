@@ -8,10 +8,11 @@ copies its part into a buffer its peers can read, and one kernel reads all parts
 one hop instead of a ring ("one-shot"). Messages over the buffer's size, CPUs (gloo) and GPUs
 without peer access use the process group's own all-reduce; ``kind`` says which one runs.
 
-The layers call two custom ops that do the matmul too: its output is written straight into the
-shared buffer (no copy kernel per reduction, 64 fewer launches per decode step). ``torch.compile``
-keeps the ops whole in its graph (no graph break) and a CUDA graph captures their kernels; the
-buffer is allocated and exchanged before any capture.
+The layers' matmuls stay outside the ops, where ``torch.compile`` can fuse and tune them (at batch
+1 inductor turns them into tuned reductions); the one-shot kernel copies the local partial sum
+into the shared buffer itself (``one_shot_all_reduce_copy``: no copy kernel per reduction).
+``torch.compile`` keeps the ops whole in its graph (no graph break) and a CUDA graph captures their
+kernels; the buffer is allocated and exchanged before any capture.
 """
 
 from __future__ import annotations
@@ -37,27 +38,16 @@ def _(x: torch.Tensor, reducer: str) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("optipipe::tp_linear_sum", mutates_args=())
-def tp_linear_sum(x: torch.Tensor, weight: torch.Tensor, reducer: str) -> torch.Tensor:
-    """``x @ weight.T`` summed over the group: a row-parallel layer's partial products, reduced."""
-    return _REDUCERS[reducer].linear_sum(x, weight)
+@torch.library.custom_op("optipipe::tp_gather_columns", mutates_args=())
+def tp_gather_columns(y: torch.Tensor, reducer: str, width: int) -> torch.Tensor:
+    """Every rank's ``y`` side by side, cut to ``width`` columns: a vocabulary-parallel head's full
+    logits (each rank holds ``ceil(width / world)`` columns, the last rank fewer)."""
+    return _REDUCERS[reducer].gather_columns(y, width)
 
 
-@tp_linear_sum.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, reducer: str) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("optipipe::tp_linear_gather", mutates_args=())
-def tp_linear_gather(x: torch.Tensor, weight: torch.Tensor, reducer: str, width: int) -> torch.Tensor:
-    """Every rank's ``x @ weight.T`` side by side, cut to ``width`` columns: a vocabulary-parallel
-    head's full logits (each rank holds ``ceil(width / world)`` rows of the head, the last fewer)."""
-    return _REDUCERS[reducer].linear_gather(x, weight, width)
-
-
-@tp_linear_gather.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, reducer: str, width: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], width)
+@tp_gather_columns.register_fake
+def _(y: torch.Tensor, reducer: str, width: int) -> torch.Tensor:
+    return y.new_empty(*y.shape[:-1], width)
 
 
 def symm_mem_problem(group: Any, device: torch.device) -> str | None:
@@ -132,52 +122,31 @@ class AllReduce:
         self.calls += 1
         return self.buffer[start:start + nbytes].view(dtype).view(shape)
 
-    def _sum(self, shared: torch.Tensor) -> torch.Tensor:
-        # the kernel sums every rank's copy in rank order, so all ranks hold bit-identical results
-        # (their greedy choices cannot diverge)
-        return torch.ops.symm_mem.one_shot_all_reduce(shared, "sum", self.group.group_name)
-
     def run(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         shared = self._slot(tuple(x.shape), x.dtype)
         if shared is not None:
-            shared.copy_(x)
-            return self._sum(shared)
+            # one kernel copies this rank's part in and sums every rank's copy in rank order, so all
+            # ranks hold bit-identical results (their greedy choices cannot diverge)
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(shared, x.contiguous(), "sum",
+                                                               self.group.group_name)
         out = x.contiguous().clone()
         dist.all_reduce(out, group=self.group)
         return out
 
-    def linear_sum(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        shared = self._slot((rows.shape[0], weight.shape[0]), x.dtype)
-        if shared is None:
-            return self.run(torch.mm(rows, weight.t())).view(*x.shape[:-1], weight.shape[0])
-        torch.mm(rows, weight.t(), out=shared)  # the matmul writes where the peers read
-        return self._sum(shared).view(*x.shape[:-1], weight.shape[0])
-
-    def linear_gather(self, x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
-        """Rank r's block goes to slot r of (world, rows, chunk), the rest stays zero: the sum over
-        ranks is then the concatenation (x + 0 is exact)."""
+    def gather_columns(self, y: torch.Tensor, width: int) -> torch.Tensor:
+        """Rank r's columns go to block r of (world, rows, chunk), zero elsewhere: the sum over ranks
+        is then the concatenation (y + 0 is exact)."""
         import torch.distributed as dist
 
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        rows, chunk = x.reshape(-1, x.shape[-1]), -(-width // world)
-        shared = self._slot((world, rows.shape[0], chunk), x.dtype)
-        blocks = torch.zeros(world, rows.shape[0], chunk, dtype=x.dtype, device=x.device) if shared is None else shared
-        if shared is not None:
-            shared.zero_()
-        if weight.shape[0] == chunk:  # this rank's block is contiguous: the matmul writes it in place
-            torch.mm(rows, weight.t(), out=blocks[rank])
-        else:  # the last rank of an uneven split: a narrower block
-            blocks[rank, :, :weight.shape[0]].copy_(torch.mm(rows, weight.t()))
-        if shared is not None:
-            summed = self._sum(shared)
-        else:
-            dist.all_reduce(blocks, group=self.group)
-            summed = blocks
+        rows, chunk = y.reshape(-1, y.shape[-1]), -(-width // world)
+        blocks = torch.zeros(world, rows.shape[0], chunk, dtype=y.dtype, device=y.device)
+        blocks[rank, :, :rows.shape[1]] = rows  # the last rank of an uneven split fills fewer columns
+        summed = self.run(blocks)
         full = summed.permute(1, 0, 2).reshape(rows.shape[0], world * chunk)[:, :width].contiguous()
-        return full.reshape(*x.shape[:-1], width)
+        return full.reshape(*y.shape[:-1], width)
 
 
 def self_test(reduce: AllReduce, device: torch.device, rank: int, world: int) -> bool:

@@ -37,7 +37,7 @@ class RowParallelLinear(torch.nn.Linear):
     reduce: AllReduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.optipipe.tp_linear_sum(x, self.weight, self.reduce.name)
+        y = self.reduce(torch.nn.functional.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -49,12 +49,8 @@ class VocabParallelHead(torch.nn.Linear):
     vocab: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:  # rare in heads: bias slice appended as one more input column
-            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
-            weight = torch.cat([self.weight, self.bias[:, None]], -1)
-        else:
-            weight = self.weight
-        return torch.ops.optipipe.tp_linear_gather(x, weight, self.reduce.name, self.vocab)
+        local = torch.nn.functional.linear(x, self.weight, self.bias)
+        return torch.ops.optipipe.tp_gather_columns(local, self.reduce.name, self.vocab)
 
 
 @dataclass

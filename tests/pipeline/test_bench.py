@@ -68,5 +68,13 @@ def test_kernel_names_fall_into_categories():
     assert category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert category("triton_poi_fused_add_mul_0") == "other"
+    # inductor's M=1 matmuls (coordinate descent) are reductions named after the mm they came from
+    assert category("triton_red_fused__unsafe_view_mm_mul_silu_t_view_9") == "matmul"
+    assert category("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_13") == "other"
+    # a kernel that feeds our all-reduce op is named after it, but does no communication
+    assert category("triton_red_fused__unsafe_view_mm_mul_silu_t_tp_all_reduce_view_9") == "matmul"
+    assert category("triton_poi_fused_add_tp_all_reduce_3") == "other"
+    assert category("void (anonymous namespace)::one_shot_all_reduce_kernel<c10::BFloat16, 16, 2>") == "communication"
+    assert category("triton_poi_fused__to_copy_bmm_cat_cos_index_copy_mm_mul_neg") == "other"  # pointwise: no matmul
     assert category("triton_poi_fused__to_copy_add_arange_bmm_cat_cos_index_copy_mul_neg_sin_slice") == "other"
     assert category("triton_tem_fused_mm_0") == category("aten::mm") == "matmul"  # max-autotune's templates

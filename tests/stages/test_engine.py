@@ -93,8 +93,22 @@ def test_generate_fast_gives_the_transformers_output(tmp_path, model):
     assert fast_out == ref_out
     assert fast.metrics["decode_tokens_per_s"] > 0 and fast.metrics["recompiles_timed"] == 0
     assert fast.tags["generate.decode_attention"] == "optipipe_gqa_decode"  # both models are GQA
+    assert fast.tags["generate.kernel_tuning"] == "coordinate_descent"
     if model == "smollm2_135m":
         assert "Paris" in fast_out[0]
+
+
+def test_decode_step_options_keep_the_mode_and_add_tuning_when_asked():
+    from stages.generate.engine import step_compile_options
+
+    assert step_compile_options("reduce-overhead", True) == {"triton.cudagraphs": True,
+                                                             "coordinate_descent_tuning": True}
+    assert step_compile_options("reduce-overhead", False) == {"triton.cudagraphs": True}
+    assert step_compile_options("default", False) == {}
+    assert step_compile_options("max-autotune", False)["coordinate_descent_tuning"]  # the mode's own
+    tiny = torch.nn.Linear(2, 2)
+    assert FastDecoder(tiny, compile_mode=None).kernel_tuning() == "eager"
+    assert FastDecoder(tiny, coordinate_descent=False).kernel_tuning() == "inductor_default"
 
 
 def test_fast_engine_rules():
@@ -120,6 +134,10 @@ def test_fast_engine_with_cuda_graphs_equals_generate(tiny_model):
         engine = FastDecoder(model, compile_mode="reduce-overhead", stop_check_every=4)
         for _ in range(2):  # the second call replays the captured graph
             assert torch.equal(engine.generate(ids, mask, 24, eos, pad_token_id=0), plain(model, ids, mask, 24, eos))
+        # batch 1: with coordinate descent every matmul of the step is an M=1 reduction of inductor's
+        one = FastDecoder(model, compile_mode="reduce-overhead", coordinate_descent=True)
+        assert torch.equal(one.generate(ids[-1:], mask[-1:], 24, [], pad_token_id=0),
+                           plain(model, ids[-1:], mask[-1:], 24, eos=[]))
     finally:
         tiny_model.to("cpu")
 
