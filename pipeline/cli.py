@@ -46,9 +46,13 @@ def _redacted_yaml(cfg: DictConfig) -> str:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Identity of a job's configuration (``pipeline.resume`` itself left out)."""
+    """Identity of a job: its resolved configuration (``pipeline.resume`` itself left out) and the
+    environment it measures in (versions, commit, cards)."""
+    from pipeline.environment import fingerprint
+
     data = OmegaConf.to_container(cfg, resolve=True)
     data.get("pipeline", {}).pop("resume", None)
+    data["_environment"] = fingerprint()
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -122,7 +126,8 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 def _reuse_finished(cfg: DictConfig, tracker, job_num: int) -> bool:
-    """Re-running a sweep skips jobs that already finished with this exact config."""
+    """With ``pipeline.resume=true`` a sweep skips jobs that already finished with this exact config
+    in this environment."""
     earlier = tracker.finished_run(config_hash(cfg)) if hasattr(tracker, "finished_run") else None
     if earlier is None:
         return False
@@ -130,7 +135,7 @@ def _reuse_finished(cfg: DictConfig, tracker, job_num: int) -> bool:
     if parent:
         tracker.note_reused(parent, job_num, earlier)
     console.out.print(f"optipipe: skipped, this exact config already FINISHED as run {earlier} "
-                      "(pipeline.resume=false runs it again)")
+                      "(drop pipeline.resume=true to run it again)")
     return True
 
 

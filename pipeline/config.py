@@ -35,7 +35,7 @@ class PipelineSettings:
     dry_run: bool = False
     allow: list[str] = field(default_factory=list)  # extra module prefixes allowed as _target_
     seed: int = 0
-    resume: bool = True  # in a sweep, skip a job whose identical resolved config already FINISHED
+    resume: bool = False  # true: in a sweep, skip a job whose identical config and environment already FINISHED
     memory_budget_gib: Optional[float] = None  # a job above it is infeasible: it ends early, FAILED
 
 

@@ -63,3 +63,13 @@ def describe() -> dict[str, Any]:
         "nvidia_driver": nvidia_driver() if gpus else None,
         "git_commit": git_commit(),
     }
+
+
+def fingerprint() -> dict[str, Any]:
+    """What a measurement depends on besides its config: package versions, the source commit and the
+    cards (not the host's name or load). Two runs with equal configs and fingerprints measured the
+    same thing; a resumed sweep reuses a run only then."""
+    env = describe()
+    return {"python": env["python"], "packages": env["packages"], "cuda": env["cuda"],
+            "gpus": [(g["name"], g["capability"]) for g in env["gpus"]], "git_commit": env["git_commit"]}
+

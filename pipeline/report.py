@@ -34,12 +34,17 @@ class Row:
     status: str
     gate: str
     values: dict[str, float] = field(default_factory=dict)
+    reused: bool = False  # a resumed sweep's stand-in: measured by an earlier run (run_id), not this sweep
 
     def value(self, column: str) -> float:
         return self.values.get(column, math.nan)
 
+    @property
+    def status_text(self) -> str:
+        return f"{self.status} (reused from {self.run_id})" if self.reused else self.status
 
-def row_of(run: Any) -> Row:
+
+def row_of(run: Any, reused: bool = False) -> Row:
     m, tags = run.data.metrics, run.data.tags
     values = {}
     for column, names in COLUMNS:
@@ -47,7 +52,7 @@ def row_of(run: Any) -> Row:
         if found is not None:
             values[column] = found
     return Row(run.info.run_id, tags.get("optipipe.overrides", run.info.run_name or ""),
-               run.info.status, tags.get("evaluate.gate", "not set"), values)
+               run.info.status, tags.get("evaluate.gate", "not set"), values, reused)
 
 
 def sweep_rows(client: Any, parent_run_id: str) -> list[Row]:
@@ -56,7 +61,7 @@ def sweep_rows(client: Any, parent_run_id: str) -> list[Row]:
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               order_by=["attributes.start_time ASC"])
     reused = [client.get_run(v) for k, v in sorted(parent.data.tags.items()) if k.startswith("optipipe.reused.")]
-    return [row_of(r) for r in reused + runs]
+    return [row_of(r, reused=True) for r in reused] + [row_of(r) for r in runs]
 
 
 def latest_sweep(client: Any, experiment: str) -> str:
@@ -93,7 +98,8 @@ def short_labels(rows: list[Row]) -> list[str]:
     """Each row's overrides without those every row shares: what the sweep varied."""
     tokens = [r.overrides.split() for r in rows]
     common = set.intersection(*(set(t) for t in tokens)) if tokens else set()
-    return [" ".join(t for t in ts if t not in common) or r.run_id[:8] for ts, r in zip(tokens, rows)]
+    return [(" ".join(t for t in ts if t not in common) or r.run_id[:8]) + (" (reused)" if r.reused else "")
+            for ts, r in zip(tokens, rows)]
 
 
 def _cell(v: float) -> str:
@@ -105,7 +111,7 @@ def markdown(rows: list[Row]) -> str:
     lines = ["| overrides | status | gate | " + " | ".join(cols) + " |",
              "|" + "---|" * (3 + len(cols))]
     for r in rows:
-        lines.append(f"| {r.overrides} | {r.status} | {r.gate} | "
+        lines.append(f"| {r.overrides} | {r.status_text} | {r.gate} | "
                      + " | ".join(_cell(r.value(c)) for c in cols) + " |")
     return "\n".join(lines)
 
@@ -114,9 +120,9 @@ def csv_text(rows: list[Row]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     cols = [c for c, _ in COLUMNS]
-    writer.writerow(["run_id", "overrides", "status", "gate", *cols])
+    writer.writerow(["run_id", "overrides", "status", "gate", "reused", *cols])
     for r in rows:
-        writer.writerow([r.run_id, r.overrides, r.status, r.gate, *(r.values.get(c, "") for c in cols)])
+        writer.writerow([r.run_id, r.overrides, r.status, r.gate, r.reused, *(r.values.get(c, "") for c in cols)])
     return buf.getvalue()
 
 
@@ -178,4 +184,5 @@ def best_line(rows: list[Row]) -> str:
     b = best(rows)
     if b is None:
         return "no finished configuration passed its quality gate"
-    return f"best: optipipe {b.overrides}   ({_cell(b.value('tokens_per_s'))} tok/s)"
+    reused = f", reused from run {b.run_id}" if b.reused else ""
+    return f"best: optipipe {b.overrides}   ({_cell(b.value('tokens_per_s'))} tok/s{reused})"

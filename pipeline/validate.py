@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,9 +48,24 @@ def build_stage(name: str, node: Any, allow: list[str]) -> tuple[BaseStage | Non
     return stage, []
 
 
+def unknown_sections(cfg: DictConfig) -> list[Problem]:
+    """Top-level keys that no part of the pipeline reads (``+pipline.dry_run=true``): refused, not
+    silently ignored, with the closest known section."""
+    known = [*SECTIONS, *STAGE_ORDER]
+    out = []
+    for key in cfg.keys():
+        if key in known or key == "hydra":
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1)
+        out.append(Problem(str(key), "unknown top-level section: nothing reads it",
+                           f"did you mean {close[0]}.…?" if close else
+                           f"remove it; the sections are {', '.join(known)}"))
+    return out
+
+
 def resolve(cfg: DictConfig) -> Resolved:
     """Everything the run needs, or ``ConfigProblems`` listing every problem found."""
-    problems: list[Problem] = []
+    problems: list[Problem] = unknown_sections(cfg)
     sections: dict[str, Any] = {}
     for key, schema in SECTIONS.items():
         value, found = typed(schema, cfg.get(key), key)

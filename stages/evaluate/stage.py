@@ -84,6 +84,9 @@ class Evaluate(BaseStage):
         if c.reference_dtype not in (None, "bfloat16", "float16", "float32"):
             out.append(Problem("evaluate.reference_dtype", f"unknown dtype {c.reference_dtype!r}",
                                "evaluate.reference_dtype=float32"))
+        if c.corpus.max_chars < 1:
+            out.append(Problem("evaluate.corpus.max_chars", f"must be ≥ 1, got {c.corpus.max_chars}",
+                               "evaluate.corpus.max_chars=8000"))
         if c.corpus.file and c.corpus.dataset:
             out.append(Problem("evaluate.corpus", "both a file and a dataset are set",
                                "keep one: evaluate.corpus.dataset=null"))

@@ -52,3 +52,9 @@ def test_default_plan_is_the_embedded_model_on_cpu_or_cuda():
     assert plan.kwargs["attn_implementation"] == "sdpa"
     assert plan.kwargs["trust_remote_code"] is False
     assert plan.contributed_by["device_map"] == "shard"
+
+
+def test_an_experiment_file_sets_pipeline_keys():
+    """Experiments compose after config.yaml's own block, so their pipeline.* values hold."""
+    assert composed("experiment=optuna_search").pipeline.memory_budget_gib == 4.0
+    assert composed().pipeline.memory_budget_gib is None

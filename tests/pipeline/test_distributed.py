@@ -67,6 +67,7 @@ def test_scaling_preset_data_parallel_two_ranks_one_run_per_job(tmp_path):
     """experiment=multi_gpu_scaling narrowed to what a CPU does: data parallel, 2 gloo ranks."""
     proc = run_cli("-m", "experiment=multi_gpu_scaling", *TINY, "load.dtype=float32", *TORCHRUN,
                    "shard=data_parallel", "generate.max_new_tokens=6", "generate.batch_size=1,2",
+                   "generate.fast_compile_mode=null",  # the preset's engine, eager: placement is under test
                    cwd=tmp_path, check=0, timeout=600)
     assert proc.stdout.count("optipipe: torchrun ×2") == 2 and "best: optipipe" in proc.stdout
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
@@ -122,8 +123,9 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
 def test_replicas_of_tensor_parallel_give_the_single_process_text(tmp_path):
     """4 gloo ranks = 2 replicas × TP2: each replica's two ranks run the same tokens, and each
     replica's text equals one process generating for that replica's prompts."""
+    # eager steps: compiling in 4 ranks on a 2-core CI machine costs a minute; the TP test above compiles
     common = (*TINY, "generate.max_new_tokens=8", "generate.benchmark=true", "generate.batch_size=2",
-              "generate=fast")
+              "generate=fast", "generate.fast_compile_mode=null")
     run_cli(*common, "launcher=torchrun", "launcher.nproc_per_node=4", "shard=data_parallel", "shard.tp_size=2",
             f"hydra.run.dir={tmp_path}/dptp", cwd=tmp_path, check=0, timeout=600)
     ranks = [samples(tmp_path / "dptp", f"generate_samples_rank{r}.jsonl") for r in range(4)]

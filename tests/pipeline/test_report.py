@@ -8,7 +8,7 @@ import csv
 import io
 
 from pipeline import report
-from tests.conftest import TINY, mlflow_runs, run_cli
+from tests.conftest import TINY, composed, mlflow_runs, run_cli
 
 
 def fake(run_id, tok_s, mem, gate="not set", status="FINISHED"):
@@ -49,16 +49,32 @@ def test_report_on_unknown_experiment_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_rerunning_a_sweep_skips_finished_jobs_unless_asked(tmp_path):
+def test_a_rerun_sweep_measures_again_unless_resume_is_asked(tmp_path):
     sweep = ("-m", *TINY, "generate.batch_size=1,2")
     run_cli(*sweep, cwd=tmp_path, check=0)
-    again = run_cli(*sweep, cwd=tmp_path, check=0)
-    assert again.stdout.count("already FINISHED") == 2 and "best: optipipe" in again.stdout
-    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
-    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 2  # no new job runs
-    run_cli(*sweep, "pipeline.resume=false", cwd=tmp_path, check=0)
+    again = run_cli(*sweep, cwd=tmp_path, check=0)  # the default: every point measured
+    assert "already FINISHED" not in again.stdout
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 4
+    resumed = run_cli(*sweep, "pipeline.resume=true", cwd=tmp_path, check=0)
+    assert resumed.stdout.count("already FINISHED") == 2 and "best: optipipe" in resumed.stdout
+    assert "reused from run" in resumed.stdout.split("best:")[1].splitlines()[0]
+    summary = sorted((tmp_path / "outputs").rglob("summary.md"), key=lambda p: p.stat().st_mtime)[-1].read_text()
+    assert summary.count("(reused from ") == 2
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 4  # no new job runs
+
+
+def test_a_job_identity_includes_its_environment(monkeypatch):
+    from pipeline import environment
+    from pipeline.cli import config_hash
+
+    cfg = composed(*TINY)
+    here = config_hash(cfg)
+    assert config_hash(cfg) == here
+    real = environment.fingerprint
+    monkeypatch.setattr(environment, "fingerprint", lambda: {**real(), "gpus": [("NVIDIA H200", "9.0")]})
+    assert config_hash(cfg) != here  # another card: not the same measurement
 
 
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):

@@ -30,6 +30,20 @@ def test_all_problems_are_reported_at_once():
         assert key in text
 
 
+@pytest.mark.parametrize("overrides,key,fix", [
+    (("generate.top_p=1.5",), "generate.top_p", "generate.top_p=0.9"),
+    (("generate.top_p=0",), "generate.top_p", "generate.top_p=0.9"),
+    (("generate.top_k=-1",), "generate.top_k", "generate.top_k=50"),
+    (("evaluate=quality", "evaluate.corpus.max_chars=0"), "evaluate.corpus.max_chars", "evaluate.corpus.max_chars="),
+    (("+pipline.dry_run=true",), "pipline", "did you mean pipeline"),
+    (("+genrate.batch_size=2",), "genrate", "did you mean generate"),
+    (("+foo=1",), "foo", "the sections are model"),
+])
+def test_out_of_range_values_and_unknown_sections_are_refused(overrides, key, fix):
+    text = problems_of("model=tiny_random", *overrides)
+    assert f"{key}: " in text and fix in text
+
+
 def test_target_outside_the_allow_list_is_refused():
     text = problems_of("evaluate._target_=os.system")
     assert "outside the allowed modules" in text and "pipeline.allow" in text
