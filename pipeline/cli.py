@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -19,14 +20,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import console, launch, sweep
-from pipeline.config import flatten, is_secret_key
+from pipeline.config import flatten
+from pipeline.hydra_guard import foreign_targets
+from pipeline.redact import redact, redact_console, redact_overrides
 from pipeline.contract import ConfigProblems, Problem, StageError
 from pipeline.distributed import is_worker
 from pipeline.runner import execute, make_plan, write_results
-from pipeline.tracking import PARENT_ENV, JobInfo, make_tracker, redact_overrides
+from pipeline.tracking import PARENT_ENV, JobInfo, make_tracker
 from pipeline.validate import Resolved, resolve
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 _state = {"job_started": False}
 
 
@@ -35,14 +38,7 @@ class JobFailed(RuntimeError):
 
 
 def _redacted_yaml(cfg: DictConfig) -> str:
-    data = OmegaConf.to_container(cfg, resolve=True)
-
-    def scrub(node):
-        if isinstance(node, dict):
-            return {k: ("***" if is_secret_key(str(k)) else scrub(v)) for k, v in node.items()}
-        return node
-
-    return OmegaConf.to_yaml(scrub(data))
+    return OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -146,6 +142,9 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    redact_console()
+    if not OmegaConf.has_resolver("optipipe_pid"):  # run and sweep folders: conf/config.yaml
+        OmegaConf.register_new_resolver("optipipe_pid", os.getpid)
     if sys.argv[1:2] == ["report"]:
         from pipeline.report_cli import main as report_main
 
@@ -154,14 +153,20 @@ def main() -> None:
         from pipeline.bench import main as bench_main
 
         sys.exit(bench_main(sys.argv[2:]))
+    foreign = foreign_targets(sys.argv[1:])
+    if foreign:  # before Hydra: it would build these before any check of ours runs
+        console.print_problems(foreign)
+        sys.exit(EXIT_CONFIG)
     status = "FAILED"
+    signal.signal(signal.SIGTERM, launch.raise_terminated)  # a scheduler's cancel ends runs as Ctrl-C does
     try:
         _hydra_entry()
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         status = "KILLED"
-        console.err.print("[bold red]optipipe: interrupted[/]")
-        sys.exit(EXIT_INTERRUPTED)
+        terminated = isinstance(e, launch.Terminated)
+        console.err.print(f"[bold red]optipipe: {'terminated (SIGTERM)' if terminated else 'interrupted'}[/]")
+        sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except SystemExit as e:
         if e.code == 1 and not _state["job_started"]:
             # Hydra could not compose (unknown key, unknown option): a configuration problem.

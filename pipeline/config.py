@@ -7,7 +7,6 @@ that *all* unknown keys and wrong types are reported at once, each with its full
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.contract import Problem
+from pipeline.redact import is_secret_key, redact
 
 
 @dataclass
@@ -134,21 +134,9 @@ def to_container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-# A leaf key is secret when it *ends* in one of these words (hf_token, db_password, api_key),
-# so counts such as max_new_tokens are not mistaken for credentials.
-SECRET_LEAF = re.compile(r"(^|_)(token|password|passwd|secret|secret_key|access_key|private_key|"
-                         r"api_key|apikey|credentials?|authorization)$")
-TOKENIZER_WORDS = {"pad_token", "bos_token", "eos_token", "unk_token", "sep_token", "cls_token",
-                   "mask_token"}
-
-
-def is_secret_key(key: str) -> bool:
-    leaf = key.rsplit(".", 1)[-1].lower()
-    return bool(SECRET_LEAF.search(leaf)) and leaf not in TOKENIZER_WORDS
-
-
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; secret-looking keys are dropped, never logged."""
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; secret-looking keys are dropped, never logged, and
+    credentials inside values masked."""
     out: dict[str, Any] = {}
     data = to_container(node)
     if isinstance(data, dict):
@@ -159,5 +147,5 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
             if isinstance(v, dict) and v:
                 out.update(flatten(v, key))
             else:
-                out[key] = v
+                out[key] = redact(v)
     return out

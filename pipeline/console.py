@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from rich.console import Console
@@ -9,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline.contract import LoadPlan, Problem
+from pipeline.redact import redact, redact_text
 from pipeline.runner import RunOutcome
 from pipeline.validate import Resolved
 
@@ -34,9 +36,9 @@ def print_warnings(warnings: list[Problem]) -> None:
 def _print_each(problems: list[Problem]) -> None:
     for p in problems:
         label = "[yellow]warning[/] " if p.severity == "warning" else ""
-        err.print(f"  {label}[bold]{escape(p.key)}[/]: {escape(p.message)}")
+        err.print(f"  {label}[bold]{escape(p.key)}[/]: {escape(redact_text(p.message))}")
         if p.fix:
-            err.print(f"      fix: [green]{escape(p.fix)}[/]")
+            err.print(f"      fix: [green]{escape(redact_text(p.fix))}[/]")
 
 
 def print_plan(resolved: Resolved, plan: LoadPlan) -> None:
@@ -45,14 +47,15 @@ def print_plan(resolved: Resolved, plan: LoadPlan) -> None:
         table.add_column(col)
     for name, stage in resolved.stages.items():
         cls = type(stage)
-        settings = ", ".join(f"{k}={v}" for k, v in vars(stage.cfg).items())
+        fields = dataclasses.asdict(stage.cfg) if dataclasses.is_dataclass(stage.cfg) else dict(vars(stage.cfg))
+        settings = ", ".join(f"{k}={v}" for k, v in redact(fields).items())
         table.add_row(name, f"{cls.__module__}.{cls.__qualname__}", settings or "-")
     out.print(table)
     out.print(f"model: {resolved.model.id} (source={resolved.model.source}, task={resolved.model.task})")
     out.print(f"device: {plan.device}")
     out.print("from_pretrained kwargs:")
     for k, v in plan.kwargs.items():
-        out.print(f"  {k} = {v!r}   [dim](from {plan.contributed_by[k]})[/]")
+        out.print(f"  {k} = {redact(v, k)!r}   [dim](from {plan.contributed_by[k]})[/]")
 
 
 def print_summary(outcome: RunOutcome, where: str, run_id: str | None) -> None:
@@ -60,10 +63,10 @@ def print_summary(outcome: RunOutcome, where: str, run_id: str | None) -> None:
     for col in ("stage", "seconds", "result"):
         table.add_column(col)
     for name, r in outcome.results.items():
-        table.add_row(name, f"{r.seconds:.2f}", escape(r.summary))
+        table.add_row(name, f"{r.seconds:.2f}", escape(redact_text(r.summary)))
     out.print(table)
     if outcome.error:
-        err.print(f"[bold red]{escape(outcome.error)}[/]")  # errors hold [stage] brackets
+        err.print(f"[bold red]{escape(redact_text(outcome.error))}[/]")  # errors hold [stage] brackets
     if run_id:
         out.print(f"MLflow run {run_id}")
     out.print(f"dashboard: [bold]{where}[/]")

@@ -86,8 +86,12 @@ def stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's cancel, ``timeout``): the run ends as on Ctrl-C (KILLED), exit code 143."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def run_group(settings: LauncherSettings, overrides: list[str], output_dir: Path, run_id: str | None,
@@ -105,7 +109,7 @@ def run_group(settings: LauncherSettings, overrides: list[str], output_dir: Path
           + (f" on GPUs {devices}" if devices else ""), flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # Ctrl-C reaches us, not the ranks
     # SIGTERM (a scheduler's cancel, `timeout`) must not orphan the group in its own session
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         code = proc.wait(timeout=settings.max_seconds)
     except subprocess.TimeoutExpired:

@@ -8,6 +8,7 @@ the ``optipipe.stages`` entry-point group, or is listed in ``pipeline.allow``.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 from importlib.metadata import entry_points
 
 ENTRY_POINT_GROUP = "optipipe.stages"
@@ -49,3 +50,34 @@ def resolve_target(target: str, extra_allow: list[str] | tuple[str, ...] = ()) -
     if cls is None:
         raise TargetRefused(f"_target_ {target!r}: module {module_name!r} has no {attr!r}")
     return cls
+
+
+# What Hydra itself may instantiate from ``hydra.*`` (callbacks, launchers, sweepers, the search's
+# sampler) and what logging configs may construct: Hydra and its plugins, our own sweep callback,
+# Optuna's samplers and pruners, the standard library's logging.
+HYDRA_PREFIXES: tuple[str, ...] = ("hydra.", "hydra_plugins.", "pipeline.", "optuna.samplers.",
+                                   "optuna.pruners.", "logging.")
+# keys under which a config names something to construct: Hydra's _target_, logging.config's
+# "class" (handlers) and "()" (factories)
+CONSTRUCTOR_KEYS = ("_target_", "class", "()")
+
+
+def hydra_target_problems(hydra_node: Any, extra_allow: list[str] | tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(key, target) of every constructor under ``hydra.*`` outside the allowed modules. Hydra builds
+    these before any job starts, so they are checked on the composed config before Hydra runs."""
+    prefixes = (*HYDRA_PREFIXES, *allowed_prefixes(extra_allow))
+    found: list[tuple[str, str]] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                key = f"{path}.{k}"
+                if k in CONSTRUCTOR_KEYS and isinstance(v, str) and not v.startswith(prefixes):
+                    found.append((key, v))
+                walk(v, key)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(hydra_node, "hydra")
+    return found

@@ -10,6 +10,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from pipeline.config import TrackerSettings, typed
+from pipeline.redact import redact, redact_overrides
 from pipeline.tracking import PARENT_ENV, _client, experiment_id, tracker_problems, tracking_uri
 
 
@@ -32,7 +33,7 @@ class MlflowSweep(Callback):
         self.uri = tracking_uri(settings)
         client = _client(self.uri)
         exp = experiment_id(client, settings.experiment, self.uri)
-        sweep = list(config.hydra.overrides.task)
+        sweep = redact_overrides(list(config.hydra.overrides.task))
         name = settings.run_name or ("sweep " + " ".join(sweep))[:250]
         run = client.create_run(exp, run_name=name, tags={"optipipe.sweep": "true",
                                                           "optipipe.sweep_dir": str(config.hydra.sweep.dir)})
@@ -41,6 +42,9 @@ class MlflowSweep(Callback):
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         os.environ[PARENT_ENV] = self.run_id  # jobs (in-process or spawned later) nest under it
         print(f"optipipe: sweep parent run {self.run_id}", flush=True)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        scrub_multirun_yaml(Path(str(config.hydra.sweep.dir)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.close("FINISHED")
@@ -72,6 +76,18 @@ class MlflowSweep(Callback):
         for path in files:
             client.log_artifact(self.run_id, str(path), artifact_path="report")
         print("\n" + report.markdown(rows) + "\n\n" + report.best_line(rows), flush=True)
+
+
+def scrub_multirun_yaml(sweep_dir: Path) -> None:
+    """Hydra saves the sweep's config as typed into ``multirun.yaml`` before the first job starts;
+    rewrite it with secrets masked (idempotent: every job may call it, in whichever process)."""
+    from omegaconf import OmegaConf
+
+    path = sweep_dir / "multirun.yaml"
+    if path.is_file():
+        text = OmegaConf.to_yaml(redact(OmegaConf.to_container(OmegaConf.load(path), resolve=False)))
+        if text != path.read_text():
+            path.write_text(text)
 
 
 def sweep_points(overrides: list[str]) -> list[list[str]] | None:

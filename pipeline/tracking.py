@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.config import TrackerSettings, is_secret_key
+from pipeline.config import TrackerSettings
+from pipeline.redact import is_secret_key, redact_text
 from pipeline.contract import Problem, StageResult
 
 PARENT_ENV = "OPTIPIPE_PARENT_RUN_ID"  # set by the sweep callback, read by each job of the sweep
@@ -130,7 +131,7 @@ class MlflowTracker:
     def __init__(self, settings: TrackerSettings) -> None:
         self.settings = settings
         self.uri = tracking_uri(settings)
-        self.where = dashboard_command(self.uri)
+        self.where = redact_text(dashboard_command(self.uri))
         self.client = _client(self.uri)
         self.run_id: str | None = None
 
@@ -169,7 +170,7 @@ class MlflowTracker:
 
         self.log_metrics({**{f"{stage}/{k}": v for k, v in result.metrics.items()},
                           f"{stage}/stage_seconds": result.seconds})
-        tags = [RunTag(k, str(v)[:5000]) for k, v in result.tags.items()]
+        tags = [RunTag(k, redact_text(str(v))[:5000]) for k, v in result.tags.items()]
         if tags:
             self.client.log_batch(self.run_id, tags=tags)
         for path in result.artifacts:
@@ -188,7 +189,7 @@ class MlflowTracker:
             return
         self.client.set_tag(self.run_id, "optipipe.status", status.lower())
         if error:
-            self.client.set_tag(self.run_id, "optipipe.error", error[:5000])
+            self.client.set_tag(self.run_id, "optipipe.error", redact_text(error)[:5000])
         self.client.set_terminated(self.run_id, status=status)
 
 
@@ -196,10 +197,4 @@ def make_tracker(settings: TrackerSettings) -> Tracker:
     return NullTracker() if settings.kind == "none" else MlflowTracker(settings)
 
 
-def redact_overrides(overrides: list[str]) -> list[str]:
-    """Overrides as typed, with secret values replaced (``hf_token=…`` must not reach a store)."""
-    out = []
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        out.append(f"{o.split('=', 1)[0]}=***" if "=" in o and is_secret_key(key) else o)
-    return out
+

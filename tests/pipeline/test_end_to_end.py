@@ -27,6 +27,7 @@ class EchoConfig:
     fail: bool = False
     oom: bool = False
     sleep_s: float = 0.0
+    api_key: str = ""
 
 class Echo(BaseStage):
     """A third-party evaluate stage: reports the model class, or fails, or hangs a while."""
@@ -119,7 +120,8 @@ def test_failing_stage_marks_the_run_failed_with_its_message(tmp_path, plugin_pa
     assert "generate/decode_tokens_per_s" in runs[0].data.metrics  # stages before it were logged
 
 
-def interrupt_once(tmp_path: Path, plugin_path: Path, args: list[str], samples_glob: str) -> int:
+def interrupt_once(tmp_path: Path, plugin_path: Path, args: list[str], samples_glob: str,
+                   sig: int = signal.SIGINT) -> int:
     """Start the CLI with a stage that sleeps, press Ctrl-C once generate has written its samples
     (the run exists by then; reading the store earlier would race its creation), return the exit code."""
     env = {**os.environ, **plugin_env(plugin_path), "HF_HUB_OFFLINE": "1"}
@@ -130,12 +132,13 @@ def interrupt_once(tmp_path: Path, plugin_path: Path, args: list[str], samples_g
     while time.time() < deadline and not list(tmp_path.glob(samples_glob)):
         time.sleep(0.5)
     time.sleep(2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     return proc.wait(timeout=60)
 
 
-def test_ctrl_c_marks_the_run_killed(tmp_path, plugin_path):
-    assert interrupt_once(tmp_path, plugin_path, [*TINY], "outputs/runs/*/*/generate_samples.jsonl") == 130
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_marks_the_run_killed(tmp_path, plugin_path, sig, code):
+    assert interrupt_once(tmp_path, plugin_path, [*TINY], "outputs/runs/*/*/generate_samples.jsonl", sig) == code
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     assert runs[0].info.status == "KILLED"
 
@@ -155,11 +158,63 @@ def test_secrets_never_reach_the_store(tmp_path):
     run_cli(*TINY, "+model.hf_token=hf_SECRET123", "model=tiny_random", cwd=tmp_path, check=2)
     # model keys are typed, so an unknown key is refused; a plugin key is the realistic way in:
     from pipeline.config import flatten
-    from pipeline.tracking import redact_overrides
+    from pipeline.redact import redact_overrides
 
     assert "x.hf_token" not in flatten({"x": {"hf_token": "hf_SECRET123", "max_new_tokens": 3}})
     assert redact_overrides(["+evaluate.api_key=abc", "generate.max_new_tokens=4"]) == \
         ["+evaluate.api_key=***", "generate.max_new_tokens=4"]
+
+
+@pytest.mark.parametrize("text,secret", [
+    ("token hf_abcdefghijklmnopqrstuv in a prompt", "hf_abcdefghijklmnopqrstuv"),
+    ("key sk-proj-ABCDEFGHIJKLMNOPQRST", "sk-proj-ABCDEFGHIJKLMNOPQRST"),
+    ("aws AKIAABCDEFGHIJKLMNOP here", "AKIAABCDEFGHIJKLMNOP"),
+    ("gh ghp_abcdefghijklmnopqrstuvwxyz0123456789", "ghp_abcdefghijklmnopqrstuvwxyz0123456789"),
+    ("tracker.uri=https://alice:s3cretpw@mlflow.example:5000", "s3cretpw"),
+    ("+plugin.db_password=open-sesame", "open-sesame"),
+])
+def test_redaction_masks_credentials_by_shape_key_and_uri(text, secret):
+    from pipeline.redact import redact, redact_text
+
+    assert secret not in redact_text(text) and "***" in redact_text(text)
+    assert secret not in str(redact({"a": [text], "b": {"x": text}}))
+    kept = "generate.max_new_tokens=4 pad_token=0 model.id=HuggingFaceTB/SmolLM2-135M"
+    assert redact_text(kept) == kept  # counts, tokenizer words and model ids are not secrets
+
+
+def test_no_secret_reaches_any_file_or_the_console(tmp_path, plugin_path):
+    """Secrets by key, by shape (hf_…), inside a URI and interpolated from the environment: none
+    reaches the store, the run and sweep folders, run names or the console."""
+    secrets = ["plainkeyvalue99", "hf_abcdefghijklmnopqrstu", "hunter2pw", "envsecretvalue42"]
+    proc = run_cli("-m", *TINY, "generate.batch_size=1,2", "evaluate._target_=echo_stage.Echo",
+                   f"+evaluate.api_key={secrets[0]}",
+                   f"+evaluate.message='{secrets[1]} http://bob:{secrets[2]}@db.example/x ${{oc.env:MY_SERVICE_TOKEN}}'",
+                   cwd=tmp_path, env={**plugin_env(plugin_path), "MY_SERVICE_TOKEN": secrets[3]}, check=0)
+    seen = {"console": proc.stdout + proc.stderr}
+    for path in (tmp_path / "outputs").rglob("*"):
+        if path.is_file():
+            seen[str(path.relative_to(tmp_path))] = path.read_bytes().decode("utf-8", "replace")
+    assert any(name.endswith("mlflow.db") for name in seen) and any(name.endswith("multirun.yaml") for name in seen)
+    leaks = [(name, s) for name, text in seen.items() for s in secrets if s in text]
+    assert not leaks, leaks
+    assert "***" in seen["console"] and "http://bob:***@db.example" in "".join(seen.values())
+    assert not list(tmp_path.glob("outputs/**/.hydra"))  # Hydra's copy of the config as typed is not written
+    # Hydra's own error for a mistyped key echoes the override: masked on the way out too
+    typo = run_cli(*TINY, "tracker=none", f"evaluate.nokey={secrets[1]}", cwd=tmp_path, check=2)
+    assert "evaluate.nokey" in typo.stderr and secrets[1] not in typo.stdout + typo.stderr
+
+
+def test_two_jobs_started_together_never_share_a_run_folder(tmp_path):
+    common = [sys.executable, "-m", "pipeline", *TINY, "model=tiny_random", "tracker=none"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([*common, f"generate.seed={i}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    folders = sorted(tmp_path.glob("outputs/runs/*/*"))
+    assert len(folders) == 2
+    assert {"generate.seed=0", "generate.seed=1"} == {
+        next(line.strip("- ") for line in (f / "overrides.yaml").read_text().splitlines() if "seed" in line)
+        for f in folders}
 
 
 def test_out_of_memory_job_fails_with_advice_and_the_sweep_goes_on(tmp_path, plugin_path):
@@ -173,10 +228,11 @@ def test_out_of_memory_job_fails_with_advice_and_the_sweep_goes_on(tmp_path, plu
     assert "generate.batch_size" in jobs["True"].data.tags["optipipe.error"]
 
 
-def test_ctrl_c_in_a_sweep_kills_the_job_and_the_sweep(tmp_path, plugin_path):
+@pytest.mark.parametrize("sig,expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_in_a_sweep_kills_the_job_and_the_sweep(tmp_path, plugin_path, sig, expected):
     code = interrupt_once(tmp_path, plugin_path, ["-m", *TINY, "generate.batch_size=1,2"],
-                          "outputs/multirun/*/*/0/generate_samples.jsonl")
-    assert code == 130
+                          "outputs/multirun/*/*/0/generate_samples.jsonl", sig)
+    assert code == expected
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]  # the job and its parent; job 2 never began
 

@@ -123,3 +123,21 @@ def test_cli_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
     assert "from_pretrained kwargs" in proc.stdout and "attn_implementation" in proc.stdout
     assert "stages.generate" in proc.stdout
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_hydra_node_constructors_outside_the_allow_list_never_run(tmp_path):
+    """hydra.callbacks (and launchers, sweepers, logging handlers) are built by Hydra before any job:
+    a config file naming an arbitrary callable is refused first, even for a dry run."""
+    victim = tmp_path / "victim"
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "evil.yaml").write_text(
+        "# @package _global_\nhydra:\n  callbacks:\n    evil:\n      _target_: builtins.open\n"
+        f"      _args_: ['{victim}', w]\n")
+    for args in (["--config-dir", str(tmp_path / "conf"), "experiment=evil"],
+                 ["+hydra.callbacks.evil._target_=builtins.open", f"+hydra.callbacks.evil._args_=[{victim},w]"]):
+        options, overrides = (args[:2], args[2:]) if args[0] == "--config-dir" else ([], args)
+        proc = run_cli(*options, *TINY, "tracker=none", "pipeline.dry_run=true", *overrides, cwd=tmp_path, check=2)
+        assert "hydra.callbacks.evil._target_" in proc.stderr and "builtins.open" in proc.stderr
+        assert not victim.exists()
+    # our own callback and Hydra's launchers still run
+    run_cli(*TINY, "tracker=none", "pipeline.dry_run=true", cwd=tmp_path, check=0)
