@@ -93,7 +93,33 @@ class TimingSummary:
         }
         if decode:  # one new token has no decode step: the metric is absent, never NaN
             out["decode_tokens_per_s"] = float(np.median(decode))
+        # how far the repeats lie apart, beside each median: (max - min) / median
+        for name, values in (("decode_tokens_per_s", decode), ("e2e_tokens_per_s", [r.e2e_tokens_per_s for r in self.runs])):
+            if len(values) > 1:
+                out[f"{name}_spread_pct"] = float(100 * (max(values) - min(values)) / np.median(values))
         if itl.size:
             out["itl_ms_p50"] = float(np.percentile(itl, 50))
             out["itl_ms_p90"] = float(np.percentile(itl, 90))
         return out
+
+
+NOISY_SPREAD_PCT = 10.0  # repeats further apart than this: the median is not one steady speed
+NOISY_ITL_RATIO = 1.5  # p90 / p50 of the inter-token latency above this: steps stall now and then
+
+
+def noise(metrics: dict[str, float], cuda: bool) -> str:
+    """Why this run's timings are not steady (empty: they are). On CPU the host's load is named,
+    since other processes are the usual cause there."""
+    import os
+
+    reasons = []
+    spread = metrics.get("decode_tokens_per_s_spread_pct", metrics.get("e2e_tokens_per_s_spread_pct", 0.0))
+    if spread > NOISY_SPREAD_PCT:
+        reasons.append(f"repeats spread {spread:.0f} % (> {NOISY_SPREAD_PCT:.0f} %)")
+    p50, p90 = metrics.get("itl_ms_p50", 0.0), metrics.get("itl_ms_p90", 0.0)
+    if p50 > 0 and p90 / p50 > NOISY_ITL_RATIO:
+        reasons.append(f"ITL p90/p50 {p90 / p50:.1f} (> {NOISY_ITL_RATIO})")
+    if reasons and not cuda and hasattr(os, "getloadavg"):
+        reasons.append(f"host load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    return "; ".join(reasons)
+

@@ -13,7 +13,7 @@ from pipeline import measure, roofline
 from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult, workload_context
 from stages.convert import COMPILE_MODES
 from stages.generate import prompts as P
-from stages.generate.clock import StepClock, Timing, TimingSummary
+from stages.generate.clock import StepClock, Timing, TimingSummary, noise
 from stages.generate.engine import FastDecoder, Sampling
 
 ENGINES = ("transformers", "fast")
@@ -198,6 +198,9 @@ class Generate(BaseStage):
             metrics.update(roofline_metrics(model, metrics, devices, ctx.facts.get("tensor_parallel", 1)))
         if "decode_tokens_per_s" not in metrics:
             hook_tags["generate.decode"] = "not applicable: every row stopped after its first token"
+        noisy = noise(metrics, bool(devices))
+        if noisy:  # the dashboard can filter on the tag; the console line says it at once
+            hook_tags["generate.noisy"] = noisy
         samples = self._save_samples(ctx, tok, texts, inputs["input_ids"].shape[1], outputs)
         return StageResult(
             metrics={**metrics, **memory, **profile},
@@ -205,7 +208,8 @@ class Generate(BaseStage):
             tags={"generate.chat_template": str(chat), **hook_tags,
                   "generate.mode": "sample" if c.do_sample else "greedy"},
             seconds=sum(r.end - r.start for r in summary.runs),
-            summary=f"{decode_text(metrics)}, TTFT p50 {metrics['ttft_ms_p50']:.0f} ms, batch {c.batch_size}")
+            summary=f"{decode_text(metrics)}, TTFT p50 {metrics['ttft_ms_p50']:.0f} ms, batch {c.batch_size}"
+                    + (f" — NOISY: {noisy}" if noisy else ""))
 
     def _one_run(self, model, inputs, kwargs, devices) -> tuple[Timing, torch.Tensor]:
         from transformers import LogitsProcessorList

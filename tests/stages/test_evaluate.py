@@ -82,9 +82,11 @@ def test_empty_corpus_file(tmp_path):
         resolve(composed("model=tiny_random", "evaluate=quality", f"evaluate.corpus.file={tmp_path}/empty.txt"))
 
 
-def evaluated(tmp_path, *overrides):
-    resolved = resolve(composed("tracker=none", "model=tiny_random", "evaluate=quality",
-                                f"load.cache_dir={tmp_path}/cache", *overrides))
+def evaluated(tmp_path, *overrides, shared_cache: bool = False):
+    """The evaluate stage and a loaded context. ``shared_cache``: the model's converted weights come
+    from the suite's cache (SmolLM2's GGUF conversion costs ~17 s), no cached reference is reused."""
+    cache = "evaluate.cache=false" if shared_cache else f"load.cache_dir={tmp_path}/cache"
+    resolved = resolve(composed("tracker=none", "model=tiny_random", "evaluate=quality", cache, *overrides))
     ctx = open_context(resolved, make_plan(resolved), tmp_path)
     resolved.stages["load"].apply(ctx)
     return resolved.stages["evaluate"], ctx
@@ -145,7 +147,7 @@ def test_encoder_embeddings_compared_by_cosine(tmp_path):
 def test_smollm2_sdpa_agrees_with_its_eager_reference(tmp_path):
     """float32 on CPU: SDPA and eager differ only in summation order, so greedy tokens are identical;
     top-1 may flip only at exact near-ties, hence ≥ 0.995 rather than 1.0."""
-    stage, ctx = evaluated(tmp_path, "model=smollm2_135m", "convert=sdpa")
+    stage, ctx = evaluated(tmp_path, "model=smollm2_135m", "convert=sdpa", shared_cache=True)
     m = stage.apply(ctx).metrics
     assert m["token_agreement"] == 1.0 and m["top1_agreement"] >= 0.995 and m["kl_mean"] < 1e-5
     assert abs(m["perplexity_increase_pct"]) < 0.01
@@ -153,7 +155,7 @@ def test_smollm2_sdpa_agrees_with_its_eager_reference(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_int8_changes_quality_measurably_but_boundedly(tmp_path):
-    stage, ctx = evaluated(tmp_path, "model=smollm2_135m", "quantize=int8")
+    stage, ctx = evaluated(tmp_path, "model=smollm2_135m", "quantize=int8", shared_cache=True)
     m = stage.apply(ctx).metrics
     assert 0.01 < abs(m["perplexity_increase_pct"]) < 50
     assert 0.5 < m["top1_agreement"] < 1.0 and m["kl_mean"] > 1e-4

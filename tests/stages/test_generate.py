@@ -25,6 +25,19 @@ def test_timing_arithmetic_on_a_hand_made_run():
     # ITLs are per generation (20, 30, 10 ms, then 10 ms): never the gap between two calls
     assert m["itl_ms_p50"] == pytest.approx(15.0)
     assert m["decode_tokens_per_s"] == pytest.approx(150.0)  # median of 100 and 200 tok/s
+    assert m["decode_tokens_per_s_spread_pct"] == pytest.approx(100 * (200 - 100) / 150)
+
+
+def test_unsteady_timings_are_called_noisy_with_the_reason():
+    from stages.generate.clock import noise
+
+    steady = Timing(0.0, [0.10, 0.11, 0.12, 0.13], 0.14, 1)
+    assert noise(TimingSummary([steady, steady]).metrics(), cuda=True) == ""
+    slower = Timing(0.0, [0.10, 0.12, 0.14, 0.16], 0.17, 1)  # half the decode speed
+    text = noise(TimingSummary([steady, slower]).metrics(), cuda=False)
+    assert "repeats spread 67 %" in text and "host load average" in text
+    stall = Timing(0.0, [0.10, 0.11, 0.12, 0.13, 0.14, 0.15, 0.16, 0.17, 0.18, 0.19, 0.40], 0.41, 1)
+    assert "ITL p90/p50" in noise(TimingSummary([stall]).metrics(), cuda=True)
 
 
 def test_prompt_files(tmp_path):
