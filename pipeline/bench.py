@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shlex
 import sys
 import time
@@ -175,7 +176,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help='each: the overrides of one configuration, quoted, e.g. "quantize=int4_torchao generate=fast"')
     p.add_argument("--baselines", default="plain,hf_static_compile", help="subset of plain,hf_static_compile")
     p.add_argument("--set", nargs="*", default=[], help="overrides applied to every row, e.g. load.device=cpu")
-    p.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md")
+    p.add_argument("--out", default="outputs/bench",
+                   help="each invocation writes a new <date>_<time>_<pid> folder under it (bench.json, bench.md)")
     p.add_argument("--tracker-uri", default=None, help="MLflow store (default: outputs/mlflow.db)")
     p.add_argument("--experiment", default="optipipe-bench")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
@@ -190,16 +192,29 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def header(argv: list[str]) -> str:
+    """What the table was measured on and with: enough to tell two bench.md files apart."""
+    from pipeline.environment import describe
+
+    env = describe()
+    cards = ", ".join(g["name"] for g in env["gpus"]) or f"CPU ({env['cpu_count']} cores)"
+    versions = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+    return "\n".join([f"# optipipe bench · {time.strftime('%Y-%m-%d %H:%M')}", "",
+                      f"command: `optipipe bench {' '.join(argv)}`", f"card: {cards}",
+                      f"versions: {versions}", f"commit: {env['git_commit'] or 'not a git checkout'}"])
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    try:  # every configuration is validated before the first model loads
+    try:  # every configuration is validated before the first model loads (and before any folder exists)
         for entry in entries(args):
             resolve(compose(common(args) + entry.overrides))
     except ConfigProblems as e:
         console.print_problems(e.problems)
         return 2
+    out = Path(args.out) / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"  # never over an earlier bench
+    out.mkdir(parents=True)
+    args.out = str(out)
     start, rows = time.time(), []
     for entry in entries(args):
         rows += measure_entry(entry, args)
@@ -207,7 +222,7 @@ def main(argv: list[str]) -> int:
     md = table(rows)
     (out / "bench.json").write_text(json.dumps({"args": vars(args), "seconds": time.time() - start,
                                                 "rows": rows}, indent=2, default=str))
-    (out / "bench.md").write_text(md + "\n")
+    (out / "bench.md").write_text(header(argv) + "\n\n" + md + "\n")
     print("\n" + md, flush=True)  # plain print: a Markdown table must not be wrapped
     if not args.no_track:
         run_id = track(args, rows, [out / "bench.json", out / "bench.md", *sorted(out.glob("profile_*.md"))])

@@ -14,20 +14,23 @@ def test_bench_runs_baselines_and_configs_on_a_tiny_model(tmp_path):
     run_cli("bench", "--model", "tiny_random", "--batches", "1,2", "--prompt", "8", "--new", "6",
                    "--repeats", "2", "--warmup", "1", "--configs", "convert=sdpa", "generate=fast", "--profile",
                    "--out", str(tmp_path / "b"), cwd=tmp_path, check=0, timeout=600)
-    rows = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]
+    (folder,) = (tmp_path / "b").iterdir()  # one new folder per invocation
+    rows = json.loads((folder / "bench.json").read_text())["rows"]
     assert [(r["config"], r["batch"]) for r in rows] == [
         (c, b) for c in ("plain", "hf_static_compile", "convert=sdpa", "generate=fast") for b in (1, 2)]
     for r in rows:
         assert r["decode_tokens_per_s"] > 0 and r["ttft_ms_p50"] > 0 and r["itl_ms_p90"] > 0
     assert all(r["x_plain"] == 1.0 for r in rows if r["config"] == "plain")
     assert {r["compiled"] for r in rows if r["config"] == "generate=fast"} == {"True"}
-    assert "| generate=fast | 2 |" in (tmp_path / "b" / "bench.md").read_text()
+    bench_md = (folder / "bench.md").read_text()
+    assert "| generate=fast | 2 |" in bench_md and "command: `optipipe bench --model tiny_random" in bench_md
+    assert "card: CPU" in bench_md and "versions: " in bench_md
     # --profile: where each row's time went
     for r in rows:
         shares = {k: v for k, v in r.items() if k.startswith("profile_") and k.endswith("_share")}
         assert sum(shares.values()) == pytest.approx(1.0) and shares["profile_matmul_share"] > 0
         assert 0 < r["profile_busy_fraction"] <= 1
-    report = (tmp_path / "b" / "profile_generate_fast_b2.md").read_text()
+    report = (folder / "profile_generate_fast_b2.md").read_text()
     assert "| matmul |" in report and "busy fraction" in report and report.startswith("# generate=fast, batch 2")
     assert "per generated token" in report and all(r["profile_matmul_ms_per_step"] > 0 for r in rows)
     # one parent, one child per row; `optipipe report --parent` reads the bench back like a sweep
@@ -46,7 +49,7 @@ def test_bench_refuses_a_bad_configuration_before_loading(tmp_path):
     proc = run_cli("bench", "--model", "tiny_random", "--configs", "generate=fast convert=compile",
                    "--no-track", "--out", str(tmp_path / "b"), cwd=tmp_path, check=2)
     assert "generate=fast brings its own static cache" in proc.stdout + proc.stderr
-    assert not (tmp_path / "b" / "bench.json").exists()
+    assert not (tmp_path / "b").exists()  # refused before any folder was made
 
 
 def test_ratios_are_per_batch_size():
