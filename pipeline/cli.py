@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import console, launch, sweep
 from pipeline.config import flatten
-from pipeline.hydra_guard import foreign_targets
+from pipeline.hydra_guard import problems_before_hydra
 from pipeline.redact import redact, redact_console, redact_overrides
 from pipeline.contract import ConfigProblems, Problem, StageError
 from pipeline.distributed import is_worker
@@ -153,9 +153,9 @@ def main() -> None:
         from pipeline.bench import main as bench_main
 
         sys.exit(bench_main(sys.argv[2:]))
-    foreign = foreign_targets(sys.argv[1:])
-    if foreign:  # before Hydra: it would build these before any check of ours runs
-        console.print_problems(foreign)
+    early = problems_before_hydra(sys.argv[1:])
+    if early:  # before Hydra: it would build hydra.* constructors before any check of ours runs
+        console.print_problems(early)
         sys.exit(EXIT_CONFIG)
     status = "FAILED"
     signal.signal(signal.SIGTERM, launch.raise_terminated)  # a scheduler's cancel ends runs as Ctrl-C does

@@ -1,4 +1,5 @@
-"""Refuses a config that would make Hydra construct something outside the allowed modules.
+"""Checks of the command line made before Hydra runs: constructors outside the allowed modules,
+and mistyped keys (answered with the closest real key instead of Hydra's "+key" advice).
 
 Hydra builds ``hydra.callbacks``, the launcher, the sweeper and the logging handlers before any of
 our code sees the job, so a YAML file (an experiment, a ``--config-dir``) could otherwise run any
@@ -8,7 +9,9 @@ Hydra will, and checks every constructor under ``hydra.*`` first.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 
 from pipeline.contract import Problem
 from pipeline.registry import HYDRA_PREFIXES, hydra_target_problems
@@ -27,26 +30,72 @@ def _one_point(overrides: list[str]) -> list[str]:
     return out
 
 
-def foreign_targets(argv: list[str]) -> list[Problem]:
-    """Problems for every ``hydra.*`` constructor outside the allowed modules (none when the command
-    line does not compose: Hydra then reports that itself)."""
+def _compose(args, overrides: list[str]):
     from hydra import compose, initialize_config_module
+
+    if args.config_dir:
+        overrides = [*overrides, f"hydra.searchpath=[file://{os.path.abspath(args.config_dir)}]"]
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        return compose(config_name=args.config_name or "config", overrides=overrides, return_hydra_config=True)
+
+
+MAX_TYPOS = 10  # mistyped keys reported in one go (each costs one more composition)
+
+
+def _misplaced(error: Exception) -> str | None:
+    """The key of an override that Hydra refused because no such key exists, if that was the error."""
+    text = f"{error}\n{error.__cause__ or ''}"
+    found = re.search(r"Could not override '([^']+)'", text)
+    return found.group(1) if found and "is not in struct" in text else None
+
+
+def _closest(full: str, root) -> Problem:
+    """``generate.batchsize`` → the key named and the closest key of its section (or section)."""
+    from omegaconf import OmegaConf
+
+    parent, _, leaf = full.rpartition(".")
+    node = OmegaConf.select(root, parent) if parent else root
+    if node is None:  # the section itself is misspelt (generat.batch_size): match it among the sections
+        parent, leaf, node = "", full.split(".", 1)[0], root
+    known = sorted(str(k) for k in node.keys() if k != "hydra") if hasattr(node, "keys") else []
+    close = difflib.get_close_matches(leaf, known, n=1)
+    where = f"{parent}." if parent else ""
+    fix = (f"{where}{close[0]}… (did you mean {close[0]!r}?)" if close else
+           f"remove it; {parent or 'the config'} has {', '.join(known)}" if known else f"remove {full}")
+    return Problem(full, "unknown key", fix + f"; a new key of a plugin stage is added with +{full}=…")
+
+
+def problems_before_hydra(argv: list[str]) -> list[Problem]:
+    """Problems for mistyped keys (all of them), else for every ``hydra.*`` constructor outside the
+    allowed modules (none when the command line fails to compose for another reason: Hydra then
+    reports that itself)."""
     from hydra._internal.utils import get_args_parser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     args, _ = get_args_parser().parse_known_args(argv)
+    typos: list[str] = []
     try:
         overrides = _one_point(list(args.overrides or []))
-        if args.config_dir:
-            overrides.append(f"hydra.searchpath=[file://{os.path.abspath(args.config_dir)}]")
-        with initialize_config_module(version_base="1.3", config_module="conf"):
-            cfg = compose(config_name=args.config_name or "config", overrides=overrides, return_hydra_config=True)
-        node = OmegaConf.to_container(cfg.hydra, resolve=False)
-        allow = list(cfg.get("pipeline", {}).get("allow") or [])
     except (HydraException, OmegaConfBaseException, ValueError):
         return []
+    for _ in range(MAX_TYPOS + 1):
+        rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in typos]
+        try:
+            cfg = _compose(args, rest)
+            break
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            key = _misplaced(e)
+            if key is None or key in typos:
+                return []  # another kind of error: Hydra's own message says it
+            typos.append(key)
+    else:
+        return []
+    if typos:
+        return [_closest(key, cfg) for key in typos]
+    node = OmegaConf.to_container(cfg.hydra, resolve=False)
+    allow = list(cfg.get("pipeline", {}).get("allow") or [])
     return [Problem(key, f"Hydra would construct {target!r}, outside the allowed modules "
                     f"({', '.join(HYDRA_PREFIXES)}, stages and plugins)",
                     f"remove it, or allow its package: pipeline.allow=[{target.split('.')[0]}]")

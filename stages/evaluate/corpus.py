@@ -56,7 +56,10 @@ def from_file(path: str, field: str | None, max_chars: int) -> Corpus:
     p = Path(path).expanduser()
     if not p.is_file():
         raise CorpusError(f"corpus file {str(p)!r} does not exist")
-    raw = p.read_text(encoding="utf-8")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"corpus file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     if p.suffix == ".jsonl":
         key = field or "text"
         try:

@@ -30,7 +30,11 @@ def read_prompt_file(path: str) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise PromptError(f"prompt file {str(p)!r} does not exist")
-    lines = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"prompt file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    lines = [line for line in text.splitlines() if line.strip()]
     if p.suffix == ".jsonl":
         prompts = []
         for n, line in enumerate(lines, 1):

@@ -80,11 +80,22 @@ def check(spec, allow_pickle: bool, trust_remote_code: bool) -> list[Problem]:
         if not path.is_file():
             return [Problem("model.id", f"GGUF file {str(path)!r} does not exist",
                             "model.id=<path to an existing .gguf file>")]
-        return []
+        return gguf_problems("model.id", path)
     if source == "local":
         return _check_local(Path(spec.id).expanduser(), spec, allow_pickle, trust_remote_code)
     if source == "hub":
         return _check_hub(spec, allow_pickle, trust_remote_code)
+    return []
+
+
+def gguf_problems(key: str, path: Path) -> list[Problem]:
+    """A file named .gguf that does not start with GGUF's magic bytes would fail deep inside the
+    conversion; say so before anything loads."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        return [Problem(key, f"{str(path)!r} is not a GGUF file (it starts with {magic!r}, not b'GGUF')",
+                        f"{key}=<a .gguf file written by llama.cpp's convert or gguf-py>")]
     return []
 
 
@@ -96,7 +107,7 @@ def _check_local(path: Path, spec, allow_pickle: bool, trust_remote_code: bool) 
         if not (path / spec.gguf_file).is_file():
             return [Problem("model.gguf_file", f"{spec.gguf_file!r} is not a file in {str(path)!r}",
                             "model.gguf_file=<a .gguf file in that directory>")]
-        return []
+        return gguf_problems("model.gguf_file", path / spec.gguf_file)
     if not (path / "config.json").is_file():
         return [Problem("model.id", f"{str(path)!r} holds no config.json: not a transformers model "
                         "directory", "model.id=<a directory written by save_pretrained>")]

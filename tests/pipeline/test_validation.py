@@ -141,3 +141,25 @@ def test_hydra_node_constructors_outside_the_allow_list_never_run(tmp_path):
         assert not victim.exists()
     # our own callback and Hydra's launchers still run
     run_cli(*TINY, "tracker=none", "pipeline.dry_run=true", cwd=tmp_path, check=0)
+
+
+@pytest.mark.parametrize("content,override,key,says", [
+    (b"\xff\xfe not text", "generate.prompt_file={f}", "generate.prompt_file", "not UTF-8 text"),
+    (b"a\xffb", "evaluate.corpus.file={f}", "evaluate.corpus.file", "not UTF-8 text"),
+    (b"PK\x03\x04 a zip, not weights", "model.id={f}", "model.id", "is not a GGUF file"),
+])
+def test_unreadable_input_files_are_refused_before_loading(tmp_path, content, override, key, says):
+    f = tmp_path / ("weights.gguf" if "GGUF" in says else "input.txt")
+    f.write_bytes(content)
+    extra = ("evaluate=quality",) if key.startswith("evaluate") else ("model=hub",) if key == "model.id" else ()
+    text = problems_of("model=tiny_random", *extra, override.format(f=f))
+    assert f"{key}: " in text and says in text
+
+
+def test_a_mistyped_key_gets_the_closest_real_key_not_hydras_append_advice(tmp_path):
+    proc = run_cli(*TINY, "tracker=none", "generate.batchsize=4", "generat.max_new_tokens=2", cwd=tmp_path, check=2)
+    assert "generate.batchsize: unknown key" in proc.stderr and "did you mean 'batch_size'" in proc.stderr
+    assert "To append to your config" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+    proc = run_cli(*TINY, "tracker=none", "generat.max_new_tokens=2", cwd=tmp_path, check=2)
+    assert "did you mean 'generate'" in proc.stderr
