@@ -105,3 +105,20 @@ def test_over_the_memory_budget_ends_right_after_load(tmp_path):
     assert "infeasible" in runs[0].data.tags["optipipe.error"]
     assert "pipeline.memory_budget_gib=0.0001" in runs[0].data.tags["optipipe.error"]
     assert not any(k.startswith("generate/") for k in runs[0].data.metrics)  # ended before generating
+
+
+def test_an_encoder_sweep_reports_encoder_columns():
+    from types import SimpleNamespace as NS
+
+    def run(run_id, metrics):
+        return NS(info=NS(run_id=run_id, run_name=run_id, status="FINISHED"),
+                  data=NS(metrics=metrics, tags={"optipipe.overrides": f"generate.batch_size={run_id}"}))
+
+    encoder = [report.row_of(run(str(b), {"generate/tokens_per_s": 900.0 * b, "generate/sequences_per_s": 30.0 * b,
+                                          "generate/batch_latency_ms_p50": 5.0, "generate/batch_latency_ms_p90": 6.0}))
+               for b in (1, 2)]
+    header = report.markdown(encoder).splitlines()[0]
+    assert "sequences_per_s" in header and "batch_latency_ms_p90" in header
+    assert "ttft" not in header and "itl" not in header and "e2e" not in header  # no decoder names for an encoder
+    decoder = report.row_of(run("3", {"generate/decode_tokens_per_s": 50.0, "generate/ttft_ms_p50": 20.0}))
+    assert "ttft_ms_p50" in report.markdown([decoder]).splitlines()[0]
