@@ -97,6 +97,9 @@ class NullTracker:
         pass
 
 
+LOCKED_RETRIES = 6  # a loaded machine's parallel writers can hold the SQLite lock past its busy wait
+
+
 def _client(uri: str):
     """A client whose store exists. A new SQLite store creates its schema on first use; several
     jobs doing that at once (a parallel sweep's first jobs) broke the store for every later run,
@@ -108,9 +111,16 @@ def _client(uri: str):
     from filelock import FileLock
 
     with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=300):
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # creates or upgrades the schema, one process at a time
-    return client
+        for attempt in range(LOCKED_RETRIES):
+            try:
+                client = MlflowClient(tracking_uri=uri)
+                client.search_experiments(max_results=1)  # creates or checks the schema, one process at a time
+                return client
+            except Exception as e:  # SQLite's 5 s busy wait can run out while parallel jobs write
+                if "database is locked" not in str(e) or attempt == LOCKED_RETRIES - 1:
+                    raise
+                time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
 
 
 def experiment_id(client, name: str, uri: str) -> str:
