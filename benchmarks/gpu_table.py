@@ -46,6 +46,8 @@ ROWS = {
     "tp2_b1": (2, 1, TP2 + FAST, "TP2, our layers + all-reduce (`shard=tensor_parallel generate=fast`)"),
     "tp2_b32": (2, 32, TP2 + FAST, "TP2, our layers + all-reduce"),
     "tp2_b1_cublas": (2, 1, TP2 + FAST + NO_CD, "TP2, our layers + all-reduce, cuBLAS matmuls"),
+    "tp2_b1_per_rank": (2, 1, TP2 + FAST + ["shard.agreed_tuning=false"],
+                        "TP2, our layers + all-reduce, each rank tunes its kernels alone"),
     "tp2_nccl_b1": (2, 1, TP2 + FAST + ["shard.all_reduce=process_group"], "TP2, our layers, NCCL all-reduce"),
     "tp2_hf_layers_b1": (2, 1, TP2 + FAST + ["shard.runtime=transformers"],
                          "TP2, transformers' DTensor layers + our engine"),

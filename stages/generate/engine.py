@@ -21,6 +21,7 @@ import torch
 
 from stages.generate.clock import StepClock
 from stages.generate.gqa_attention import NAME as GQA_DECODE_ATTENTION, GqaDecodeAttention
+from stages.shard import agreed_tuning
 
 
 @dataclass
@@ -51,7 +52,8 @@ def choose(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 
 def step_compile_options(mode: str, coordinate_descent: bool) -> dict[str, Any]:
-    """inductor options for the decode step: ``mode``'s own, plus coordinate-descent tuning when asked.
+    """inductor options for the decode step: ``mode``'s own, plus coordinate-descent tuning when asked
+    (with inductor's caches off while tensor-parallel ranks agree on it: stages/shard/agreed_tuning.py).
 
     At batch 1 every projection is a matrix-vector product (M = 1). cuBLAS runs those below the
     memory bandwidth they could reach; with coordinate-descent tuning on, inductor rewrites an M = 1
@@ -60,7 +62,12 @@ def step_compile_options(mode: str, coordinate_descent: bool) -> dict[str, Any]:
     not both: the mode's options are spelled out here.)"""
     from torch._inductor import list_mode_options
 
-    return {**list_mode_options(mode), **({"coordinate_descent_tuning": True} if coordinate_descent else {})}
+    options = dict(list_mode_options(mode))
+    if coordinate_descent:
+        options["coordinate_descent_tuning"] = True
+        if agreed_tuning.active():
+            options.update(agreed_tuning.COMPILE_OPTIONS)
+    return options
 
 
 class FastDecoder:
@@ -108,8 +115,9 @@ class FastDecoder:
             if self.compile_mode is None:
                 self._step = self._decode_step
             else:
-                self._step = torch.compile(self._decode_step, fullgraph=True, dynamic=False,
-                                           options=step_compile_options(self.compile_mode, self.coordinate_descent))
+                self._step = agreed_tuning.scoped(torch.compile(
+                    self._decode_step, fullgraph=True, dynamic=False,
+                    options=step_compile_options(self.compile_mode, self.coordinate_descent)))
         return self._step
 
     def _prefill(self, input_ids, attention_mask, max_new_tokens):
@@ -144,8 +152,9 @@ class FastDecoder:
         """How the decode step's kernels were chosen (for the run's tags)."""
         if self.compile_mode is None:
             return "eager"
-        return "coordinate_descent" if step_compile_options(self.compile_mode, self.coordinate_descent).get(
-            "coordinate_descent_tuning") else "inductor_default"
+        if not step_compile_options(self.compile_mode, self.coordinate_descent).get("coordinate_descent_tuning"):
+            return "inductor_default"
+        return f"coordinate_descent_{agreed_tuning.AGREED}" if agreed_tuning.active() else "coordinate_descent"
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,

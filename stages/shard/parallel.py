@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult
+from stages.shard import agreed_tuning
 from stages.shard.all_reduce import MODES as ALL_REDUCE_MODES, AllReduce, self_test
 from stages.shard.capacity import fits_one_gpu, gpu_memory_bytes, parameter_bytes
 from stages.shard.replica_tp import base_plan, shard_replica, unsupported_entries
@@ -132,6 +133,7 @@ class TensorParallelConfig:
     all_reduce: str = "auto"  # auto: one-shot symmetric memory where GPUs share memory | symm_mem | process_group
     vocab_parallel_head: bool = True  # each rank holds 1/N of the output head; logits assembled by one all-reduce
     one_shot_max_kib: int = 1024  # larger messages (prefill) take the process group's all-reduce
+    agreed_tuning: bool = True  # ranks tune the decode step's kernels together and pick the same configurations
 
 
 class TensorParallel(BaseStage):
@@ -208,6 +210,9 @@ class TensorParallel(BaseStage):
         out: dict[str, Any] = {"shard.runtime": "optipipe", "shard.collective": reduce.kind, "shard.head": local.head,
                                "local_tp_layers": float(local.layers),
                                "dtensor_parameters_left": float(sharded_parameters(ctx.model)[0])}
+        if self.cfg.agreed_tuning and ctx.dist.world_size > 1:
+            out["shard.kernel_tuning"] = agreed_tuning.install(
+                float(ctx.cfg.launcher.get("collective_timeout_s", 300)))
         if reduce.why_not_symm and self.cfg.all_reduce == "auto":
             out["shard.collective_why"] = f"no symmetric memory: {reduce.why_not_symm}"
         return out

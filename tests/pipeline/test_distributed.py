@@ -108,6 +108,9 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     tags = tp_run.data.tags
     assert (tags["shard.runtime"], tags["shard.collective"], tags["shard.head"]) == ("optipipe", "gloo", "vocab_parallel")
     assert "not CUDA" in tags["shard.collective_why"]
+    # the ranks tune the decode step together (stages/shard/agreed_tuning.py)
+    assert (tags["shard.kernel_tuning"], tags["generate.kernel_tuning"]) == (
+        "agreed_over_ranks", "coordinate_descent_agreed_over_ranks")
     assert tp_run.data.metrics["shard/local_tp_layers"] > 0 and tp_run.data.metrics["shard/dtensor_parameters_left"] == 0
     # both ranks run the same tokens: throughput is one replica's, not the sum of two
     m = tp_run.data.metrics
@@ -279,3 +282,5 @@ def test_tensor_parallel_over_two_gpus_gives_the_one_gpu_text(tmp_path):
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     tp_runs = [r for r in runs if r.data.tags.get("choice.shard") == "tensor_parallel"]
     assert {r.data.tags["shard.collective"] for r in tp_runs} == {"symm_mem_one_shot"}
+    # coordinate-descent tuning ran on both ranks with agreed times and still gave the one-GPU text
+    assert {r.data.tags["generate.kernel_tuning"] for r in tp_runs} == {"coordinate_descent_agreed_over_ranks"}
