@@ -26,7 +26,7 @@ from pipeline.redact import redact, redact_console, redact_overrides
 from pipeline.contract import ConfigProblems, Problem, StageError
 from pipeline.distributed import is_worker
 from pipeline.runner import execute, make_plan, write_results
-from pipeline.tracking import PARENT_ENV, JobInfo, make_tracker
+from pipeline.tracking import PARENT_ENV, RESUME_KEYS, JobInfo, make_tracker
 from pipeline.validate import Resolved, resolve
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
@@ -47,7 +47,8 @@ def config_hash(cfg: DictConfig) -> str:
     from pipeline.environment import fingerprint
 
     data = OmegaConf.to_container(cfg, resolve=True)
-    data.get("pipeline", {}).pop("resume", None)
+    for key in RESUME_KEYS:
+        data.get("pipeline", {}).pop(key, None)
     data["_environment"] = fingerprint()
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -104,7 +105,8 @@ def run_job(cfg: DictConfig) -> float | None:
         return None
     output_dir = Path(hc.runtime.output_dir)
     tracker = make_tracker(resolved.tracker)
-    if in_sweep and resolved.pipeline.resume and _reuse_finished(cfg, tracker, int(hc.job.num)):
+    if in_sweep and (resolved.pipeline.resume or resolved.pipeline.resume_from) and _reuse_finished(
+            cfg, tracker, int(hc.job.num), resolved.pipeline.resume_from):
         return None
     job = job_info(cfg, resolved, output_dir)
     if resolved.launcher.kind == "torchrun":
@@ -121,17 +123,20 @@ def run_job(cfg: DictConfig) -> float | None:
     return objective(outcome)
 
 
-def _reuse_finished(cfg: DictConfig, tracker, job_num: int) -> bool:
-    """With ``pipeline.resume=true`` a sweep skips jobs that already finished with this exact config
-    in this environment."""
-    earlier = tracker.finished_run(config_hash(cfg)) if hasattr(tracker, "finished_run") else None
+def _reuse_finished(cfg: DictConfig, tracker, job_num: int, from_sweep: str | None) -> bool:
+    """With ``pipeline.resume=true`` a sweep skips a job that an earlier run of the same sweep (the
+    same sweep arguments; or the sweep ``pipeline.resume_from`` names) finished with this exact
+    config in this environment. Single runs and other sweeps never stand in."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None or not hasattr(tracker, "finished_run"):
+        return False  # no sweep parent (e.g. tracker=none): nothing to resume from
+    earlier = tracker.finished_run(config_hash(cfg), parent, from_sweep)
     if earlier is None:
         return False
-    parent = os.environ.get(PARENT_ENV)
-    if parent:
-        tracker.note_reused(parent, job_num, earlier)
-    console.out.print(f"optipipe: skipped, this exact config already FINISHED as run {earlier} "
-                      "(drop pipeline.resume=true to run it again)")
+    tracker.note_reused(parent, job_num, earlier)
+    console.out.print(f"optipipe: skipped, this exact config already FINISHED as run {earlier} of "
+                      f"{'sweep ' + from_sweep if from_sweep else 'an earlier run of this sweep'} "
+                      "(drop pipeline.resume to run it again)")
     return True
 
 

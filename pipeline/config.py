@@ -35,7 +35,8 @@ class PipelineSettings:
     dry_run: bool = False
     allow: list[str] = field(default_factory=list)  # extra module prefixes allowed as _target_
     seed: int = 0
-    resume: bool = False  # true: in a sweep, skip a job whose identical config and environment already FINISHED
+    resume: bool = False  # true: in a sweep, reuse a FINISHED job of an earlier run of the same sweep (same config, environment)
+    resume_from: Optional[str] = None  # a sweep's parent run id: reuse FINISHED jobs of that sweep only (implies resume)
     memory_budget_gib: Optional[float] = None  # a job above it is infeasible: it ends early, FAILED
 
 

@@ -5,6 +5,7 @@ Each rule takes the resolved config and returns problems; a rule never loads wei
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from pipeline.contract import Problem
@@ -27,6 +28,15 @@ def tracker_reachable(resolved: Any) -> list[Problem]:
     from pipeline.tracking import tracker_problems
 
     return tracker_problems(resolved.tracker)
+
+
+@rule
+def resume_names_a_run(resolved: Any) -> list[Problem]:
+    named = resolved.pipeline.resume_from
+    if named is None or re.fullmatch(r"[0-9a-f]{32}", str(named)):
+        return []
+    return [Problem("pipeline.resume_from", f"{named!r} is not an MLflow run id (32 hex digits)",
+                    "pipeline.resume_from=<the sweep's parent run id, printed as 'sweep parent run …'>")]
 
 
 @rule

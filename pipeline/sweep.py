@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 from pipeline.config import TrackerSettings, typed
 from pipeline.redact import redact, redact_overrides
-from pipeline.tracking import PARENT_ENV, _client, experiment_id, tracker_problems, tracking_uri
+from pipeline.tracking import (PARENT_ENV, SWEEP_SIGNATURE, _client, experiment_id, sweep_signature,
+                               tracker_problems, tracking_uri)
 
 
 _active: list["MlflowSweep"] = []  # the sweep of this process, for close_open_parent
@@ -26,7 +27,8 @@ class MlflowSweep(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         params = config.hydra.sweeper.get("params") or {}  # an experiment's own sweep (hydra.sweeper.params)
-        check_every_point([f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task))
+        arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+        check_every_point(arguments)
         settings, problems = typed(TrackerSettings, config.get("tracker"), "tracker")
         if problems or settings.kind != "mlflow" or tracker_problems(settings):
             return  # each job reports the problem itself, with exit code 2
@@ -36,7 +38,8 @@ class MlflowSweep(Callback):
         sweep = redact_overrides(list(config.hydra.overrides.task))
         name = settings.run_name or ("sweep " + " ".join(sweep))[:250]
         run = client.create_run(exp, run_name=name, tags={"optipipe.sweep": "true",
-                                                          "optipipe.sweep_dir": str(config.hydra.sweep.dir)})
+                                                          "optipipe.sweep_dir": str(config.hydra.sweep.dir),
+                                                          SWEEP_SIGNATURE: sweep_signature(arguments)})
         client.log_param(run.info.run_id, "sweep.overrides", " ".join(sweep)[:6000])
         self.run_id = run.info.run_id
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()

@@ -17,6 +17,19 @@ from pipeline.redact import is_secret_key, redact_text
 from pipeline.contract import Problem, StageResult
 
 PARENT_ENV = "OPTIPIPE_PARENT_RUN_ID"  # set by the sweep callback, read by each job of the sweep
+SWEEP_SIGNATURE = "optipipe.sweep_signature"  # a sweep parent's tag: which sweep it ran (its arguments)
+RESUME_KEYS = ("resume", "resume_from")  # pipeline.* keys that say how to run a sweep, not what it measures
+
+
+def sweep_signature(arguments: list[str]) -> str:
+    """The sweep that these command-line/experiment arguments define, as a short hash: the same
+    sweep started again (e.g. to finish one that was cut) has the same signature, whatever order
+    the arguments came in and whether it asks to resume."""
+    import hashlib
+
+    kept = sorted(a for a in arguments if a.split("=", 1)[0].lstrip("+~") not in
+                  {f"pipeline.{k}" for k in RESUME_KEYS})
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:20]
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 
 
@@ -161,15 +174,31 @@ class MlflowTracker:
             self.client.log_artifact(self.run_id, str(path))
         self.client.log_batch(self.run_id, tags=[RunTag("optipipe.status", "running")])
 
-    def finished_run(self, config_hash: str) -> str | None:
-        """A FINISHED run of this experiment with the same resolved config, if there is one."""
+    def finished_run(self, config_hash: str, sweep_run_id: str, from_sweep: str | None = None) -> str | None:
+        """A FINISHED job with this resolved config from an earlier run of the sweep ``sweep_run_id``
+        runs (same signature), or from the sweep ``from_sweep`` names; newest first."""
         exp = self.client.get_experiment_by_name(self.settings.experiment)
         if exp is None:
             return None
-        found = self.client.search_runs([exp.experiment_id], max_results=1,
+        found = self.client.search_runs([exp.experiment_id], max_results=200, order_by=["attributes.start_time DESC"],
                                         filter_string=f"tags.`optipipe.config_hash` = '{config_hash}' "
                                                       "and attributes.status = 'FINISHED'")
-        return found[0].info.run_id if found else None
+        wanted = self._signature(sweep_run_id)
+        for run in found:
+            parent = run.data.tags.get("mlflow.parentRunId")
+            if parent is None or parent == sweep_run_id:
+                continue  # a single run, or a job of this very sweep
+            if (parent == from_sweep) if from_sweep else (wanted is not None and self._signature(parent) == wanted):
+                return run.info.run_id
+        return None
+
+    def _signature(self, run_id: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id).data.tags.get(SWEEP_SIGNATURE)
+        except MlflowException:  # a parent deleted since
+            return None
 
     def note_reused(self, parent_run_id: str, job: int, run_id: str) -> None:
         """The sweep's report lists a skipped job's earlier run in its place."""
