@@ -34,7 +34,7 @@ from pipeline.runner import make_plan, open_context
 from pipeline.validate import resolve
 
 BASELINES: dict[str, dict[str, Any]] = {"plain": {}, "hf_static_compile": {"cache_implementation": "static"}}
-COLUMNS = ("decode_tokens_per_s", "e2e_tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p90",
+COLUMNS = ("decode_tokens_per_s", "decode_tokens_per_s_spread_pct", "e2e_tokens_per_s", "ttft_ms_p50", "itl_ms_p50", "itl_ms_p90",
            "memory_peak_allocated_gib", "memory_peak_rss_gib", "mbu", "bandwidth_gb_per_s",
            "floor_tokens_per_s", "recompiles_timed")
 
@@ -109,12 +109,29 @@ def slug(label: str) -> str:
 
 
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row's decode tokens/s over plain transformers' at the same batch size."""
+    """Each row's decode tokens/s over plain transformers' at the same batch size, and how uncertain
+    that ratio is: ``x_plain_pm`` is half the repeats' spread of both rows, relative, times the ratio
+    (the row's and plain's medians could each sit anywhere in their repeats' range)."""
     nan = float("nan")
-    plain = {r["batch"]: r.get("decode_tokens_per_s", nan) for r in rows if r["config"] == "plain"}
+    plain = {r["batch"]: r for r in rows if r["config"] == "plain"}
     for r in rows:
-        r["x_plain"] = r.get("decode_tokens_per_s", nan) / plain.get(r["batch"], nan)
+        base = plain.get(r["batch"], {})
+        r["x_plain"] = r.get("decode_tokens_per_s", nan) / base.get("decode_tokens_per_s", nan)
+        spread = r.get("decode_tokens_per_s_spread_pct", 0.0) + (
+            base.get("decode_tokens_per_s_spread_pct", 0.0) if base is not r else 0.0)
+        r["x_plain_pm"] = 0.0 if base is r else r["x_plain"] * spread / 200
     return rows
+
+
+def ratio_cell(r: dict[str, Any]) -> str:
+    """``2.31 ± 0.05``; a ratio whose range holds 1.0 is marked as no measured difference."""
+    ratio, pm = r["x_plain"], r.get("x_plain_pm", 0.0)
+    if ratio != ratio:
+        return "n/a"
+    if r["config"] == "plain" or not pm:
+        return f"{ratio:.2f}"
+    same = " (≈ plain: within the repeats' spread)" if ratio - pm <= 1.0 <= ratio + pm else ""
+    return f"{ratio:.2f} ± {pm:.2f}{same}"
 
 
 def cell(value: Any, digits: int) -> str:
@@ -129,7 +146,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     nan = float("nan")
     for r in rows:
         peak = r.get("memory_peak_allocated_gib", r.get("memory_peak_rss_gib", nan))
-        cells = (r["config"], r["batch"], r["compiled"], cell(r.get("decode_tokens_per_s"), 1), cell(r["x_plain"], 2),
+        cells = (r["config"], r["batch"], r["compiled"], cell(r.get("decode_tokens_per_s"), 1), ratio_cell(r),
                  cell(r.get("ttft_ms_p50"), 1), cell(r.get("itl_ms_p50"), 2), cell(r.get("itl_ms_p90"), 2),
                  cell(peak, 2), cell(r["weight_bytes"] / 2**30, 2), cell(r.get("mbu"), 2))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

@@ -60,7 +60,20 @@ def test_ratios_are_per_batch_size():
     assert [r["x_plain"] for r in rows] == pytest.approx([1.0, 1.0, 2.5, 1.5])
     for r in rows:
         r.update(compiled="False", weight_bytes=2**30)
-    assert "| x | 8 | False | 300.0 | 1.50 |" in table(rows)
+    assert "| x | 8 | False | 300.0 | 1.50 |" in table(rows)  # no repeats' spread known: no ±
+
+
+def test_a_ratio_carries_the_repeats_spread_and_a_ratio_within_it_is_no_win():
+    rows = with_ratios([{"config": "plain", "batch": 1, "decode_tokens_per_s": 100.0, "decode_tokens_per_s_spread_pct": 4.0},
+                        {"config": "fast", "batch": 1, "decode_tokens_per_s": 250.0, "decode_tokens_per_s_spread_pct": 6.0},
+                        {"config": "noisy", "batch": 1, "decode_tokens_per_s": 110.0, "decode_tokens_per_s_spread_pct": 20.0}])
+    for r in rows:
+        r.update(compiled="True", weight_bytes=2**30)
+    text = table(rows)
+    assert "| plain | 1 | True | 100.0 | 1.00 |" in text
+    assert "| fast | 1 | True | 250.0 | 2.50 ± 0.12 |" in text  # 2.5 × (6 + 4) / 200
+    # 1.10 ± 0.13 holds 1.0: printed, but not as a win
+    assert "| noisy | 1 | True | 110.0 | 1.10 ± 0.13 (≈ plain: within the repeats' spread) |" in text
 
 
 def test_kernel_names_fall_into_categories():
