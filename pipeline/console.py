@@ -69,5 +69,5 @@ def print_summary(outcome: RunOutcome, where: str, run_id: str | None) -> None:
         err.print(f"[bold red]{escape(redact_text(outcome.error))}[/]")  # errors hold [stage] brackets
     if run_id:
         out.print(f"MLflow run {run_id}")
-    out.print(f"dashboard: [bold]{where}[/]")
+    out.print(f"dashboard: [bold]{where}[/]", soft_wrap=True)  # one line to copy, whatever the terminal width
     sys.stdout.flush()

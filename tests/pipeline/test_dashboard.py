@@ -129,3 +129,18 @@ def test_slurm_preset_composes():
         cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
                       return_hydra_config=True)
     assert cfg.hydra.launcher.gpus_per_node == 1 and "SlurmLauncher" in cfg.hydra.launcher._target_
+
+
+def test_the_dashboard_command_stays_on_one_line_in_a_narrow_terminal(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from pipeline import console
+    from pipeline.runner import RunOutcome
+
+    narrow = Console(width=40, file=io.StringIO(), highlight=False)
+    monkeypatch.setattr(console, "out", narrow)
+    where = "mlflow ui --backend-store-uri sqlite:////a/rather/long/path/to/outputs/mlflow.db"
+    console.print_summary(RunOutcome(), where, None)
+    assert f"dashboard: {where}\n" in narrow.file.getvalue()  # copied as one command, not cut at 40 columns
