@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import console, launch, sweep
+from pipeline import console, launch, quiet, sweep
 from pipeline.config import flatten
 from pipeline.hydra_guard import problems_before_hydra
 from pipeline.redact import redact, redact_console, redact_overrides
@@ -88,6 +88,7 @@ def objective(outcome) -> float | None:
 def run_job(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     in_sweep = hc.mode == RunMode.MULTIRUN
+    quiet.apply(OmegaConf.select(cfg, "pipeline.verbose", default=False) is True)  # before stages import packages
     try:
         resolved = resolve(cfg)
         if is_worker():  # a torchrun rank of a job whose parent already validated and tracks it

@@ -38,6 +38,7 @@ class PipelineSettings:
     resume: bool = False  # true: in a sweep, reuse a FINISHED job of an earlier run of the same sweep (same config, environment)
     resume_from: Optional[str] = None  # a sweep's parent run id: reuse FINISHED jobs of that sweep only (implies resume)
     memory_budget_gib: Optional[float] = None  # a job above it is infeasible: it ends early, FAILED
+    verbose: bool = False  # true: third-party packages' own warnings and progress bars on the console
 
 
 @dataclass

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import quiet
+
 # kernel / op name → category; first match wins
 CATEGORIES: list[tuple[str, re.Pattern]] = [
     # an M=1 matmul that inductor turned into a reduction (coordinate-descent tuning) keeps "mm" in
@@ -39,7 +41,7 @@ def profile_call(run: Callable[[], Any], cuda: bool) -> tuple[dict[str, float], 
     # On CUDA only the device is traced: tracing every host op too slowed host-bound rows 4× (plain
     # generate, batch 1, H200), which made their busy fraction meaningless.
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
+    with quiet.native_stderr(), profile(activities=activities) as prof:  # the profiler library's start/stop lines
         start = time.perf_counter()  # inside: the profiler's own start and trace collection are not the run's
         run()  # the generate stage's runs end synchronized, so the wall time covers their device work
         wall_ms = (time.perf_counter() - start) * 1e3

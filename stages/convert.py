@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
-from pipeline import measure
+from pipeline import measure, quiet
 from pipeline.contract import (BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult,
                                warning, workload_context)
 
@@ -117,7 +117,7 @@ def observed_sdpa_backends(model: Any, tokenizer: Any, hooks: list) -> list[str]
     from torch.profiler import profile
 
     ids = torch.tensor([[tokenizer.bos_token_id or 1] * 8], device=measure.input_device(model))
-    with workload_context(hooks), profile() as prof, torch.inference_mode():
+    with quiet.native_stderr(), workload_context(hooks), profile() as prof, torch.inference_mode():
         model(input_ids=ids)
     names = {e.key.removeprefix("aten::") for e in prof.key_averages()}
     return sorted({backend for op, backend in SDPA_OPS.items() if op in names})

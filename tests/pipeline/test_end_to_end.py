@@ -251,6 +251,22 @@ def test_one_new_token_reports_decode_as_not_applicable(tmp_path):
     assert run.data.params["load.num_threads"] == "1"
 
 
+CHATTER = ("Failed to load", "Detected no triton", "Enum subclass", "Loading weights", "USDT", "profiler_start")
+
+
+def test_third_party_chatter_stays_off_the_console_unless_verbose(tmp_path):
+    """torchao's kernel-library and triton notes, torch's deprecation notes, transformers' loading
+    bar and the profiler library's lines (the attention check runs the profiler) only with
+    pipeline.verbose=true."""
+    job = ("model=tiny_random", "quantize=int8_torchao", "convert=sdpa", "generate.max_new_tokens=4",
+           "generate.warmup=0", "generate.repeats=1", "tracker=none")
+    quiet = run_cli(*job, cwd=tmp_path, check=0)
+    assert "FINISHED" in quiet.stdout
+    assert not [c for c in CHATTER if c in quiet.stdout + quiet.stderr], quiet.stderr[-2000:]
+    loud = run_cli(*job, "pipeline.verbose=true", cwd=tmp_path, check=0)
+    assert "Loading weights" in loud.stderr and "FINISHED" in loud.stdout
+
+
 def test_one_bad_sweep_point_stops_the_sweep_before_any_job(tmp_path):
     proc = run_cli("-m", *TINY, "generate.batch_size=1,0,2", cwd=tmp_path, check=2)
     assert "generate.batch_size: must be ≥ 1, got 0 (sweep point: generate.batch_size=0)" in proc.stderr
