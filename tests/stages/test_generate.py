@@ -49,6 +49,9 @@ def test_prompt_files(tmp_path):
     with pytest.raises(P.PromptError, match="bad.jsonl:1"):
         P.read_prompt_file(str(tmp_path / "bad.jsonl"))
     assert P.batch_of(["a", "b"], 5) == ["a", "b", "a", "b", "a"]
+    # what the README promises: batch 1 answers the first built-in prompt, batch 8 all of them
+    assert P.batch_of(list(P.DEFAULT_PROMPTS), 1) == ["What is the capital of France?"]
+    assert P.batch_of(list(P.DEFAULT_PROMPTS), 8) == list(P.DEFAULT_PROMPTS) and len(P.DEFAULT_PROMPTS) == 8
 
 
 def run_generate(tmp_path, *overrides):
