@@ -141,6 +141,14 @@ def _reuse_finished(cfg: DictConfig, tracker, job_num: int, from_sweep: str | No
     return True
 
 
+def job_folder_name() -> str:
+    """``<hash>_<pid>``: a short hash of this command's overrides (runs of one command share it, and
+    a folder name never shows an override's value, secrets included), then the process id, so two
+    jobs started in the same second never share a folder."""
+    overrides = " ".join(a for a in sys.argv[1:] if not a.startswith("-"))
+    return f"{hashlib.sha256(overrides.encode()).hexdigest()[:8]}_{os.getpid()}"
+
+
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def _hydra_entry(cfg: DictConfig) -> float | None:
     _state["job_started"] = True
@@ -149,8 +157,8 @@ def _hydra_entry(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     redact_console()
-    if not OmegaConf.has_resolver("optipipe_pid"):  # run and sweep folders: conf/config.yaml
-        OmegaConf.register_new_resolver("optipipe_pid", os.getpid)
+    if not OmegaConf.has_resolver("optipipe_job"):  # run and sweep folders: conf/config.yaml
+        OmegaConf.register_new_resolver("optipipe_job", job_folder_name)
     if sys.argv[1:2] == ["report"]:
         from pipeline.report_cli import main as report_main
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,6 +213,9 @@ def test_two_jobs_started_together_never_share_a_run_folder(tmp_path):
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     folders = sorted(tmp_path.glob("outputs/runs/*/*"))
     assert len(folders) == 2
+    # <time>_<short hash of the overrides>_<pid>: different commands, different hashes
+    names = [re.fullmatch(r"\d\d-\d\d-\d\d_([0-9a-f]{8})_(\d+)", f.name) for f in folders]
+    assert all(names) and names[0][1] != names[1][1], [f.name for f in folders]
     assert {"generate.seed=0", "generate.seed=1"} == {
         next(line.strip("- ") for line in (f / "overrides.yaml").read_text().splitlines() if "seed" in line)
         for f in folders}
