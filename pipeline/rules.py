@@ -31,6 +31,15 @@ def tracker_reachable(resolved: Any) -> list[Problem]:
 
 
 @rule
+def memory_budget_positive(resolved: Any) -> list[Problem]:
+    budget = resolved.pipeline.memory_budget_gib
+    if budget is None or budget > 0:
+        return []
+    return [Problem("pipeline.memory_budget_gib", f"must be > 0 GiB or null, got {budget}",
+                    "pipeline.memory_budget_gib=null (no budget) or e.g. pipeline.memory_budget_gib=20")]
+
+
+@rule
 def resume_names_a_run(resolved: Any) -> list[Problem]:
     named = resolved.pipeline.resume_from
     if named is None or re.fullmatch(r"[0-9a-f]{32}", str(named)):

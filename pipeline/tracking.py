@@ -66,6 +66,9 @@ def tracker_problems(settings: TrackerSettings) -> list[Problem]:
         return []
     if settings.kind != "mlflow":
         return [Problem("tracker.kind", f"unknown tracker {settings.kind!r}", "tracker=mlflow or tracker=none")]
+    if not settings.connect_timeout_s > 0:
+        return [Problem("tracker.connect_timeout_s", f"must be > 0 seconds, got {settings.connect_timeout_s}",
+                        "tracker.connect_timeout_s=5")]
     uri = tracking_uri(settings)
     if uri.startswith(("http://", "https://")):
         import requests

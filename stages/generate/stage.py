@@ -88,7 +88,8 @@ class Generate(BaseStage):
     def problems(self, root: Any) -> list[Problem]:
         c, out = self.cfg, []
         for key, value, low in (("batch_size", c.batch_size, 1), ("max_new_tokens", c.max_new_tokens, 1),
-                                ("repeats", c.repeats, 1), ("warmup", c.warmup, 0)):
+                                ("repeats", c.repeats, 1), ("warmup", c.warmup, 0),
+                                ("stop_check_every", c.stop_check_every, 1)):
             if value < low:
                 out.append(Problem(f"generate.{key}", f"must be ≥ {low}, got {value}",
                                    f"generate.{key}={max(low, 1)}"))
@@ -111,10 +112,35 @@ class Generate(BaseStage):
             out.append(Problem("generate.prompts", "the prompt list is empty",
                                "remove generate.prompts to use the built-in prompts"))
         out += self._engine_problems(root)
+        if not out:
+            out += self._context_problems(root)
         if root.model.task != "causal_lm":
             out.append(Problem("generate", f"model.task={root.model.task} cannot generate text",
                                "generate=encode for an encoder, or a causal LM model"))
         return out
+
+    def _context_problems(self, root: Any) -> list[Problem]:
+        """Prompt + new tokens must fit the model's context (its position table or rotary range):
+        beyond it the output is garbage or an index error, after minutes of loading. Without
+        ``prompt_tokens`` the prompts' length is unknown before tokenizing: the new tokens alone
+        are checked."""
+        from stages.load.sources import architecture, resolve_source
+
+        if resolve_source(root.model) not in ("random", "local", "gguf", "embedded"):
+            return []  # a hub model's config may need the network: its load reports a context error
+        arch = architecture(root.model) or {}
+        context = arch.get("max_position_embeddings") or arch.get("n_positions")
+        c = self.cfg
+        prompt = c.prompt_tokens or 0
+        if not context or prompt + c.max_new_tokens <= context:
+            return []
+        if prompt >= context:
+            return [Problem("generate.prompt_tokens", f"a {prompt}-token prompt fills the model's context of "
+                            f"{context} tokens", f"generate.prompt_tokens={max(1, context // 2)} "
+                            f"generate.max_new_tokens={min(c.max_new_tokens, context - context // 2)}")]
+        what = f"prompt {prompt} + {c.max_new_tokens} new tokens" if prompt else f"{c.max_new_tokens} new tokens"
+        return [Problem("generate.max_new_tokens", f"{what} exceed the model's context of {context} tokens",
+                        f"generate.max_new_tokens={context - prompt}")]
 
     def _engine_problems(self, root: Any) -> list[Problem]:
         c = self.cfg

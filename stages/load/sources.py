@@ -194,11 +194,16 @@ def _publish(build, dest: Path) -> Path:
     return dest
 
 
-def _gguf_to_safetensors(gguf: Path, cache: Path) -> Path:
-    """Dequantize a GGUF file once (~17 s for SmolLM2-135M) into a float32 safetensors dir."""
+def gguf_cache_dir(gguf: Path, cache: Path) -> Path:
+    """Where a GGUF file's safetensors conversion lives: one per file, whichever source named it."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    dest = cache / "gguf" / f"{gguf.stem}-{key}"  # one cache per file, whichever source named it
+    return cache / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _gguf_to_safetensors(gguf: Path, cache: Path) -> Path:
+    """Dequantize a GGUF file once (~17 s for SmolLM2-135M) into a float32 safetensors dir."""
+    dest = gguf_cache_dir(gguf, cache)
 
     def build(tmp: Path) -> None:
         import torch
@@ -285,7 +290,12 @@ def _read_architecture(spec) -> dict[str, Any] | None:
         gguf = path if path.suffix == ".gguf" else None
         if gguf is None:
             return json.loads((path / "config.json").read_text())
-    if gguf is not None:  # header only: GGUF keeps the config as metadata before the tensors
+    if gguf is not None:
+        converted = gguf_cache_dir(gguf, cache_root(None)) / "config.json"
+        if converted.is_file():  # converted before: its config is a small JSON file
+            return json.loads(converted.read_text())
+        # header only (GGUF keeps the config as metadata before the tensors), but parsing it takes
+        # seconds: only until the first run converts the file
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         return load_gguf_checkpoint(str(gguf), return_tensors=False)["config"]

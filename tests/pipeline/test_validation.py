@@ -44,6 +44,58 @@ def test_out_of_range_values_and_unknown_sections_are_refused(overrides, key, fi
     assert f"{key}: " in text and fix in text
 
 
+# one bad value each on the tiny model: (overrides, the key named, a piece of the fix)
+BAD_VALUES = [
+    (("generate.max_new_tokens=100000",), "generate.max_new_tokens", "generate.max_new_tokens=512"),
+    (("generate.prompt_tokens=100000",), "generate.prompt_tokens", "generate.prompt_tokens=256"),
+    (("generate.prompt_tokens=500", "generate.max_new_tokens=100"), "generate.max_new_tokens",
+     "generate.max_new_tokens=12"),
+    (("generate.prompt_tokens=0",), "generate.prompt_tokens", "generate.prompt_tokens=128"),
+    (("generate.batch_size=0",), "generate.batch_size", "generate.batch_size=1"),
+    (("generate.repeats=0",), "generate.repeats", "generate.repeats=1"),
+    (("generate.warmup=-1",), "generate.warmup", "generate.warmup=1"),
+    (("generate.stop_check_every=0",), "generate.stop_check_every", "generate.stop_check_every=1"),
+    (("generate.chat_template=maybe",), "generate.chat_template", "auto|on|off"),
+    (("generate.do_sample=true", "generate.temperature=0"), "generate.temperature", "generate.temperature=0.7"),
+    (("generate.engine=turbo",), "generate.engine", "transformers, fast"),
+    (("generate=fast", "generate.fast_compile_mode=ultra"), "generate.fast_compile_mode", "reduce-overhead"),
+    (("generate.prompts=[]",), "generate.prompts", "built-in prompts"),
+    (("generate=encode",), "generate", "model=minilm_l6"),
+    (("load.dtype=float8",), "load.dtype", "bfloat16"),
+    (("load.device=tpu",), "load.device", "load.device=auto|cpu|cuda|cuda:N"),
+    (("load.num_threads=-2",), "load.num_threads", "load.num_threads=2"),
+    (("convert.implementation=magic",), "convert.implementation", "sdpa"),
+    (("convert.sdpa_backends=[warp]",), "convert.sdpa_backends", "flash,efficient,math,cudnn"),
+    (("shard=tensor_parallel",), "launcher", "launcher=torchrun launcher.nproc_per_node=2"),
+    (("shard=data_parallel",), "launcher", "launcher=torchrun launcher.nproc_per_node=2"),
+    (("shard=tensor_parallel", "launcher=torchrun", "launcher.nproc_per_node=2", "shard.all_reduce=fastest"),
+     "shard.all_reduce", "auto, symm_mem, process_group"),
+    (("shard=tensor_parallel", "launcher=torchrun", "launcher.nproc_per_node=2", "shard.one_shot_max_kib=0"),
+     "shard.one_shot_max_kib", "shard.one_shot_max_kib=1024"),
+    (("launcher=torchrun", "launcher.nproc_per_node=0"), "launcher.nproc_per_node", "launcher.nproc_per_node=1"),
+    (("launcher=torchrun", "launcher.nnodes=2"), "launcher.rdzv_endpoint", ":29500"),
+    (("launcher.kind=slurm",), "launcher.kind", "launcher=local|torchrun"),
+    (("tracker.kind=wandb",), "tracker.kind", "tracker=mlflow or tracker=none"),
+    (("pipeline.memory_budget_gib=-1",), "pipeline.memory_budget_gib", "pipeline.memory_budget_gib=null"),
+    (("pipeline.resume_from=abc",), "pipeline.resume_from", "32 hex digits"),
+    (("model.source=ftp",), "model.source", "embedded, random"),
+    (("model.task=vision",), "model.task", "causal_lm|encoder"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,fix", BAD_VALUES)
+def test_each_bad_value_is_refused_with_its_key_and_a_fix_that_differs_from_it(overrides, key, fix):
+    text = problems_of("model=tiny_random", "tracker=none", *overrides)
+    assert f"{key}: " in text and fix in text
+    fixes = [line.split("fix: ", 1)[1] for line in text.splitlines() if "fix: " in line]
+    assert not set(overrides) & {f.split(" ")[0] for f in fixes}  # a fix never repeats the value set
+
+
+def test_a_tracker_timeout_must_be_positive(tmp_path):
+    text = problems_of("model=tiny_random", f"tracker.uri=sqlite:///{tmp_path}/m.db", "tracker.connect_timeout_s=-1")
+    assert "tracker.connect_timeout_s: must be > 0" in text and "tracker.connect_timeout_s=5" in text
+
+
 def test_target_outside_the_allow_list_is_refused():
     text = problems_of("evaluate._target_=os.system")
     assert "outside the allowed modules" in text and "pipeline.allow" in text
