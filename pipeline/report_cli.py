@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline import report
+from pipeline import report, stale_runs
 from pipeline.config import TrackerSettings
 from pipeline.tracking import _client, tracking_uri
 
@@ -17,8 +17,15 @@ def main(argv: list[str]) -> int:
     which.add_argument("--parent", help="the sweep's parent run id")
     p.add_argument("--uri", help="tracking store (default: MLFLOW_TRACKING_URI or ./outputs/mlflow.db)")
     p.add_argument("--out", type=Path, help="folder for summary.md/.csv and plots")
+    p.add_argument("--repair", action="store_true",
+                   help="only mark this host's runs left RUNNING by a killed process as KILLED (every experiment)")
     args = p.parse_args(argv)
     client = _client(tracking_uri(TrackerSettings(uri=args.uri)))
+    if args.repair:
+        fixed = stale_runs.repair(client, found_by="optipipe report --repair")
+        print(f"optipipe report: {len(fixed)} run(s) left RUNNING by a killed process marked KILLED"
+              + "".join(f"\n  {run_id}" for run_id in fixed))
+        return 0
     try:
         parent = args.parent or report.latest_sweep(client, args.experiment)
         rows = report.sweep_rows(client, parent)

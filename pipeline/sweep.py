@@ -9,6 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from pipeline import stale_runs
 from pipeline.config import TrackerSettings, typed
 from pipeline.redact import redact, redact_overrides
 from pipeline.tracking import (PARENT_ENV, SWEEP_SIGNATURE, _client, experiment_id, sweep_signature,
@@ -39,7 +40,8 @@ class MlflowSweep(Callback):
         name = settings.run_name or ("sweep " + " ".join(sweep))[:250]
         run = client.create_run(exp, run_name=name, tags={"optipipe.sweep": "true",
                                                           "optipipe.sweep_dir": str(config.hydra.sweep.dir),
-                                                          SWEEP_SIGNATURE: sweep_signature(arguments)})
+                                                          SWEEP_SIGNATURE: sweep_signature(arguments),
+                                                          **stale_runs.owner_tags()})
         client.log_param(run.info.run_id, "sweep.overrides", " ".join(sweep)[:6000])
         self.run_id = run.info.run_id
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()

@@ -7,11 +7,13 @@ Stages never import mlflow; the runner hands results to a tracker. ``tracker=non
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipeline import stale_runs
 from pipeline.config import TrackerSettings
 from pipeline.redact import is_secret_key, redact_text
 from pipeline.contract import Problem, StageResult
@@ -165,11 +167,15 @@ class MlflowTracker:
         from mlflow.entities import Param, RunTag
 
         exp = experiment_id(self.client, self.settings.experiment, self.uri)
-        tags = {"mlflow.runName": job.run_name, **job.tags}
+        tags = {"mlflow.runName": job.run_name, **job.tags, **stale_runs.owner_tags()}
         if job.parent_run_id:
             tags["mlflow.parentRunId"] = job.parent_run_id
         run = self.client.create_run(exp, tags=tags, run_name=job.run_name)
         self.run_id = run.info.run_id
+        try:  # runs of this store left RUNNING by a killed process: KILLED now, with the reason
+            stale_runs.repair(self.client, [exp], found_by=f"run {self.run_id}")
+        except Exception as e:  # somebody else's broken run never fails this one
+            print(f"optipipe: could not check for runs left RUNNING ({type(e).__name__}: {e})", file=sys.stderr)
         params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in job.params.items() if not is_secret_key(k)]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])

@@ -144,6 +144,27 @@ def test_ctrl_c_or_sigterm_marks_the_run_killed(tmp_path, plugin_path, sig, code
     assert runs[0].info.status == "KILLED"
 
 
+@pytest.mark.slow
+def test_a_run_left_running_by_sigkill_is_marked_killed_by_repair_or_the_next_run(tmp_path, plugin_path):
+    store = tmp_path / "outputs" / "mlflow.db"
+    assert interrupt_once(tmp_path, plugin_path, [*TINY], "outputs/runs/*/*/generate_samples.jsonl",
+                          signal.SIGKILL) == -signal.SIGKILL
+    _, runs = mlflow_runs(store)
+    assert [r.info.status for r in runs] == ["RUNNING"]  # nothing could close it
+    repaired = run_cli("report", "--repair", "--uri", f"sqlite:///{store}", cwd=tmp_path, check=0)
+    assert "1 run(s) left RUNNING by a killed process marked KILLED" in repaired.stdout
+    _, runs = mlflow_runs(store)
+    assert runs[0].info.status == "KILLED" and "SIGKILL" in runs[0].data.tags["optipipe.killed_why"]
+    # the next run on the store repairs without being asked; a live run is never touched
+    for samples in tmp_path.glob("outputs/runs/*/*/generate_samples.jsonl"):
+        samples.unlink()
+    interrupt_once(tmp_path, plugin_path, [*TINY], "outputs/runs/*/*/generate_samples.jsonl", signal.SIGKILL)
+    run_cli(*TINY, cwd=tmp_path, check=0)
+    _, runs = mlflow_runs(store)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED", "KILLED"]
+    assert all("marked by" in r.data.tags["optipipe.killed_why"] for r in runs if r.info.status == "KILLED")
+
+
 def test_tracker_none_never_imports_mlflow(tmp_path):
     code = ("import sys; sys.argv = ['optipipe', 'tracker=none', " + ", ".join(repr(a) for a in TINY) + "]\n"
             "from pipeline.cli import main\n"
