@@ -86,6 +86,21 @@ def stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """SIGTERM this process when its parent dies, however it dies (SIGKILL included), so a
+    torchrun group never outlives the process that tracks it. Linux only (``prctl``); elsewhere
+    the group ends with its collective timeout or ``launcher.max_seconds``."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's cancel, ``timeout``): the run ends as on Ctrl-C (KILLED), exit code 143."""
 
@@ -107,7 +122,9 @@ def run_group(settings: LauncherSettings, overrides: list[str], output_dir: Path
     cmd = torchrun_command(settings, overrides, output_dir)
     print(f"optipipe: torchrun ×{settings.nproc_per_node * settings.nnodes}"
           + (f" on GPUs {devices}" if devices else ""), flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # Ctrl-C reaches us, not the ranks
+    parent = os.getpid()
+    # Ctrl-C reaches us, not the ranks; if we die (even by SIGKILL), torchrun gets SIGTERM and stops them
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(parent))
     # SIGTERM (a scheduler's cancel, `timeout`) must not orphan the group in its own session
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
@@ -165,6 +182,7 @@ def run_worker(resolved, output_dir: Path) -> None:
     from pipeline.distributed import RankTracker, join_group, leave_group
     from pipeline.runner import execute, make_plan
 
+    die_with_parent(os.getppid())  # and a rank stops when its torchrun agent dies
     dist_info = join_group(resolved.launcher.collective_timeout_s)
     try:
         plan = make_plan(resolved)
@@ -179,8 +197,8 @@ def run_worker(resolved, output_dir: Path) -> None:
     if not left:
         print(f"optipipe: rank {dist_info.rank}: process group teardown timed out", flush=True)
     # Everything is logged and written. Leave without the interpreter's teardown: on GPUs,
-    # tensor-parallel ranks with a captured decode graph finished their work but did not exit
-    # (seen 2026-11-26; the cause is not pinned down), holding the group and its GPUs.
+    # tensor-parallel ranks with a captured decode graph have been seen to finish their work and
+    # not exit (the cause is not pinned down), holding the group and its GPUs.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0 if outcome.status == "FINISHED" else 1)

@@ -206,6 +206,35 @@ def test_ctrl_c_stops_every_rank_and_marks_the_run_killed(tmp_path, rank_plugin)
     assert no_process_mentions(str(run_dir))
 
 
+@pytest.mark.slow
+def test_a_killed_parent_takes_its_torchrun_group_with_it(tmp_path, rank_plugin):
+    """SIGKILL on the process that launched and tracks the group: torchrun and every rank stop
+    within seconds (parent-death signal), instead of sleeping on for ever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *TINY, *TORCHRUN, "shard=data_parallel",
+                             "evaluate._target_=rank_trouble.RankTrouble", "+evaluate.hang_s=600",
+                             "pipeline.allow=[rank_trouble]", f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env={**os.environ, **rank_plugin, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "generate_samples_rank1.jsonl").exists():
+        time.sleep(0.5)
+    time.sleep(2)  # rank 1 asleep in its evaluate stage, rank 0 waiting for it
+    group = psutil.Process(proc.pid).children(recursive=True)
+    assert len(group) >= 3  # torchrun and its two ranks
+    proc.kill()
+    proc.wait(timeout=10)
+    _, alive = psutil.wait_procs(group, timeout=30)
+    assert not alive, [p.cmdline()[:4] for p in alive]
+
+
 def problems_of(*overrides: str) -> dict[str, str]:
     with pytest.raises(ConfigProblems) as info:
         resolve(composed("model=tiny_random", "tracker=none", *overrides))
