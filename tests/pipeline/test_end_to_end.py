@@ -145,7 +145,7 @@ def test_ctrl_c_or_sigterm_marks_the_run_killed(tmp_path, plugin_path, sig, code
 
 
 @pytest.mark.slow
-def test_a_run_left_running_by_sigkill_is_marked_killed_by_repair_or_the_next_run(tmp_path, plugin_path):
+def test_a_run_left_running_by_sigkill_is_marked_killed_by_report_repair(tmp_path, plugin_path):
     store = tmp_path / "outputs" / "mlflow.db"
     assert interrupt_once(tmp_path, plugin_path, [*TINY], "outputs/runs/*/*/generate_samples.jsonl",
                           signal.SIGKILL) == -signal.SIGKILL
@@ -155,14 +155,32 @@ def test_a_run_left_running_by_sigkill_is_marked_killed_by_repair_or_the_next_ru
     assert "1 run(s) left RUNNING by a killed process marked KILLED" in repaired.stdout
     _, runs = mlflow_runs(store)
     assert runs[0].info.status == "KILLED" and "SIGKILL" in runs[0].data.tags["optipipe.killed_why"]
-    # the next run on the store repairs without being asked; a live run is never touched
-    for samples in tmp_path.glob("outputs/runs/*/*/generate_samples.jsonl"):
-        samples.unlink()
-    interrupt_once(tmp_path, plugin_path, [*TINY], "outputs/runs/*/*/generate_samples.jsonl", signal.SIGKILL)
-    run_cli(*TINY, cwd=tmp_path, check=0)
-    _, runs = mlflow_runs(store)
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED", "KILLED"]
-    assert all("marked by" in r.data.tags["optipipe.killed_why"] for r in runs if r.info.status == "KILLED")
+
+
+def test_the_next_run_marks_runs_of_dead_processes_killed_and_leaves_live_ones(tmp_path):
+    """Runs whose recorded process is gone (or now another program) become KILLED when a new run
+    starts on the store; a run whose process still runs stays RUNNING."""
+    import socket
+
+    from pipeline.config import TrackerSettings
+    from pipeline.tracking import JobInfo, MlflowTracker
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "optipipe"])
+    try:
+        tracker = MlflowTracker(TrackerSettings(uri=f"sqlite:///{tmp_path}/m.db"))
+        host = socket.gethostname()
+        exp = tracker.client.create_experiment("optipipe")
+        ids = {name: tracker.client.create_run(exp, tags={"host": host, "optipipe.pid": str(pid)}).info.run_id
+               for name, pid in (("dead", dead.pid), ("live", live.pid), ("other_host", dead.pid))}
+        tracker.client.set_tag(ids["other_host"], "host", "elsewhere")
+        tracker.start(JobInfo(run_name="next", params={}, tags={}))
+        status = {name: tracker.client.get_run(i).info.status for name, i in ids.items()}
+        assert status == {"dead": "KILLED", "live": "RUNNING", "other_host": "RUNNING"}
+        assert "marked by run " + tracker.run_id in tracker.client.get_run(ids["dead"]).data.tags["optipipe.killed_why"]
+    finally:
+        live.kill()
 
 
 def test_tracker_none_never_imports_mlflow(tmp_path):
