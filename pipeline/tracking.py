@@ -129,16 +129,22 @@ def _client(uri: str):
     from filelock import FileLock
 
     with FileLock(uri.removeprefix("sqlite:///") + ".lock", timeout=300):
-        for attempt in range(LOCKED_RETRIES):
+        for attempt in range(LOCKED_RETRIES - 1):
             try:
-                client = MlflowClient(tracking_uri=uri)
-                client.search_experiments(max_results=1)  # creates or checks the schema, one process at a time
-                return client
+                return _checked_client(uri)
             except Exception as e:  # SQLite's 5 s busy wait can run out while parallel jobs write
-                if "database is locked" not in str(e) or attempt == LOCKED_RETRIES - 1:
+                if "database is locked" not in str(e):
                     raise
                 time.sleep(1 + attempt)
-    raise AssertionError("unreachable")
+        return _checked_client(uri)  # the last try: its error is the caller's
+
+
+def _checked_client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    client.search_experiments(max_results=1)  # creates or checks the schema, one process at a time
+    return client
 
 
 def experiment_id(client, name: str, uri: str) -> str:

@@ -103,7 +103,9 @@ class TimingSummary:
         return out
 
 
-NOISY_SPREAD_PCT = 10.0  # repeats further apart than this: the median is not one steady speed
+# repeats further apart than this: the median is not one steady speed. A CPU shares its cores with
+# everything else on the host: 3 repeats of the default job on an idle 2-core machine lie ~10 % apart
+NOISY_SPREAD_PCT = {"cuda": 10.0, "cpu": 25.0}
 NOISY_ITL_RATIO = 1.5  # p90 / p50 of the inter-token latency above this: steps stall now and then
 
 
@@ -114,8 +116,9 @@ def noise(metrics: dict[str, float], cuda: bool) -> str:
 
     reasons = []
     spread = metrics.get("decode_tokens_per_s_spread_pct", metrics.get("e2e_tokens_per_s_spread_pct", 0.0))
-    if spread > NOISY_SPREAD_PCT:
-        reasons.append(f"repeats spread {spread:.0f} % (> {NOISY_SPREAD_PCT:.0f} %)")
+    limit = NOISY_SPREAD_PCT["cuda" if cuda else "cpu"]
+    if spread > limit:
+        reasons.append(f"repeats spread {spread:.0f} % (> {limit:.0f} %)")
     p50, p90 = metrics.get("itl_ms_p50", 0.0), metrics.get("itl_ms_p90", 0.0)
     if p50 > 0 and p90 / p50 > NOISY_ITL_RATIO:
         reasons.append(f"ITL p90/p50 {p90 / p50:.1f} (> {NOISY_ITL_RATIO})")

@@ -38,6 +38,10 @@ def test_unsteady_timings_are_called_noisy_with_the_reason():
     assert "repeats spread 67 %" in text and "host load average" in text
     stall = Timing(0.0, [0.10, 0.11, 0.12, 0.13, 0.14, 0.15, 0.16, 0.17, 0.18, 0.19, 0.40], 0.41, 1)
     assert "ITL p90/p50" in noise(TimingSummary([stall]).metrics(), cuda=True)
+    # 15 % apart: unsteady for a GPU, ordinary for a CPU shared with the rest of the host
+    a, b = Timing(0.0, [0.10, 0.11, 0.12, 0.13], 0.13, 1), Timing(0.0, [0.10, 0.1115, 0.123, 0.1345], 0.135, 1)
+    assert "repeats spread" in noise(TimingSummary([a, b]).metrics(), cuda=True)
+    assert "repeats spread" not in noise(TimingSummary([a, b]).metrics(), cuda=False)
 
 
 def test_prompt_files(tmp_path):
