@@ -72,6 +72,14 @@ def check_budget(budget_gib: float | None, stage: str, result: StageResult) -> N
                                  "or raise pipeline.memory_budget_gib")
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the CPU's: Python's MemoryError or torch's CPU allocator
+    giving up (a RuntimeError naming it)."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and "DefaultCPUAllocator" in str(e)
+
+
 def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Tracker, job: JobInfo,
             dist: DistInfo | None = None) -> RunOutcome:
     """Load once, apply each stage in order, log as we go; a failure marks the run FAILED."""
@@ -100,14 +108,14 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
         outcome.status, outcome.error = "FAILED", str(e)
         tracker.finish(outcome.status, outcome.error)
         return outcome
-    except torch.OutOfMemoryError as e:  # a property of the configuration, not a bug: say what to change
-        outcome.status = "FAILED"
-        outcome.error = (f"out of memory: {str(e).splitlines()[0]}\n  fix: lower generate.batch_size, "
-                         "quantize=nf4, load.dtype=bfloat16, or spread the model (shard=…)")
-        tracker.finish(outcome.status, outcome.error)
-        return outcome
-    except BaseException as e:  # our bug: record it, then let the traceback through
-        tracker.finish("FAILED", f"{type(e).__name__}: {e}")
+    except BaseException as e:
+        if out_of_memory(e):  # a property of the configuration, not a bug: say what to change
+            outcome.status = "FAILED"
+            outcome.error = (f"out of memory: {str(e).strip().splitlines()[0]}\n  fix: lower generate.batch_size, "
+                             "quantize=nf4, load.dtype=bfloat16, or spread the model (shard=…)")
+            tracker.finish(outcome.status, outcome.error)
+            return outcome
+        tracker.finish("FAILED", f"{type(e).__name__}: {e}")  # our bug: record it, let the traceback through
         raise
     tracker.finish(outcome.status)
     return outcome

@@ -26,7 +26,7 @@ from pipeline.contract import BaseStage, StageError, StageResult
 class EchoConfig:
     message: str = "hello"
     fail: bool = False
-    oom: bool = False
+    oom: str = ""  # cuda | cpu: fail as that device's allocator does
     sleep_s: float = 0.0
     api_key: str = ""
 
@@ -38,9 +38,12 @@ class Echo(BaseStage):
     def apply(self, ctx):
         if self.cfg.fail:
             raise StageError("evaluate", "plugin asked to fail: " + self.cfg.message)
-        if self.cfg.oom:
+        if self.cfg.oom == "cuda":
             import torch
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        if self.cfg.oom == "cpu":  # torch's own words when a CPU allocation fails
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough "
+                               "memory: you tried to allocate 85899345920 bytes.")
         time.sleep(self.cfg.sleep_s)
         return StageResult(metrics={"echo_len": len(self.cfg.message)},
                            tags={"echo.model_class": type(ctx.model).__name__},
@@ -261,14 +264,16 @@ def test_two_jobs_started_together_never_share_a_run_folder(tmp_path):
 
 
 def test_out_of_memory_job_fails_with_advice_and_the_sweep_goes_on(tmp_path, plugin_path):
-    proc = run_cli("-m", *TINY, "evaluate._target_=echo_stage.Echo", "+evaluate.oom=true,false",
+    proc = run_cli("-m", *TINY, "evaluate._target_=echo_stage.Echo", "+evaluate.oom=cuda,cpu,none",
                    cwd=tmp_path, env=plugin_env(plugin_path), check=1)
     assert "best: optipipe" in proc.stdout
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     jobs = {r.data.params["evaluate.oom"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    assert jobs["False"].info.status == "FINISHED" and jobs["True"].info.status == "FAILED"
-    assert "out of memory" in jobs["True"].data.tags["optipipe.error"]
-    assert "generate.batch_size" in jobs["True"].data.tags["optipipe.error"]
+    assert jobs["none"].info.status == "FINISHED"
+    for device in ("cuda", "cpu"):  # the same advice whichever allocator gave up
+        assert jobs[device].info.status == "FAILED"
+        assert "out of memory" in jobs[device].data.tags["optipipe.error"]
+        assert "generate.batch_size" in jobs[device].data.tags["optipipe.error"]
 
 
 @pytest.mark.parametrize("sig,expected", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
