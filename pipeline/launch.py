@@ -163,7 +163,7 @@ def read_outcome(output_dir: Path) -> dict[str, StageResult]:
 
 def launch_job(resolved, output_dir: Path, tracker, job, overrides: list[str], job_num: int):
     """The parent's whole job: start the run, run the group, end the run with its outcome."""
-    from pipeline.runner import RunOutcome
+    from pipeline.runner import RunOutcome, finish_run
 
     output_dir.mkdir(parents=True, exist_ok=True)
     tracker.start(job)
@@ -171,9 +171,9 @@ def launch_job(resolved, output_dir: Path, tracker, job, overrides: list[str], j
         status, error = run_group(resolved.launcher, overrides, output_dir, getattr(tracker, "run_id", None),
                                   getattr(tracker, "uri", None), job_num)
     except KeyboardInterrupt:
-        tracker.finish("KILLED", "interrupted (Ctrl-C)")
+        finish_run(tracker, "KILLED", "interrupted (Ctrl-C)")
         raise
-    tracker.finish(status, error)
+    finish_run(tracker, status, error)
     return RunOutcome(results=read_outcome(output_dir), status=status, error=error)
 
 

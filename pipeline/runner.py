@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,21 @@ def check_budget(budget_gib: float | None, stage: str, result: StageResult) -> N
                                  "or raise pipeline.memory_budget_gib")
 
 
+def finish_run(tracker: Tracker, status: str, error: str | None = None) -> None:
+    """End the run; a second Ctrl-C (or a SIGTERM) arriving meanwhile would stop the closing half
+    way and leave the run RUNNING, so both wait until it is closed (the first one already decided
+    how the process ends)."""
+    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
+        tracker.finish(status, error)
+        return
+    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        tracker.finish(status, error)
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+
+
 def out_of_memory(e: BaseException) -> bool:
     """CUDA's out-of-memory error, or the CPU's: Python's MemoryError or torch's CPU allocator
     giving up (a RuntimeError naming it)."""
@@ -98,7 +115,7 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
             check_budget(resolved.pipeline.memory_budget_gib, name, result)
     except KeyboardInterrupt:
         outcome.status, outcome.error = "KILLED", "interrupted (Ctrl-C)"
-        tracker.finish(outcome.status, outcome.error)
+        finish_run(tracker, outcome.status, outcome.error)
         raise
     except StageError as e:
         partial = ctx.facts.pop("partial_result", None) if ctx else None
@@ -106,16 +123,16 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
             outcome.results[e.stage] = partial
             tracker.log_result(e.stage, partial)
         outcome.status, outcome.error = "FAILED", str(e)
-        tracker.finish(outcome.status, outcome.error)
+        finish_run(tracker, outcome.status, outcome.error)
         return outcome
     except BaseException as e:
         if out_of_memory(e):  # a property of the configuration, not a bug: say what to change
             outcome.status = "FAILED"
             outcome.error = (f"out of memory: {str(e).strip().splitlines()[0]}\n  fix: lower generate.batch_size, "
                              "quantize=nf4, load.dtype=bfloat16, or spread the model (shard=…)")
-            tracker.finish(outcome.status, outcome.error)
+            finish_run(tracker, outcome.status, outcome.error)
             return outcome
-        tracker.finish("FAILED", f"{type(e).__name__}: {e}")  # our bug: record it, let the traceback through
+        finish_run(tracker, "FAILED", f"{type(e).__name__}: {e}")  # our bug: record it, let the traceback through
         raise
-    tracker.finish(outcome.status)
+    finish_run(tracker, outcome.status)
     return outcome

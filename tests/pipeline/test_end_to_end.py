@@ -186,6 +186,22 @@ def test_the_next_run_marks_runs_of_dead_processes_killed_and_leaves_live_ones(t
         live.kill()
 
 
+def test_a_second_ctrl_c_while_the_run_closes_does_not_stop_the_closing():
+    from pipeline.runner import finish_run
+
+    closed = []
+
+    class Tracker:
+        def finish(self, status, error=None):
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, right as the run is being closed
+            time.sleep(0.2)  # it would be delivered here, if it were not held
+            closed.append(status)
+
+    finish_run(Tracker(), "KILLED", "interrupted (Ctrl-C)")
+    assert closed == ["KILLED"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again after
+
+
 def test_tracker_none_never_imports_mlflow(tmp_path):
     code = ("import sys; sys.argv = ['optipipe', 'tracker=none', " + ", ".join(repr(a) for a in TINY) + "]\n"
             "from pipeline.cli import main\n"
