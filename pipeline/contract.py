@@ -117,6 +117,22 @@ class RunContext:
     facts: dict[str, Any] = field(default_factory=dict)  # what stages learned for later stages
 
 
+@dataclass(frozen=True)
+class QuantizeTraits:
+    """What a quantize stage's weights let later stages do. Rules read these, never a class name,
+    so a plugin quantizer states them once (class attribute ``traits``) and every rule follows."""
+
+    quantizes: bool = False  # the weights change at all
+    compileable: bool = True  # torch.compile can trace its matmul kernels (convert.compile, generate=fast)
+    tp_shardable: bool = True  # transformers' tensor-parallel plan can shard its weights
+    kernel: str = "dense"  # what runs its matmuls, for messages
+
+
+def quantize_traits(root: Any) -> QuantizeTraits:
+    """The traits of the configured quantize stage (a stage that states none: plain weights)."""
+    return getattr(root.stages["quantize"], "traits", QuantizeTraits())
+
+
 @runtime_checkable
 class Stage(Protocol):
     """Built as ``Cls(config)`` during validation; then ``plan`` for all stages, one load, ``apply``."""

@@ -16,7 +16,7 @@ import torch
 
 from pipeline import measure, quiet
 from pipeline.contract import (BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult,
-                               warning, workload_context)
+                               quantize_traits, warning, workload_context)
 
 IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 # Our names for torch.nn.attention.SDPBackend members, and the aten op each one shows in a trace.
@@ -163,8 +163,9 @@ class Attention(BaseStage):
         if flash_only and device.startswith("cuda") and dtype == "float32":
             out.append(Problem("load.dtype", "flash attention kernels need float16 or bfloat16 on "
                                "CUDA; the model loads as float32", "load.dtype=bfloat16"))
-        if c.compile and root.stages["quantize"].describe().startswith("BitsAndBytes"):
-            out.append(warning("convert.compile", "transformers does not compile bitsandbytes models "
+        traits = quantize_traits(root)
+        if c.compile and not traits.compileable:
+            out.append(warning("convert.compile", f"transformers does not compile {traits.kernel} models "
                                "(their kernels are not compileable): the run will fail its compile "
                                "check", "quantize=none, or convert.compile=false"))
         return out

@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from pipeline import measure
-from pipeline.contract import (BaseStage, LoadPlan, NoSettings, Problem, RunContext, StageError,
-                               StageResult, warning)
+from pipeline.contract import (BaseStage, LoadPlan, NoSettings, Problem, QuantizeTraits, RunContext,
+                               StageError, StageResult, warning)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -52,6 +52,7 @@ class NoQuantize(BaseStage):
 
     name: ClassVar[str] = "quantize"
     Config: ClassVar[type] = NoSettings
+    traits: ClassVar[QuantizeTraits] = QuantizeTraits()
 
     def apply(self, ctx: RunContext) -> StageResult:
         n = count_linear(ctx.model)
@@ -75,6 +76,9 @@ class BitsAndBytesSettings:
 class BitsAndBytes(BaseStage):
     name: ClassVar[str] = "quantize"
     Config: ClassVar[type] = BitsAndBytesSettings
+    # packed weights that are not DTensors, and kernels torch.compile cannot trace
+    traits: ClassVar[QuantizeTraits] = QuantizeTraits(quantizes=True, compileable=False, tp_shardable=False,
+                                                      kernel="bitsandbytes")
 
     def problems(self, root: Any) -> list[Problem]:
         c, out = self.cfg, []
@@ -185,6 +189,7 @@ class TorchAo(BaseStage):
 
     name: ClassVar[str] = "quantize"
     Config: ClassVar[type] = TorchAoSettings
+    traits: ClassVar[QuantizeTraits] = QuantizeTraits(quantizes=True, kernel="torchao")
 
     def problems(self, root: Any) -> list[Problem]:
         c, out = self.cfg, []

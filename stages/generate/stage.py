@@ -10,7 +10,8 @@ import torch
 from rich.progress import Progress
 
 from pipeline import measure, roofline
-from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult, workload_context
+from pipeline.contract import (BaseStage, Problem, RunContext, StageError, StageResult, quantize_traits,
+                               workload_context)
 from stages.convert import COMPILE_MODES
 from stages.generate import prompts as P
 from stages.generate.clock import StepClock, Timing, TimingSummary, noise
@@ -158,11 +159,10 @@ class Generate(BaseStage):
             out.append(Problem("convert", "generate=fast brings its own static cache and compiled "
                                "decode step; convert.static_cache/compile apply to transformers "
                                "generate only", "convert=sdpa (or generate.engine=transformers)"))
-        if c.fast_compile_mode and root.stages["quantize"].describe().startswith("BitsAndBytes"):
-            out.append(Problem("generate.fast_compile_mode", "bitsandbytes kernels cannot be compiled",
+        traits = quantize_traits(root)
+        if c.fast_compile_mode and not traits.compileable:
+            out.append(Problem("generate.fast_compile_mode", f"{traits.kernel} kernels cannot be compiled",
                                "generate.fast_compile_mode=null, or a compileable quantize=int8_torchao"))
-        if c.stop_check_every < 1:
-            out.append(Problem("generate.stop_check_every", "must be ≥ 1", "generate.stop_check_every=16"))
         return out
 
     def prompt_texts(self) -> list[str]:

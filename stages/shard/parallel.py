@@ -15,7 +15,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult
+from pipeline.contract import (BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult,
+                               quantize_traits)
 from stages.shard import agreed_tuning
 from stages.shard.all_reduce import MODES as ALL_REDUCE_MODES, AllReduce, self_test
 from stages.shard.capacity import fits_one_gpu, gpu_memory_bytes, parameter_bytes
@@ -47,8 +48,9 @@ def model_config_class(root: Any) -> tuple[Optional[dict], str, Any]:
 def tp_model_rules(root: Any, tp: int) -> list[Problem]:
     """The architecture must have a TP plan, and ``tp`` must divide its attention and KV heads."""
     out: list[Problem] = []
-    if root.stages["quantize"].describe().startswith("BitsAndBytes"):
-        out.append(Problem("quantize", "bitsandbytes layers cannot be sharded by transformers' "
+    traits = quantize_traits(root)
+    if not traits.tp_shardable:
+        out.append(Problem("quantize", f"{traits.kernel} layers cannot be sharded by transformers' "
                            "tensor parallel (their packed weights are not DTensors)",
                            "quantize=none, or shard=data_parallel (one replica per GPU)"))
     arch, model_type, config_class = model_config_class(root)
@@ -104,7 +106,7 @@ def replica_tp_rules(root: Any) -> list[Problem]:
     """Replicas × TP shard with torch's column-/row-wise styles: other plan entries, and quantized
     weights (tensor subclasses that DTensor cannot split), are refused before launch."""
     out: list[Problem] = []
-    if root.stages["quantize"].describe() != "NoQuantize":
+    if quantize_traits(root).quantizes:
         out.append(Problem("quantize", "replicas × TP shard full-precision weights only",
                            "quantize=none, or shard.tp_size=1 (quantized replicas)"))
     _, model_type, config_class = model_config_class(root)

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from pipeline.contract import ConfigProblems
+from pipeline.contract import BaseStage, ConfigProblems, NoSettings, QuantizeTraits
 from pipeline.validate import resolve
 from tests.conftest import TINY, composed, run_cli
 
@@ -94,6 +94,23 @@ def test_each_bad_value_is_refused_with_its_key_and_a_fix_that_differs_from_it(o
 def test_a_tracker_timeout_must_be_positive(tmp_path):
     text = problems_of("model=tiny_random", f"tracker.uri=sqlite:///{tmp_path}/m.db", "tracker.connect_timeout_s=-1")
     assert "tracker.connect_timeout_s: must be > 0" in text and "tracker.connect_timeout_s=5" in text
+
+
+class UncompileableQuantizer(BaseStage):
+    """A plugin quantizer that states its traits: the rules must follow them, not its name."""
+
+    name = "quantize"
+    Config = NoSettings
+    traits = QuantizeTraits(quantizes=True, compileable=False, tp_shardable=False, kernel="my_kernel")
+
+
+def test_rules_follow_a_plugin_quantizers_declared_traits():
+    plugin = ("quantize._target_=tests.pipeline.test_validation.UncompileableQuantizer", "pipeline.allow=[tests]")
+    text = problems_of("model=tiny_random", "tracker=none", *plugin, "generate=fast")
+    assert "generate.fast_compile_mode: my_kernel kernels cannot be compiled" in text
+    text = problems_of("model=tiny_random", "tracker=none", *plugin, "shard=tensor_parallel", "launcher=torchrun",
+                       "launcher.nproc_per_node=2")
+    assert "my_kernel layers cannot be sharded" in text
 
 
 def test_target_outside_the_allow_list_is_refused():
