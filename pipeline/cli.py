@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -78,6 +79,27 @@ def job_info(cfg: DictConfig, resolved: Resolved, output_dir: Path) -> JobInfo:
                    parent_run_id=os.environ.get(PARENT_ENV))
 
 
+def discard_run_dir(folder: Path) -> None:
+    """A job refused in validation (or a dry run) leaves no folder: Hydra made it, and its log file,
+    before any check of ours ran. Only that log file is removed, then the folders if empty (a
+    folder that held anything else before is left as it was)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == folder:
+            root.removeHandler(handler)
+            handler.close()
+            Path(handler.baseFilename).unlink(missing_ok=True)
+    outputs = (Path.cwd() / "outputs").resolve()
+    chain = [folder, *folder.resolve().parents]
+    # the run's folder, then (in the default layout) its date folder, runs/ and outputs/ if now empty
+    chain = chain[:chain.index(outputs) + 1] if outputs in chain else chain[:1]
+    for empty in chain:
+        try:
+            empty.rmdir()
+        except OSError:  # not empty (another run's, or the user's files), or already gone
+            return
+
+
 def objective(outcome) -> float | None:
     """What a search sweeper maximizes: decode tokens/s (sequences/s for encoders)."""
     metrics = outcome.results["generate"].metrics if "generate" in outcome.results else {}
@@ -96,13 +118,16 @@ def run_job(cfg: DictConfig) -> float | None:
         plan = make_plan(resolved)
     except ConfigProblems as e:
         console.print_problems(e.problems)
+        discard_run_dir(Path(hc.runtime.output_dir))
         sys.exit(EXIT_CONFIG)
     except StageError as e:
         console.print_problems([Problem(e.stage, e.message, e.hint)])
+        discard_run_dir(Path(hc.runtime.output_dir))
         sys.exit(EXIT_CONFIG)
     console.print_warnings(resolved.warnings)
     if resolved.pipeline.dry_run:
         console.print_plan(resolved, plan)
+        discard_run_dir(Path(hc.runtime.output_dir))
         return None
     output_dir = Path(hc.runtime.output_dir)
     tracker = make_tracker(resolved.tracker)

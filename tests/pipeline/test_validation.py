@@ -178,6 +178,7 @@ def test_cli_config_problem_exits_2_and_writes_nothing(tmp_path):
     proc = run_cli(*TINY, "generate.batch_size=0", f"tracker.uri=sqlite:///{store}", cwd=tmp_path, check=2)
     assert "generate.batch_size" in proc.stderr and "nothing was loaded" in proc.stderr
     assert not store.exists()
+    assert not (tmp_path / "outputs").exists()  # not even the run folder Hydra made before our checks
 
 
 def test_cli_unknown_key_and_unknown_option_exit_2(tmp_path):
@@ -191,7 +192,7 @@ def test_cli_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
     proc = run_cli("quantize=none", "pipeline.dry_run=true", cwd=tmp_path, check=0)
     assert "from_pretrained kwargs" in proc.stdout and "attn_implementation" in proc.stdout
     assert "stages.generate" in proc.stdout
-    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+    assert not (tmp_path / "outputs").exists()  # no store, no run folder
 
 
 def test_hydra_node_constructors_outside_the_allow_list_never_run(tmp_path):
