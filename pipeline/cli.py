@@ -19,6 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
 
 from pipeline import console, launch, quiet, sweep
 from pipeline.config import flatten
@@ -140,11 +141,15 @@ def run_job(cfg: DictConfig) -> float | None:
                                     int(hc.job.num) if in_sweep else 0)
     else:
         outcome = execute(resolved, plan, output_dir, tracker, job)
-    write_results(output_dir, outcome, getattr(tracker, "run_id", None))
+    lost = getattr(tracker, "lost", None)
+    results = write_results(output_dir, outcome, getattr(tracker, "run_id", None), lost)
     console.print_summary(outcome, tracker.where, getattr(tracker, "run_id", None))
-    if outcome.status != "FINISHED":
+    if lost:  # the numbers are real but the store does not hold them: not a success
+        console.err.print(f"optipipe: tracking failed mid-run ({escape(lost)}); this run's results are "
+                          f"only in {results}")
+    if outcome.status != "FINISHED" or lost:
         if in_sweep:
-            raise JobFailed(outcome.error)
+            raise JobFailed(outcome.error or f"tracking failed: {lost}")
         sys.exit(EXIT_FAILED)
     return objective(outcome)
 

@@ -26,13 +26,15 @@ class RunOutcome:
 RESULTS_FILE = "metrics.json"
 
 
-def write_results(output_dir: Path, outcome: RunOutcome, run_id: str | None) -> Path:
+def write_results(output_dir: Path, outcome: RunOutcome, run_id: str | None,
+                  tracking_error: str | None = None) -> Path:
     """The run's numbers beside its config in the run directory, tracked or not (``tracker=none``):
-    every stage metric as ``<stage>/<metric>``, the tags, the status and the MLflow run id."""
+    every stage metric as ``<stage>/<metric>``, the tags, the status, the MLflow run id and, when
+    tracking failed mid-run, why (then this file is the only record of the numbers)."""
     def number(v: float) -> float | None:
         return None if v != v else v  # JSON has no NaN
 
-    data = {"status": outcome.status, "error": outcome.error, "mlflow_run_id": run_id,
+    data = {"status": outcome.status, "error": outcome.error, "mlflow_run_id": run_id, "tracking_error": tracking_error,
             "metrics": {f"{stage}/{k}": number(v) for stage, r in outcome.results.items() for k, v in r.metrics.items()},
             "tags": {k: v for r in outcome.results.values() for k, v in r.tags.items()},
             "environment_file": "environment.json"}

@@ -6,6 +6,8 @@ Stages never import mlflow; the runner hands results to a tracker. ``tracker=non
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import sys
 import time
@@ -94,6 +96,8 @@ def tracker_problems(settings: TrackerSettings) -> list[Problem]:
 class Tracker(Protocol):
     where: str
 
+    lost: str | None  # why tracking stopped mid-run (None: it did not)
+
     def start(self, job: JobInfo) -> None: ...
     def log_result(self, stage: str, result: StageResult) -> None: ...
     def finish(self, status: str, error: str | None = None) -> None: ...
@@ -104,6 +108,7 @@ class NullTracker:
 
     where = "not tracked (tracker=none)"
     run_id = None
+    lost = None
 
     def start(self, job: JobInfo) -> None:
         pass
@@ -161,14 +166,44 @@ def experiment_id(client, name: str, uri: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def fail_fast_over_http(timeout_s: float) -> None:
+    """MLflow's HTTP client retries a dead server for minutes (7 retries, backoff ×2, 120 s per
+    request); a run should learn within ``tracker.connect_timeout_s`` that its server is gone.
+    Settings a user exported themselves are kept."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(timeout_s))))
+
+
+def _survives_a_lost_server(method):
+    """A tracking call that fails mid-run (server gone, disk full) does not end the run: the run
+    goes on untracked, its results stay in the run folder, and ``lost`` says why (the CLI then
+    exits non-zero with it)."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if self.lost:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            self.lost = f"{type(e).__name__}: {redact_text(str(e).strip().splitlines()[0] if str(e).strip() else '')[:300]}"
+            print(f"optipipe: tracking failed, the run goes on untracked ({self.lost})", file=sys.stderr, flush=True)
+            return None
+    return guarded
+
+
 class MlflowTracker:
     def __init__(self, settings: TrackerSettings) -> None:
         self.settings = settings
         self.uri = tracking_uri(settings)
         self.where = redact_text(dashboard_command(self.uri))
+        if self.uri.startswith(("http://", "https://")):
+            fail_fast_over_http(settings.connect_timeout_s)
         self.client = _client(self.uri)
         self.run_id: str | None = None
+        self.lost: str | None = None  # why tracking stopped mid-run (None: it did not)
 
+    @_survives_a_lost_server
     def start(self, job: JobInfo) -> None:
         from mlflow.entities import Param, RunTag
 
@@ -219,6 +254,7 @@ class MlflowTracker:
         """The sweep's report lists a skipped job's earlier run in its place."""
         self.client.set_tag(parent_run_id, f"optipipe.reused.{job}", run_id)
 
+    @_survives_a_lost_server
     def log_result(self, stage: str, result: StageResult) -> None:
         from mlflow.entities import RunTag
 
@@ -230,6 +266,7 @@ class MlflowTracker:
         for path in result.artifacts:
             self.client.log_artifact(self.run_id, str(path))
 
+    @_survives_a_lost_server
     def log_metrics(self, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
@@ -238,6 +275,7 @@ class MlflowTracker:
         for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
+    @_survives_a_lost_server
     def finish(self, status: str, error: str | None = None) -> None:
         if self.run_id is None:
             return

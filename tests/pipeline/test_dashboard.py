@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import TINY, mlflow_runs, run_cli
+from tests.conftest import ROOT, TINY, mlflow_runs, run_cli
 
 
 def free_port() -> int:
@@ -22,8 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+def start_server(tmp_path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     mlflow = Path(sys.executable).parent / "mlflow"
     proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -31,20 +30,82 @@ def mlflow_server(tmp_path):
                              "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/health", timeout=2).ok:
+                return proc, url
+        except requests.RequestException:
+            time.sleep(0.5)
+    stop_server(proc)
+    pytest.fail("mlflow server did not start within 90 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    proc, url = start_server(tmp_path)
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if requests.get(url + "/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start within 90 s")
         yield url
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        stop_server(proc)
+
+
+SLEEPY = """
+import time
+from dataclasses import dataclass
+
+from pipeline.contract import BaseStage, StageResult
+
+@dataclass
+class SleepyConfig:
+    sleep_s: float = 0.0
+
+class Sleepy(BaseStage):
+    name = "evaluate"
+    Config = SleepyConfig
+
+    def apply(self, ctx):
+        time.sleep(self.cfg.sleep_s)
+        return StageResult(metrics={"slept_s": self.cfg.sleep_s})
+"""
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_run_costs_seconds_and_keeps_the_results(tmp_path):
+    """Tracking calls give up within seconds (not MLflow's minutes of retries), the run goes on,
+    its results land in metrics.json, and the exit code says it was not tracked."""
+    import json
+
+    (tmp_path / "sleepy.py").write_text(SLEEPY)
+    proc, url = start_server(tmp_path)
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-m", "pipeline", *TINY, f"tracker.uri={url}", "tracker.connect_timeout_s=2",
+                            "evaluate._target_=sleepy.Sleepy", "+evaluate.sleep_s=8", "pipeline.allow=[sleepy]",
+                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, text=True,
+                           env={**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "HF_HUB_OFFLINE": "1"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / "generate_samples.jsonl").exists():
+            time.sleep(0.3)
+        stop_server(proc)  # the run exists and generate is logged; evaluate is asleep
+        killed_at = time.time()
+        out, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+        stop_server(proc)
+    assert job.returncode == 1, out + err
+    assert time.time() - killed_at < 60  # the 8 s sleep, then seconds of failing calls
+    assert "tracking failed mid-run" in err
+    results = json.loads((run_dir / "metrics.json").read_text())
+    assert results["status"] == "FINISHED" and results["tracking_error"]
+    assert results["metrics"]["evaluate/slept_s"] == 8 and results["metrics"]["generate/decode_tokens_per_s"] > 0
 
 
 def api(url: str, endpoint: str, **params):
