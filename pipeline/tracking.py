@@ -6,6 +6,7 @@ Stages never import mlflow; the runner hands results to a tracker. ``tracker=non
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -90,6 +91,27 @@ def tracker_problems(settings: TrackerSettings) -> list[Problem]:
         except OSError as e:
             return [Problem("tracker.uri", f"cannot create {folder} for the SQLite store: {e}",
                             "tracker.uri=sqlite:///<writable path>/mlflow.db")]
+        return sqlite_store_problems(Path(uri.removeprefix("sqlite:///")))
+    return []
+
+
+def sqlite_store_problems(path: Path) -> list[Problem]:
+    """An existing SQLite store must open and be writable: found now, not as a traceback after the
+    model has loaded. (A missing one is created by the first run.)"""
+    import sqlite3
+
+    if not path.exists():
+        return []
+    fix = f"move {path} aside, or tracker.uri=sqlite:///<another path>/mlflow.db"
+    if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK):
+        return [Problem("tracker.uri", f"the SQLite store {path} is read-only for this user", fix)]
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+            db.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as e:
+        if "locked" in str(e):  # busy with another job's write: fine, the run will wait its turn
+            return []
+        return [Problem("tracker.uri", f"{path} is not a usable SQLite store ({e})", fix)]
     return []
 
 

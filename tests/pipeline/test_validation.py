@@ -181,6 +181,14 @@ def test_cli_config_problem_exits_2_and_writes_nothing(tmp_path):
     assert not (tmp_path / "outputs").exists()  # not even the run folder Hydra made before our checks
 
 
+def test_a_corrupt_store_is_refused_before_loading_and_left_as_it_is(tmp_path):
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"not a database " * 100)
+    proc = run_cli(*TINY, f"tracker.uri=sqlite:///{store}", cwd=tmp_path, check=2)
+    assert "tracker.uri" in proc.stderr and "not a usable SQLite store" in proc.stderr
+    assert store.read_bytes() == b"not a database " * 100 and not (tmp_path / "outputs").exists()
+
+
 def test_cli_unknown_key_and_unknown_option_exit_2(tmp_path):
     proc = run_cli("generate.batch_sz=4", cwd=tmp_path, check=2)
     assert "batch_sz" in proc.stderr
