@@ -67,7 +67,8 @@ def job(name: str, out: Path, timeout: int, extra: list[str], devices: list[int]
     _, batch, overrides, _ = ROWS[name]
     store = f"sqlite:///{out / 'gpu_table.db'}"
     cmd = [sys.executable, "-m", "pipeline", *COMMON, *overrides, f"generate.batch_size={batch}", *extra,
-           f"tracker.uri={store}", f"tracker.run_name={name}", f"hydra.run.dir={out / 'runs' / name}"]
+           f"tracker.uri={store}", f"tracker.run_name={name}", f"hydra.run.dir={out / 'runs' / name}",
+           "pipeline.allow_outside_outputs=true"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices)), "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     start = time.time()
     with open(out / f"{name}.log", "w") as log:

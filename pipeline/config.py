@@ -39,6 +39,7 @@ class PipelineSettings:
     resume_from: Optional[str] = None  # a sweep's parent run id: reuse FINISHED jobs of that sweep only (implies resume)
     memory_budget_gib: Optional[float] = None  # a job above it is infeasible: it ends early, FAILED
     verbose: bool = False  # true: third-party packages' own warnings and progress bars on the console
+    allow_outside_outputs: bool = False  # true: hydra.run.dir / hydra.sweep.dir may lie outside ./outputs
 
 
 @dataclass

@@ -12,6 +12,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from pipeline.contract import Problem
 from pipeline.registry import HYDRA_PREFIXES, hydra_target_problems
@@ -99,4 +102,22 @@ def problems_before_hydra(argv: list[str]) -> list[Problem]:
     return [Problem(key, f"Hydra would construct {target!r}, outside the allowed modules "
                     f"({', '.join(HYDRA_PREFIXES)}, stages and plugins)",
                     f"remove it, or allow its package: pipeline.allow=[{target.split('.')[0]}]")
-            for key, target in hydra_target_problems(node, allow)]
+            for key, target in hydra_target_problems(node, allow)] + folders_outside_outputs(cfg)
+
+
+def folders_outside_outputs(cfg) -> list[Problem]:
+    """Run and sweep folders stay under ./outputs unless ``pipeline.allow_outside_outputs=true``:
+    a config file (or a mistyped override) cannot make a run write its files anywhere else."""
+    if cfg.get("pipeline", {}).get("allow_outside_outputs") is True:
+        return []
+    outputs = (Path.cwd() / "outputs").resolve()
+    out = []
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        section, leaf = key.rsplit(".", 1)
+        raw = str(OmegaConf.to_container(OmegaConf.select(cfg, section), resolve=False).get(leaf) or "")
+        # the part before the first ${…} is fixed; what an interpolation adds stays below it
+        folder = (Path.cwd() / raw.split("${", 1)[0]).resolve()
+        if raw and outputs != folder and outputs not in folder.parents:
+            out.append(Problem(key, f"{raw!r} is outside {outputs}", f"a folder under outputs/, or "
+                               "pipeline.allow_outside_outputs=true to write there on purpose"))
+    return out

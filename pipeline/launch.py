@@ -61,6 +61,7 @@ def torchrun_command(settings: LauncherSettings, overrides: list[str], output_di
             f"--rdzv_backend={settings.rdzv_backend}", f"--rdzv_endpoint={endpoint}",
             f"--rdzv_id={settings.rdzv_id}", "--max_restarts=0",
             "-m", "pipeline", *overrides, f"hydra.run.dir={output_dir}", "hydra.output_subdir=null",
+            "pipeline.allow_outside_outputs=true",  # the parent checked the folder; a sweep's may lie anywhere
             "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
@@ -166,8 +167,8 @@ def launch_job(resolved, output_dir: Path, tracker, job, overrides: list[str], j
     from pipeline.runner import RunOutcome, finish_run
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    tracker.start(job)
     try:
+        tracker.start(job)  # inside: a Ctrl-C while the run is being created still ends it KILLED
         status, error = run_group(resolved.launcher, overrides, output_dir, getattr(tracker, "run_id", None),
                                   getattr(tracker, "uri", None), job_num)
     except KeyboardInterrupt:

@@ -104,9 +104,9 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
     """Load once, apply each stage in order, log as we go; a failure marks the run FAILED."""
     outcome = RunOutcome()
     output_dir.mkdir(parents=True, exist_ok=True)
-    tracker.start(job)
     ctx = None
     try:
+        tracker.start(job)  # inside: a Ctrl-C while the run is being created still ends it KILLED
         ctx = open_context(resolved, plan, output_dir, dist)
         for name, stage in resolved.stages.items():
             start = time.perf_counter()

@@ -19,11 +19,16 @@ def composed(*overrides: str):
     return compose(list(overrides))
 
 
+OUTSIDE_OUTPUTS = "pipeline.allow_outside_outputs=true"
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300,
             check: int | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m pipeline`` as a user would; ``check`` asserts the exit code."""
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                 "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    if any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
+        args = (*args, OUTSIDE_OUTPUTS)  # tests keep their folders in tmp_path, beside ./outputs
     proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check is not None:

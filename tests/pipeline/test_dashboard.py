@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT, TINY, mlflow_runs, run_cli
+from tests.conftest import OUTSIDE_OUTPUTS, ROOT, TINY, mlflow_runs, run_cli
 
 
 def free_port() -> int:
@@ -87,7 +87,7 @@ def test_a_server_that_dies_mid_run_costs_seconds_and_keeps_the_results(tmp_path
     run_dir = tmp_path / "run"
     job = subprocess.Popen([sys.executable, "-m", "pipeline", *TINY, f"tracker.uri={url}", "tracker.connect_timeout_s=2",
                             "evaluate._target_=sleepy.Sleepy", "+evaluate.sleep_s=8", "pipeline.allow=[sleepy]",
-                            f"hydra.run.dir={run_dir}"], cwd=tmp_path, text=True,
+                            f"hydra.run.dir={run_dir}", OUTSIDE_OUTPUTS], cwd=tmp_path, text=True,
                            env={**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "HF_HUB_OFFLINE": "1"},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

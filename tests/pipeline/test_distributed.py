@@ -17,7 +17,7 @@ from pipeline.distributed import aggregate
 from pipeline.launch import visible_devices
 from pipeline.validate import resolve
 from stages.shard.parallel import fits_one_gpu
-from tests.conftest import ROOT, TINY, composed, default_sigint, mlflow_runs, run_cli
+from tests.conftest import OUTSIDE_OUTPUTS, ROOT, TINY, composed, default_sigint, mlflow_runs, run_cli
 
 TORCHRUN = ("launcher=torchrun", "launcher.nproc_per_node=2")
 
@@ -192,7 +192,7 @@ def test_ctrl_c_stops_every_rank_and_marks_the_run_killed(tmp_path, rank_plugin)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *TINY, *TORCHRUN, "shard=data_parallel",
                              "evaluate._target_=rank_trouble.RankTrouble", "+evaluate.hang_s=600",
-                             "pipeline.allow=[rank_trouble]", f"hydra.run.dir={run_dir}"],
+                             "pipeline.allow=[rank_trouble]", f"hydra.run.dir={run_dir}", OUTSIDE_OUTPUTS],
                             cwd=tmp_path, env={**os.environ, **rank_plugin, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
     deadline = time.time() + 120
@@ -220,7 +220,7 @@ def test_a_killed_parent_takes_its_torchrun_group_with_it(tmp_path, rank_plugin)
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *TINY, *TORCHRUN, "shard=data_parallel",
                              "evaluate._target_=rank_trouble.RankTrouble", "+evaluate.hang_s=600",
-                             "pipeline.allow=[rank_trouble]", f"hydra.run.dir={run_dir}"],
+                             "pipeline.allow=[rank_trouble]", f"hydra.run.dir={run_dir}", OUTSIDE_OUTPUTS],
                             cwd=tmp_path, env={**os.environ, **rank_plugin, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -202,6 +202,32 @@ def test_a_second_ctrl_c_while_the_run_closes_does_not_stop_the_closing():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again after
 
 
+def test_ctrl_c_while_the_run_is_being_created_still_ends_it_killed(tmp_path):
+    from pipeline.runner import execute, make_plan
+    from pipeline.validate import resolve
+    from tests.conftest import composed
+
+    calls = []
+
+    class Tracker:
+        run_id, lost, where = None, None, ""
+
+        def start(self, job):
+            calls.append("created")
+            raise KeyboardInterrupt  # right after the store made the run
+
+        def log_result(self, stage, result):
+            calls.append(stage)
+
+        def finish(self, status, error=None):
+            calls.append(status)
+
+    resolved = resolve(composed("model=tiny_random", "tracker=none"))
+    with pytest.raises(KeyboardInterrupt):
+        execute(resolved, make_plan(resolved), tmp_path, Tracker(), job=None)
+    assert calls == ["created", "KILLED"]
+
+
 def test_tracker_none_never_imports_mlflow(tmp_path):
     code = ("import sys; sys.argv = ['optipipe', 'tracker=none', " + ", ".join(repr(a) for a in TINY) + "]\n"
             "from pipeline.cli import main\n"
