@@ -3,8 +3,8 @@
 With a padding mask (and the fast engine always has one: its static cache is longer than what is
 filled), transformers' SDPA path cannot use ``enable_gqa`` and under ``torch.compile`` copies every
 key/value head ``heads // kv_heads`` times (``repeat_kv``) before attending. At batch 32 on an 8B
-Llama shape that copy and the attention over it were 43 % of the decode step's GPU time (profile of
-2026-11-26, H200). For one query token the copy is avoidable: the query heads that share a key/value
+Llama shape that copy and the attention over it were 43 % of the decode step's GPU time (H200
+profile, BENCHMARKS.md). For one query token the copy is avoidable: the query heads that share a key/value
 head are laid out as that head's rows of queries, ``(batch, kv_heads, group, dim)``, and one SDPA call
 attends them all to the one key/value head. Anything else (prefill, MHA, soft-capping, sinks,
 per-head masks) goes to transformers' own SDPA function unchanged.

@@ -2,8 +2,8 @@
 
 transformers shards over the whole process group and has no inference-ready way to shard over a
 part of it: 5.17 has no replica size at all, and 5.24's ``dp_replicate_size`` wraps the replicas in
-FSDP2, whose forward fails under inference mode ("Inference tensors do not track version counter",
-seen 2026-11-26 with 4 gloo ranks). So a replica of ``tp`` ranks is loaded whole on each rank's
+FSDP2, whose forward fails under inference mode ("Inference tensors do not track version counter"
+with 4 gloo ranks). So a replica of ``tp`` ranks is loaded whole on each rank's
 device and then sharded here over its own ranks, with the architecture's TP plan from transformers
 (its column-/row-wise entries) applied by ``torch.distributed.tensor.parallel.parallelize_module``.
 The embedding, norms and output head stay whole on every rank.
