@@ -49,30 +49,56 @@ def test_report_on_unknown_experiment_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_reuses_only_its_own_earlier_jobs_and_only_when_asked(tmp_path):
+def test_a_rerun_sweep_measures_again_unless_resume_is_asked(tmp_path):
     sweep = ("-m", *TINY, "generate.batch_size=1,2")
-    first = run_cli(*sweep, cwd=tmp_path, check=0)
-    first_parent = first.stdout.split("sweep parent run ")[1].split()[0]
-    run_cli(*TINY, "generate.batch_size=3", cwd=tmp_path, check=0)  # a single run of a point below
-    other = run_cli("-m", *TINY, "generate.batch_size=2,3", "pipeline.resume=true", cwd=tmp_path, check=0)
-    assert "already FINISHED" not in other.stdout  # neither another sweep's jobs nor a single run stand in
+    run_cli(*sweep, cwd=tmp_path, check=0)
     again = run_cli(*sweep, cwd=tmp_path, check=0)  # the default: every point measured
     assert "already FINISHED" not in again.stdout
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
-    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 6
+    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 4
     resumed = run_cli(*sweep, "pipeline.resume=true", cwd=tmp_path, check=0)
     assert resumed.stdout.count("already FINISHED") == 2 and "best: optipipe" in resumed.stdout
     assert "reused from run" in resumed.stdout.split("best:")[1].splitlines()[0]
     summary = sorted((tmp_path / "outputs").rglob("summary.md"), key=lambda p: p.stat().st_mtime)[-1].read_text()
     assert summary.count("(reused from ") == 2
-    # a named sweep: only its jobs stand in (batch 2 from the first sweep; batch 3 is measured)
-    named = run_cli("-m", *TINY, "generate.batch_size=2,3", f"pipeline.resume_from={first_parent}",
-                    cwd=tmp_path, check=0)
-    assert named.stdout.count("already FINISHED") == 1 and f"of sweep {first_parent}" in named.stdout
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
-    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 7  # one new job run
+    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 4  # no new job runs
     bad = run_cli("-m", *TINY, "generate.batch_size=2,3", "pipeline.resume_from=last", cwd=tmp_path, check=2)
     assert "pipeline.resume_from" in bad.stderr and "32 hex digits" in bad.stderr
+
+
+def test_only_an_earlier_run_of_the_same_sweep_or_the_named_one_stands_in(tmp_path):
+    """Which FINISHED job with the same config a resumed sweep may reuse: one of an earlier run of
+    the same sweep (same signature), or of the sweep pipeline.resume_from names; never a single
+    run, another sweep's job, an unfinished one, or one of the sweep now running."""
+    from pipeline.config import TrackerSettings
+    from pipeline.tracking import SWEEP_SIGNATURE, MlflowTracker
+
+    tracker = MlflowTracker(TrackerSettings(uri=f"sqlite:///{tmp_path}/m.db"))
+    client = tracker.client
+    exp = client.create_experiment("optipipe")
+
+    def parent(signature: str) -> str:
+        return client.create_run(exp, tags={SWEEP_SIGNATURE: signature}).info.run_id
+
+    def job(parent_id: str | None, status: str = "FINISHED", config: str = "c1") -> str:
+        tags = {"optipipe.config_hash": config, **({"mlflow.parentRunId": parent_id} if parent_id else {})}
+        run_id = client.create_run(exp, tags=tags).info.run_id
+        client.set_terminated(run_id, status=status)
+        return run_id
+
+    now, same, other = parent("s1"), parent("s1"), parent("s2")
+    job(None)  # a single run
+    job(other)  # another sweep's
+    job(now)  # this sweep's own
+    job(same, status="FAILED")
+    assert tracker.finished_run("c1", now) is None
+    earlier = job(same)
+    job(same, config="c2")
+    assert tracker.finished_run("c1", now) == earlier
+    named = job(other)
+    assert tracker.finished_run("c1", now, from_sweep=other) == named
+    assert tracker.finished_run("c1", now, from_sweep=same) == earlier
 
 
 def test_a_job_identity_includes_its_environment(monkeypatch):
