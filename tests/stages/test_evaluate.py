@@ -82,6 +82,11 @@ def test_empty_corpus_file(tmp_path):
         resolve(composed("model=tiny_random", "evaluate=quality", f"evaluate.corpus.file={tmp_path}/empty.txt"))
 
 
+# a third of the default corpus and half the continuation: the real model's comparisons keep their
+# meaning (hundreds of compared positions) at half the suite's time for them
+SHORTER = ("evaluate.corpus.max_chars=3000", "evaluate.new_tokens=16")
+
+
 def evaluated(tmp_path, *overrides, shared_cache: bool = False):
     """The evaluate stage and a loaded context. ``shared_cache``: the model's converted weights come
     from the suite's cache (SmolLM2's GGUF conversion costs ~17 s), no cached reference is reused."""
@@ -147,7 +152,7 @@ def test_encoder_embeddings_compared_by_cosine(tmp_path):
 def test_smollm2_sdpa_agrees_with_its_eager_reference(tmp_path):
     """float32 on CPU: SDPA and eager differ only in summation order, so greedy tokens are identical;
     top-1 may flip only at exact near-ties, hence ≥ 0.995 rather than 1.0."""
-    stage, ctx = evaluated(tmp_path, "model=smollm2_135m", "convert=sdpa", shared_cache=True)
+    stage, ctx = evaluated(tmp_path, "model=smollm2_135m", "convert=sdpa", *SHORTER, shared_cache=True)
     m = stage.apply(ctx).metrics
     assert m["token_agreement"] == 1.0 and m["top1_agreement"] >= 0.995 and m["kl_mean"] < 1e-5
     assert abs(m["perplexity_increase_pct"]) < 0.01
@@ -155,7 +160,7 @@ def test_smollm2_sdpa_agrees_with_its_eager_reference(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_int8_changes_quality_measurably_but_boundedly(tmp_path):
-    stage, ctx = evaluated(tmp_path, "model=smollm2_135m", "quantize=int8", shared_cache=True)
+    stage, ctx = evaluated(tmp_path, "model=smollm2_135m", "quantize=int8", *SHORTER, shared_cache=True)
     m = stage.apply(ctx).metrics
     assert 0.01 < abs(m["perplexity_increase_pct"]) < 50
     assert 0.5 < m["top1_agreement"] < 1.0 and m["kl_mean"] > 1e-4
