@@ -35,7 +35,8 @@ def process_alive(pid: int) -> bool:
         return True
     cmdline = Path(f"/proc/{pid}/cmdline")
     try:
-        return b"pipeline" in cmdline.read_bytes() or b"optipipe" in cmdline.read_bytes()
+        command = cmdline.read_bytes()
+        return b"pipeline" in command or b"optipipe" in command
     except OSError:  # no /proc (not Linux), or it ended just now
         return cmdline.parent.exists()
 

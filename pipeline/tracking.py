@@ -208,7 +208,8 @@ def _survives_a_lost_server(method):
         try:
             return method(self, *args, **kwargs)
         except Exception as e:
-            self.lost = f"{type(e).__name__}: {redact_text(str(e).strip().splitlines()[0] if str(e).strip() else '')[:300]}"
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            self.lost = f"{type(e).__name__}: {redact_text(first_line)[:300]}"
             print(f"optipipe: tracking failed, the run goes on untracked ({self.lost})", file=sys.stderr, flush=True)
             return None
     return guarded
