@@ -12,7 +12,8 @@ one at a time (slower, but no neighbour's compile or load beside a timed row).
 
 `--gptfast DIR` adds gpt-fast's own one-GPU and tensor-parallel rows (a copy of
 ../shared/anchors/gptfast, measuring only). `--into` replaces the section between the
-`gpu_table` markers of that file with the tables.
+`--section` markers (default `gpu_table`) of that file with the tables; `--render A.json B.json
+--merge` joins results of one host into one table.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def read_run(row: dict, out: Path) -> dict:
     row.update(status=runs[0].info.status, tok_s=m.get("generate/decode_tokens_per_s"), mbu=m.get("generate/mbu"),
                ttft_ms=m.get("generate/ttft_ms_p50"), itl_ms_p50=m.get("generate/itl_ms_p50"),
                peak_gib=m.get("generate/memory_peak_allocated_gib"), collective=tags.get("shard.collective", ""),
-               error=tags.get("optipipe.error", "")[:300])
+               error=tags.get("optipipe.error", "")[:300],
+               # where a job's seconds go (load, compile inside the warm-up, timed runs): JSON only
+               seconds={k: round(v, 1) for k, v in m.items() if k.endswith(("stage_seconds", "warmup_seconds"))})
     samples = sorted((out / "runs" / row["name"]).glob("generate_samples*.jsonl"))
     if samples:
         row["outputs"] = [json.loads(line)["token_ids"] for line in samples[0].read_text().splitlines()]
@@ -161,6 +164,14 @@ def result(rows: list[dict]) -> dict:
     return {"device": gpu_names(), "date": time.strftime("%Y-%m-%d"), "versions": versions(), "rows": rows}
 
 
+def merged(results: list[dict]) -> dict:
+    """The rows of several results as one; refused unless they name the same cards and versions."""
+    kinds = {(r["device"], r["versions"]) for r in results}
+    if len(kinds) > 1:
+        raise SystemExit(f"--merge takes results of one host and software only; these differ: {sorted(kinds)}")
+    return {**results[0], "rows": [row for r in results for row in r["rows"]]}
+
+
 def gpu_count() -> int:
     import torch
 
@@ -184,7 +195,10 @@ def versions() -> str:
 
 def table(result: dict) -> str:
     rows = result["rows"]
-    base = {r["name"].split("_b")[-1]: r.get("tok_s") for r in rows if r["name"].startswith("one_gpu_b")}
+    base: dict[str, float | None] = {}
+    for r in rows:  # the first one-GPU row of each batch
+        if r["name"].startswith("one_gpu_b"):
+            base.setdefault(r["name"].split("_b")[-1], r.get("tok_s"))
     first = {b: next((r.get("outputs") for r in rows if r["name"] == f"one_gpu_b{b}"), None) for b in base}
     lines = [f"{result['device']} · {result['date']} · {result['versions']}", "",
              "| row | what | GPUs | batch | decode tok/s | × one GPU | MBU/GPU | TTFT ms | all-reduce | "
@@ -200,12 +214,18 @@ def table(result: dict) -> str:
         status = "" if r.get("status", "FINISHED") == "FINISHED" else f" ({r.get('status')}: {r.get('error', '')})"
         lines.append(f"| {r['name']}{status} | {spec[3]} | {spec[0]} | {batch} | {fmt(tok, 1)} | {ratio} | "
                      f"{fmt(r.get('mbu'), 2)} | {fmt(r.get('ttft_ms'), 1)} | {r.get('collective', '')} | {same} | "
-                     f"{r.get('job_seconds', '')} | {r.get('exit_after_results_s', '')} |")
+                     f"{r.get('job_seconds', '')} | {exit_note(r)} |")
     gf = {r["name"]: r["tok_s"] for r in rows if r["name"].startswith("gptfast")}
     if {"gptfast_tp1_b1", "gptfast_tp2_b1"} <= gf.keys():
         lines += ["", f"gpt-fast's own TP2 / its one GPU: {gf['gptfast_tp2_b1'] / gf['gptfast_tp1_b1']:.2f}× "
                       f"({gf['gptfast_tp2_b1']:.1f} / {gf['gptfast_tp1_b1']:.1f} tok/s, top-k sampling as it ships)"]
     return "\n".join(lines)
+
+
+def exit_note(row: dict) -> str:
+    """Seconds from results to exit, or that the job was killed at its time limit (code −9)."""
+    after = row.get("exit_after_results_s", "")
+    return f"killed at the time limit {after} s after its results" if row.get("exit_code") == -9 else str(after)
 
 
 def agreement(rows: list[list[int]], reference: list[list[int]]) -> str:
@@ -220,8 +240,8 @@ def fmt(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def write_into(path: Path, text: str) -> None:
-    begin, end = "<!-- gpu_table:begin -->", "<!-- gpu_table:end -->"
+def write_into(path: Path, text: str, section: str = "gpu_table") -> None:
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     doc = path.read_text()
     if begin not in doc:
         raise SystemExit(f"{path} has no {begin} … {end} section to replace")
@@ -240,10 +260,17 @@ def main() -> None:
                     help="one row at a time (no neighbour compiling or loading beside a timed row)")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every job (e.g. a small model)")
     ap.add_argument("--render", type=Path, nargs="*", help="only render these result JSONs (one table each)")
-    ap.add_argument("--into", type=Path, help="replace the gpu_table section of this markdown file")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --render: one table of all rows (results of one host, e.g. successive commands "
+                         "on one machine; the first one-GPU row of a batch is the base)")
+    ap.add_argument("--into", type=Path, help="replace the --section of this markdown file")
+    ap.add_argument("--section", default="gpu_table",
+                    help="name in the markers <!-- NAME:begin --> … <!-- NAME:end --> that --into replaces")
     args = ap.parse_args()
     if args.render:
         results = [json.loads(p.read_text()) for p in args.render]
+        if args.merge:
+            results = [merged(results)]
     else:
         unknown = [n for n in args.rows.split(",") if n not in ROWS]
         if unknown:
@@ -258,7 +285,7 @@ def main() -> None:
     text = "\n\n".join(table(r) for r in results)
     print(text)
     if args.into:
-        write_into(args.into, text)
+        write_into(args.into, text, args.section)
 
 
 if __name__ == "__main__":

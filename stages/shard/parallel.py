@@ -258,6 +258,10 @@ class DataParallel(BaseStage):
         if tp > 1:
             shard_replica(ctx.model, ctx.dist.device.split(":")[0], world, tp)
         metrics = check_sharded(self.name, ctx.model, tp)
-        return StageResult(metrics={**metrics, "replicas": float(replicas), "tp_size": float(tp)},
-                           tags={"shard.mode": "data_parallel", "shard.devices": ctx.dist.device},
+        tags = {"shard.mode": "data_parallel", "shard.devices": ctx.dist.device}
+        if tp > 1:  # DTensor's layers reduce through the process group's backend, eagerly (not our one-shot)
+            import torch.distributed as dist
+
+            tags["shard.collective"] = f"{dist.get_backend()} (DTensor)"
+        return StageResult(metrics={**metrics, "replicas": float(replicas), "tp_size": float(tp)}, tags=tags,
                            summary=f"data parallel: {replicas} replica(s)" + (f" × TP{tp}" if tp > 1 else ""))

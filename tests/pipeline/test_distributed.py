@@ -143,6 +143,7 @@ def test_replicas_of_tensor_parallel_give_the_single_process_text(tmp_path):
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     m = runs[0].data.metrics
     assert m["shard/replicas"] == 2 and m["shard/tp_size"] == 2 and m["shard/sharded_parameters"] > 0
+    assert runs[0].data.tags["shard.collective"] == "gloo (DTensor)"  # which collective ran, in the run
     # two replicas, each counted once: the sum over ranks halved
     assert m["generate/decode_tokens_per_s"] == pytest.approx(
         sum(m[f"rank{r}/generate/decode_tokens_per_s"] for r in range(4)) / 2)
@@ -293,19 +294,23 @@ def test_aggregates():
 
 
 @pytest.mark.gpu
-def test_tensor_parallel_over_two_gpus_gives_the_one_gpu_text(tmp_path):
-    """On 2 GPUs with peer access: our layers with the one-shot symmetric-memory all-reduce
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_tensor_parallel_over_gpus_gives_the_one_gpu_text(tmp_path, ranks):
+    """On 2 (and 4) GPUs with peer access: our layers with the one-shot symmetric-memory all-reduce
     (symm_mem: no silent fallback) inside the CUDA graph give the one-GPU text, batch 1 and 4."""
     import torch
 
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs")
+    if torch.cuda.device_count() < ranks:
+        pytest.skip(f"needs {ranks} GPUs")
+    # 4 key/value heads so that 4 ranks each hold one
+    heads = ("+model.config_overrides.num_key_value_heads=4",) if ranks > 2 else ()
     for batch in (1, 4):
-        common = (*TINY, "generate.max_new_tokens=32", "generate.benchmark=true", "generate=fast",
+        common = (*TINY, *heads, "generate.max_new_tokens=32", "generate.benchmark=true", "generate=fast",
                   "load.dtype=float32", f"generate.batch_size={batch}")
         run_cli(*common, f"hydra.run.dir={tmp_path}/one{batch}", cwd=tmp_path, check=0)
-        run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "shard.all_reduce=symm_mem",
-                f"hydra.run.dir={tmp_path}/tp{batch}", cwd=tmp_path, check=0, timeout=600)
+        run_cli(*common, "launcher=torchrun", f"launcher.nproc_per_node={ranks}", "shard=tensor_parallel",
+                "shard.all_reduce=symm_mem", f"hydra.run.dir={tmp_path}/tp{batch}", cwd=tmp_path, check=0,
+                timeout=600)
         one = [s["output"] for s in samples(tmp_path / f"one{batch}", "generate_samples.jsonl")]
         assert [s["output"] for s in samples(tmp_path / f"tp{batch}", "generate_samples_rank0.jsonl")] == one
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
