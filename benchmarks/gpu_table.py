@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.launch import OUTCOME_FILE  # noqa: E402
+from pipeline.report import write_section  # noqa: E402
 from pipeline.tracking import _client  # noqa: E402
 COMMON = ["model=llama3_8b_random", "load.dtype=bfloat16", "generate.benchmark=true", "generate.prompt_tokens=128",
           "generate.max_new_tokens=256", "generate.warmup=1", "generate.repeats=3",
@@ -240,15 +241,6 @@ def fmt(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def write_into(path: Path, text: str, section: str = "gpu_table") -> None:
-    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
-    doc = path.read_text()
-    if begin not in doc:
-        raise SystemExit(f"{path} has no {begin} … {end} section to replace")
-    head, rest = doc.split(begin, 1)
-    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_table")
@@ -285,7 +277,10 @@ def main() -> None:
     text = "\n\n".join(table(r) for r in results)
     print(text)
     if args.into:
-        write_into(args.into, text, args.section)
+        try:
+            write_section(args.into, text, args.section)
+        except LookupError as e:
+            raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

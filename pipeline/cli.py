@@ -70,7 +70,10 @@ def job_info(cfg: DictConfig, resolved: Resolved, output_dir: Path) -> JobInfo:
     tags.update({"git.commit": env["git_commit"] or "unknown", "host": socket.gethostname(),
                  "world_size": str(resolved.launcher.processes), "optipipe.output_dir": str(output_dir),
                  "model.id": resolved.model.id, "optipipe.overrides": " ".join(overrides)[:5000],
-                 "optipipe.config_hash": config_hash(cfg)})
+                 "optipipe.config_hash": config_hash(cfg),
+                 # what a report heading needs to say where its numbers come from
+                 "cards": " + ".join(g["name"] for g in env["gpus"]) or f"CPU ({env['cpu_count']} cores)",
+                 "versions": ", ".join(f"{n} {env['packages'].get(n)}" for n in ("torch", "transformers"))})
     if resolved.warnings:
         tags["optipipe.warnings"] = " | ".join(f"{w.key}: {w.message}" for w in resolved.warnings)
     name = resolved.tracker.run_name or (" ".join(overrides) if overrides else "default job")

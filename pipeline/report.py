@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 # A table shows only the columns some row has, so an encoder sweep gets encoder columns.
 COLUMNS: list[tuple[str, tuple[str, ...]]] = [
     ("tokens_per_s", ("generate/decode_tokens_per_s", "generate/tokens_per_s")),
+    ("x_one_process", ()),  # derived in a sweep over processes: see with_scaling
     ("e2e_tokens_per_s", ("generate/e2e_tokens_per_s",)),
     ("ttft_ms_p50", ("generate/ttft_ms_p50",)),
     ("itl_ms_p50", ("generate/itl_ms_p50",)),
@@ -66,7 +68,33 @@ def sweep_rows(client: Any, parent_run_id: str) -> list[Row]:
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               order_by=["attributes.start_time ASC"])
     reused = [client.get_run(v) for k, v in sorted(parent.data.tags.items()) if k.startswith("optipipe.reused.")]
-    return [row_of(r, reused=True) for r in reused] + [row_of(r) for r in runs]
+    return with_scaling([row_of(r, reused=True) for r in reused] + [row_of(r) for r in runs])
+
+
+# What a scaling sweep varies: the number of processes and how the model is spread over them.
+PROCESSES, SPREAD = "launcher.nproc_per_node=", "shard="
+
+
+def processes(row: Row) -> int | None:
+    return next((int(t[len(PROCESSES):]) for t in row.overrides.split() if t.startswith(PROCESSES)), None)
+
+
+def with_scaling(rows: list[Row]) -> list[Row]:
+    """In a sweep over ``launcher.nproc_per_node``, each row's throughput over the one-process row
+    that differs from it only in processes and ``shard`` (first finished one): ``x_one_process``."""
+    def rest(row: Row) -> tuple[str, ...]:
+        return tuple(sorted(t for t in row.overrides.split() if not t.startswith((PROCESSES, SPREAD))))
+
+    base: dict[tuple[str, ...], float] = {}
+    for row in rows:
+        if processes(row) == 1 and row.status == "FINISHED" and row.value("tokens_per_s") > 0:
+            base.setdefault(rest(row), row.value("tokens_per_s"))
+    if not any((processes(row) or 1) > 1 for row in rows):
+        return rows  # not a sweep over processes
+    for row in rows:
+        if rest(row) in base and row.status == "FINISHED" and not math.isnan(row.value("tokens_per_s")):
+            row.values["x_one_process"] = row.value("tokens_per_s") / base[rest(row)]
+    return rows
 
 
 def latest_sweep(client: Any, experiment: str) -> str:
@@ -184,6 +212,30 @@ def write(rows: list[Row], folder: Path) -> list[Path]:
     (folder / "summary.md").write_text(markdown(rows) + "\n")
     (folder / "summary.csv").write_text(csv_text(rows))
     return [folder / "summary.md", folder / "summary.csv", *plots(rows, folder)]
+
+
+def heading(client: Any, parent_run_id: str) -> str:
+    """Where a sweep's numbers come from: its command, cards, date and versions (from its first job)."""
+    parent = client.get_run(parent_run_id)
+    jobs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    tags = jobs[0].data.tags if jobs else {}
+    day = time.strftime("%Y-%m-%d", time.gmtime(parent.info.start_time / 1000))
+    command = f"optipipe -m {parent.data.params.get('sweep.overrides', '')}".strip()
+    return (f"`{command}` · {tags.get('cards', 'cards not recorded')} · {day} · "
+            f"{tags.get('versions', 'versions not recorded')} · sweep {parent_run_id}")
+
+
+def write_section(path: Path, text: str, section: str) -> None:
+    """Replace what lies between ``<!-- section:begin -->`` and ``<!-- section:end -->`` in ``path``."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    doc = path.read_text()
+    if begin not in doc or end not in doc.split(begin, 1)[1]:
+        raise LookupError(f"{path} has no {begin} … {end} section to replace: add the two lines where the "
+                          f"table belongs")
+    head, rest = doc.split(begin, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def best_line(rows: list[Row]) -> str:

@@ -17,6 +17,10 @@ def main(argv: list[str]) -> int:
     which.add_argument("--parent", help="the sweep's parent run id")
     p.add_argument("--uri", help="tracking store (default: MLFLOW_TRACKING_URI or ./outputs/mlflow.db)")
     p.add_argument("--out", type=Path, help="folder for summary.md/.csv and plots")
+    p.add_argument("--into", type=Path, help="also put the table, headed by command, cards, date and versions, "
+                                              "into this Markdown file between the --section markers")
+    p.add_argument("--section", default="sweep_report",
+                   help="NAME in the markers <!-- NAME:begin --> … <!-- NAME:end --> of --into (default sweep_report)")
     p.add_argument("--repair", action="store_true",
                    help="only mark this host's runs left RUNNING by a killed process as KILLED (every experiment)")
     args = p.parse_args(argv)
@@ -35,8 +39,15 @@ def main(argv: list[str]) -> int:
     if not rows:
         print(f"optipipe report: sweep {parent} has no jobs")
         return 2
+    table = f"{report.markdown(rows)}\n\n{report.best_line(rows)}"
+    if args.into is not None:  # checked before anything is written: a wrong file or section writes nothing
+        try:
+            report.write_section(args.into, f"{report.heading(client, parent)}\n\n{table}", args.section)
+        except (OSError, LookupError) as e:
+            print(f"optipipe report: {e}")
+            return 2
     out = args.out or Path("outputs") / "reports" / parent
     files = report.write(rows, out)
-    print(f"sweep {parent}\n\n{report.markdown(rows)}\n\n{report.best_line(rows)}\n")
-    print("written: " + ", ".join(str(f) for f in files))
+    print(f"sweep {parent}\n\n{table}\n")
+    print("written: " + ", ".join(str(f) for f in [*files, *([args.into] if args.into else [])]))
     return 0

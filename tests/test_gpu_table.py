@@ -36,13 +36,3 @@ def test_joined_results_take_the_first_one_gpu_row_as_base_and_mark_a_killed_job
 def test_results_of_other_hosts_are_not_joined():
     with pytest.raises(SystemExit, match="one host"):
         gpu_table.merged([result(), result(device="H100 + H100")])
-
-
-def test_into_replaces_only_the_named_section(tmp_path):
-    doc = tmp_path / "B.md"
-    doc.write_text("a\n<!-- tp4:begin -->\nold\n<!-- tp4:end -->\nb\n<!-- gpu_table:begin -->\nkeep\n<!-- gpu_table:end -->\n")
-    gpu_table.write_into(doc, "new", "tp4")
-    assert doc.read_text() == ("a\n<!-- tp4:begin -->\nnew\n<!-- tp4:end -->\nb\n"
-                               "<!-- gpu_table:begin -->\nkeep\n<!-- gpu_table:end -->\n")
-    with pytest.raises(SystemExit, match="no <!-- tp2:begin -->"):
-        gpu_table.write_into(doc, "new", "tp2")

@@ -41,6 +41,42 @@ def test_four_job_sweep_summary_and_report_agree(tmp_path):
     assert (tmp_path / "again" / "summary.csv").read_text() == open(logged).read()
     latest = run_cli("report", "--experiment", "optipipe", "--out", str(tmp_path / "latest"), cwd=tmp_path, check=0)
     assert parent.info.run_id in latest.stdout and "best: optipipe" in again.stdout
+    # the same table into a marked section of a Markdown file, headed by where it comes from
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("intro\n<!-- cpu:begin -->\nold\n<!-- cpu:end -->\nrest\n")
+    run_cli("report", "--parent", parent.info.run_id, "--into", str(doc), "--section", "cpu", cwd=tmp_path, check=0)
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- cpu:begin -->\n`optipipe -m ") and text.endswith("<!-- cpu:end -->\nrest\n")
+    assert "CPU (" in text and "torch " in text and parent.info.run_id in text and "best: optipipe" in text
+    assert "\nold\n" not in text and sum(line.startswith("| ") and "quantize=" in line for line in text.splitlines()) == 4
+    wrong = run_cli("report", "--parent", parent.info.run_id, "--into", str(doc), "--section", "gpu",
+                    "--out", str(tmp_path / "wrong"), cwd=tmp_path, check=2)
+    assert "no <!-- gpu:begin -->" in wrong.stdout and not (tmp_path / "wrong").exists()  # nothing written
+
+
+def test_a_sweep_over_processes_is_compared_with_one_process():
+    def job(nproc, shard, batch, tok_s, status="FINISHED"):
+        return report.Row(f"{shard}{nproc}b{batch}", f"shard={shard} launcher.nproc_per_node={nproc} "
+                          f"generate.batch_size={batch}", status, "not set", {"tokens_per_s": tok_s})
+
+    rows = report.with_scaling([job(1, "tp", 1, 100), job(2, "tp", 1, 150), job(4, "dp", 1, 0, "FAILED"),
+                                job(1, "dp", 32, 1000), job(1, "tp", 32, 990), job(4, "dp", 32, 4000)])
+    got = {r.run_id: r.values.get("x_one_process") for r in rows}
+    # against the first one-process row of the same batch, whichever shard it used; failed rows get none
+    assert got == {"tp1b1": 1.0, "tp2b1": 1.5, "dp4b1": None, "dp1b32": 1.0, "tp1b32": 0.99, "dp4b32": 4.0}
+    assert "x_one_process" in report.markdown(rows).splitlines()[0]
+    flat = report.with_scaling([fake("a", 100, 1.0), fake("b", 200, 2.0)])  # not a sweep over processes
+    assert "x_one_process" not in report.markdown(flat)
+
+
+def test_a_section_is_replaced_only_where_its_markers_are(tmp_path):
+    doc = tmp_path / "B.md"
+    doc.write_text("a\n<!-- tp4:begin -->\nold\n<!-- tp4:end -->\nb\n<!-- gpu_table:begin -->\nkeep\n<!-- gpu_table:end -->\n")
+    report.write_section(doc, "new", "tp4")
+    assert doc.read_text() == ("a\n<!-- tp4:begin -->\nnew\n<!-- tp4:end -->\nb\n"
+                               "<!-- gpu_table:begin -->\nkeep\n<!-- gpu_table:end -->\n")
+    with pytest.raises(LookupError, match="no <!-- tp2:begin -->"):
+        report.write_section(doc, "new", "tp2")
 
 
 def test_report_on_unknown_experiment_says_so(tmp_path):
