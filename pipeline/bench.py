@@ -65,7 +65,7 @@ def open_entry(entry: Entry, args: argparse.Namespace, workdir: Path):
     if entry.baseline is None:
         ctx = open_context(resolved, make_plan(resolved), workdir)
         for name in STAGE_ORDER[:4]:  # load, quantize, convert, shard: once per model
-            ctx.facts.setdefault("tags", {}).update(resolved.stages[name].apply(ctx).tags)
+            resolved.stages[name].apply(ctx)
         return resolved, ctx
     load = resolved.stages["load"]
     plan = LoadPlan(model=resolved.model)

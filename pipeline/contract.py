@@ -105,6 +105,23 @@ def workload_context(hooks: list[WorkloadHook]) -> Iterator[None]:
 
 
 @dataclass
+class Facts:
+    """What a stage learns and a later stage (or the runner) reads, one typed field per fact: the
+    hand-over between stages is written here, not in a free-form dict. A plugin stage keeps its own
+    facts in ``extra`` under its stage name."""
+
+    model_spec: Any = None  # runner: the ModelSpec that was loaded
+    parameters: float = 0.0  # load: parameter count of the loaded model
+    load_dtype: str = ""  # load: the dtype as loaded (``auto`` resolved to the checkpoint's)
+    cache_dir: str | None = None  # load: where converted and random weights are cached
+    tensor_parallel: int = 1  # shard: ranks each weight is split over (generate's bandwidth floor)
+    replica: tuple[int, int] = (0, 1)  # shard: (this rank's replica, replicas): its share of the prompts
+    corpus_sha: str = ""  # evaluate: the corpus its reference cache is keyed on
+    partial_result: StageResult | None = None  # a stage failing after it measured: the runner logs these
+    extra: dict[str, Any] = field(default_factory=dict)  # plugin stages: {stage name: anything}
+
+
+@dataclass
 class RunContext:
     cfg: Any  # the resolved root DictConfig
     output_dir: Path
@@ -114,7 +131,7 @@ class RunContext:
     reference: Callable[[], Any] | None = None  # lazily builds the unoptimized model
     generate_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. cache_implementation
     workload_hooks: list[WorkloadHook] = field(default_factory=list)
-    facts: dict[str, Any] = field(default_factory=dict)  # what stages learned for later stages
+    facts: Facts = field(default_factory=Facts)  # what stages learned for later stages
 
 
 @dataclass(frozen=True)

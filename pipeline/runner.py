@@ -56,7 +56,7 @@ def open_context(resolved: Resolved, plan: LoadPlan, output_dir: Path, dist: Dis
     ctx = RunContext(cfg=resolved.cfg, output_dir=output_dir, dist=dist or DistInfo(device=plan.device))
     load = resolved.stages["load"]
     ctx.model, ctx.tokenizer = load.materialize(plan)
-    ctx.facts["model_spec"] = resolved.model
+    ctx.facts.model_spec = resolved.model
     ctx.reference = lambda dtype=None: load.materialize(load.reference_plan(plan, dtype), record=False)
     return ctx
 
@@ -120,7 +120,7 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
         finish_run(tracker, outcome.status, outcome.error)
         raise
     except StageError as e:
-        partial = ctx.facts.pop("partial_result", None) if ctx else None
+        partial = ctx.facts.partial_result if ctx else None
         if partial is not None:  # e.g. a failed quality gate: its numbers explain the failure
             outcome.results[e.stage] = partial
             tracker.log_result(e.stage, partial)

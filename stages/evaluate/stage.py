@@ -133,21 +133,21 @@ class Evaluate(BaseStage):
     # ------------------------------------------------------------------ the reference
 
     def cache_path(self, ctx: RunContext, corpus_sha: str, dtype: str) -> Path:
-        spec = ctx.facts["model_spec"]
+        spec = ctx.facts.model_spec
         key = {"v": CACHE_VERSION, "model": asdict(spec), "dtype": dtype, "corpus": corpus_sha,
                "max_length": self.cfg.max_length, "stride": self.cfg.stride, "windowing": self.cfg.windowing,
                "compare_tokens": self.cfg.compare_tokens, "new_tokens": self.cfg.new_tokens,
                "top_k": compare.TOP_K}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return sources.cache_root(ctx.facts.get("cache_dir")) / "reference" / f"{digest}.pt"
+        return sources.cache_root(ctx.facts.cache_dir) / "reference" / f"{digest}.pt"
 
     def reference_results(self, ctx: RunContext, ids, dtype: str) -> tuple[dict, bool]:
-        path = self.cache_path(ctx, ctx.facts.get("corpus_sha", ""), dtype)
+        path = self.cache_path(ctx, ctx.facts.corpus_sha, dtype)
         if self.cfg.cache and path.is_file():
             return torch.load(path, weights_only=True), True
         self._make_room(ctx, dtype)
         model, tok = ctx.reference(dtype)
-        results = self.measure(model, tok, ctx.facts["model_spec"].task, ids, keep_full=False)
+        results = self.measure(model, tok, ctx.facts.model_spec.task, ids, keep_full=False)
         del model
         gc.collect()
         if self.cfg.cache:
@@ -159,7 +159,7 @@ class Evaluate(BaseStage):
 
     def _make_room(self, ctx: RunContext, dtype: str) -> None:
         """Free the optimized model when the reference would not fit beside it; refuse if never."""
-        need = ctx.facts["parameters"] * {"float32": 4}.get(dtype, 2) * 1.2
+        need = ctx.facts.parameters * {"float32": 4}.get(dtype, 2) * 1.2
         on_cuda = ctx.model is not None and ctx.model.device.type == "cuda"
 
         def free() -> float:
@@ -181,7 +181,7 @@ class Evaluate(BaseStage):
     # ------------------------------------------------------------------ the stage
 
     def apply(self, ctx: RunContext) -> StageResult:
-        task = ctx.facts["model_spec"].task
+        task = ctx.facts.model_spec.task
         ids, metrics, tags = None, {}, {}
         if task != "encoder":
             text = self._corpus(ctx)
@@ -197,13 +197,13 @@ class Evaluate(BaseStage):
             if ids.numel() <= self.cfg.max_length:  # not an error: the whole corpus is one window
                 tags["evaluate.windows_note"] = (f"the corpus ({ids.numel()} tokens) fits one window of "
                                                  f"evaluate.max_length={self.cfg.max_length}")
-            ctx.facts["corpus_sha"] = text.sha256
+            ctx.facts.corpus_sha = text.sha256
         ours = self.measure(ctx.model, ctx.tokenizer, task, ids, keep_full=True)
         if task != "encoder":
             metrics.update(perplexity=float(torch.exp(torch.tensor(ours["nll_sum"] / ours["scored_tokens"]))),
                            scored_tokens=float(ours["scored_tokens"]), windows=float(ours["windows"]))
         if self.cfg.reference:
-            dtype = self.cfg.reference_dtype or ctx.facts["load_dtype"]
+            dtype = self.cfg.reference_dtype or ctx.facts.load_dtype
             ref, hit = self.reference_results(ctx, ids, dtype)
             tags.update({"evaluate.reference": f"{dtype}, eager, no quantization",
                          "evaluate.reference_cache": "hit" if hit else "miss"})
@@ -214,7 +214,7 @@ class Evaluate(BaseStage):
             tags["evaluate.gate_failures"] = "; ".join(why)
         result = StageResult(metrics=metrics, tags=tags, summary=self.summary(metrics, gate))
         if gate == "fail" and self.cfg.gate.enforce:
-            ctx.facts["partial_result"] = result  # the runner logs it before marking the run FAILED
+            ctx.facts.partial_result = result  # the runner logs it before marking the run FAILED
             raise StageError(self.name, "quality gate failed: " + "; ".join(why),
                              "relax evaluate.gate.*, or pick a milder optimization")
         return result

@@ -78,7 +78,7 @@ class Encode(BaseStage):
 
     def apply(self, ctx: RunContext) -> StageResult:
         c, model = self.cfg, ctx.model
-        batches = self.batches(ctx.tokenizer, measure.input_device(model), ctx.facts.get("replica", (0, 1)))
+        batches = self.batches(ctx.tokenizer, measure.input_device(model), ctx.facts.replica)
         devices = measure.cuda_devices_in_use(model)
         latencies, run_seconds, embeddings = [], [], None
         with Progress(transient=True) as bar, workload_context(ctx.workload_hooks), torch.inference_mode():
@@ -110,7 +110,6 @@ class Encode(BaseStage):
             for text, emb in zip(self.texts(), embeddings.float().cpu()):
                 f.write(json.dumps({"text": text, "embedding_norm": float(emb.norm()),
                                     "embedding_head": [round(x, 5) for x in emb[:8].tolist()]}) + "\n")
-        ctx.facts["embeddings"] = embeddings  # the last batch, for quality comparisons
         return StageResult(metrics=metrics, artifacts=[path], seconds=sum(run_seconds),
                            summary=f"{metrics['sequences_per_s']:.0f} seq/s, {metrics['tokens_per_s']:.0f} "
                                    f"tok/s, batch p50 {metrics['batch_latency_ms_p50']:.1f} ms, "

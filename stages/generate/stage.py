@@ -184,7 +184,7 @@ class Generate(BaseStage):
 
     def apply(self, ctx: RunContext) -> StageResult:
         model, tok, c = ctx.model, ctx.tokenizer, self.cfg
-        texts = P.replica_batch(self.prompt_texts(), c.batch_size, ctx.facts.get("replica", (0, 1)))
+        texts = P.replica_batch(self.prompt_texts(), c.batch_size, ctx.facts.replica)
         chat = P.use_chat_template(tok, c.chat_template) and not c.prompt_tokens
         if c.chat_template == "on" and not getattr(tok, "chat_template", None):
             raise StageError(self.name, "generate.chat_template=on but the tokenizer has no chat "
@@ -221,7 +221,7 @@ class Generate(BaseStage):
                         "batch_size": float(c.batch_size)})
         memory = {f"memory_{k}": v for k, v in measure.memory_peaks(devices).items()}
         if devices and "decode_tokens_per_s" in metrics:
-            metrics.update(roofline_metrics(model, metrics, devices, ctx.facts.get("tensor_parallel", 1)))
+            metrics.update(roofline_metrics(model, metrics, devices, ctx.facts.tensor_parallel))
         if "decode_tokens_per_s" not in metrics:
             hook_tags["generate.decode"] = "not applicable: every row stopped after its first token"
         noisy = noise(metrics, bool(devices))

@@ -147,10 +147,10 @@ class Load(BaseStage):
 
     def apply(self, ctx: RunContext) -> StageResult:
         # what later stages need to rebuild or compare with the unoptimized model
-        ctx.facts.update(parameters=float(ctx.model.num_parameters()), load_dtype=self.torch_dtype_name(),
-                         cache_dir=self.cfg.cache_dir)
-        if self.cfg.dtype == "auto":  # the checkpoint's own dtype, as loaded
-            ctx.facts["load_dtype"] = self._result.tags["model.dtype"]
+        ctx.facts.parameters = float(ctx.model.num_parameters())
+        ctx.facts.cache_dir = self.cfg.cache_dir
+        # "auto": the checkpoint's own dtype, as loaded
+        ctx.facts.load_dtype = self._result.tags["model.dtype"] if self.cfg.dtype == "auto" else self.torch_dtype_name()
         return self._result
 
     def describe(self) -> str:

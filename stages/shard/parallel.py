@@ -181,7 +181,7 @@ class TensorParallel(BaseStage):
     def apply(self, ctx: RunContext) -> StageResult:
         tp = self.tp(ctx.dist.world_size)
         metrics = check_sharded(self.name, ctx.model, tp)  # transformers sharded the weights at load
-        ctx.facts["tensor_parallel"] = tp  # generate's roofline: each rank holds 1/tp of the KV cache
+        ctx.facts.tensor_parallel = tp  # generate's roofline: each rank holds 1/tp of the KV cache
         tags = {"shard.mode": "tensor_parallel", "shard.devices": ctx.dist.device, "shard.runtime": "transformers"}
         if self.cfg.runtime == "optipipe":
             taken = self._localize(ctx)
@@ -254,7 +254,7 @@ class DataParallel(BaseStage):
     def apply(self, ctx: RunContext) -> StageResult:
         tp, world = self.cfg.tp_size, ctx.dist.world_size
         replicas, index = world // tp, ctx.dist.rank // tp
-        ctx.facts["replica"] = (index, replicas)  # generate takes this replica's share of the prompts
+        ctx.facts.replica = (index, replicas)  # generate takes this replica's share of the prompts
         if tp > 1:
             shard_replica(ctx.model, ctx.dist.device.split(":")[0], world, tp)
         metrics = check_sharded(self.name, ctx.model, tp)

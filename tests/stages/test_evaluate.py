@@ -106,7 +106,7 @@ def test_corpus_of_one_token_is_a_clear_error(tmp_path):
 
 def test_reference_that_does_not_fit_is_refused(tmp_path):
     stage, ctx = evaluated(tmp_path)
-    ctx.facts["parameters"] = 1e14  # 400 TB in float32
+    ctx.facts.parameters = 1e14  # 400 TB in float32
     with pytest.raises(StageError, match="reference model needs"):
         stage.apply(ctx)
 

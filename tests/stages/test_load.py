@@ -37,7 +37,7 @@ def test_random_preset_with_overrides_and_dtype(tmp_path):
     assert tok.pad_token is not None and tok.padding_side == "left"
     ctx = RunContext(cfg=resolved.cfg, output_dir=tmp_path, dist=DistInfo(), model=model, tokenizer=tok)
     metrics = resolved.stages["load"].apply(ctx).metrics
-    assert ctx.facts["load_dtype"] == "bfloat16" and ctx.facts["parameters"] == model.num_parameters()
+    assert ctx.facts.load_dtype == "bfloat16" and ctx.facts.parameters == model.num_parameters()
     tensors = [*model.parameters(), *model.buffers()]  # buffers: e.g. rotary inv_freq
     assert metrics["weight_bytes"] == sum(t.numel() * t.element_size() for t in tensors)
     assert all(p.element_size() == 2 for p in model.parameters())
