@@ -162,8 +162,8 @@ def _reuse_finished(cfg: DictConfig, tracker, job_num: int, from_sweep: str | No
     same sweep arguments; or the sweep ``pipeline.resume_from`` names) finished with this exact
     config in this environment. Single runs and other sweeps never stand in."""
     parent = os.environ.get(PARENT_ENV)
-    if parent is None or not hasattr(tracker, "finished_run"):
-        return False  # no sweep parent (e.g. tracker=none): nothing to resume from
+    if parent is None:
+        return False  # not a sweep's job: nothing to resume from
     earlier = tracker.finished_run(config_hash(cfg), parent, from_sweep)
     if earlier is None:
         return False

@@ -152,14 +152,49 @@ def quantize_traits(root: Any) -> QuantizeTraits:
 
 @runtime_checkable
 class Stage(Protocol):
-    """Built as ``Cls(config)`` during validation; then ``plan`` for all stages, one load, ``apply``."""
+    """Built as ``Cls(config)`` during validation; ``problems`` with every stage built; then ``plan``
+    for all stages, one load, ``apply``. ``BaseStage`` gives each a harmless default."""
 
     name: ClassVar[str]
     Config: ClassVar[type]  # a dataclass: the typed schema of this stage's YAML
 
+    def problems(self, root: Any) -> list[Problem]: ...  # rules this stage owns, before any I/O
+
     def plan(self, plan: LoadPlan) -> None: ...
 
     def apply(self, ctx: RunContext) -> StageResult: ...
+
+    def describe(self) -> str: ...  # one line for the plan print
+
+
+@runtime_checkable
+class Loader(Stage, Protocol):
+    """What the runner and the cross-stage rules need from the ``load`` stage, beyond a Stage."""
+
+    def device(self) -> str: ...  # where the model will run, e.g. "cuda:0" or "cpu"
+
+    def torch_dtype_name(self) -> str: ...  # the dtype it loads in, e.g. "bfloat16"
+
+    def materialize(self, plan: LoadPlan, record: bool = True) -> tuple[Any, Any]: ...  # (model, tokenizer)
+
+    def reference_plan(self, plan: LoadPlan, dtype: str | None) -> LoadPlan: ...  # the unoptimized model's
+
+
+@runtime_checkable
+class Placement(Protocol):
+    """A ``shard`` stage whose replicas span several ranks says how many: the ranks of one replica
+    share their tokens, so their throughputs are not added up. A shard stage without it: 1."""
+
+    def ranks_per_replica(self, world: int) -> int: ...
+
+
+def missing_methods(cls: type, protocol: type) -> list[str]:
+    """The methods of ``protocol`` that ``cls`` lacks (its ``Config`` is checked by the caller)."""
+    wanted = [n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")]
+    for base in protocol.__mro__[1:]:
+        if base is not Protocol and getattr(base, "_is_protocol", False):
+            wanted += [n for n, v in vars(base).items() if callable(v) and not n.startswith("_")]
+    return sorted({n for n in wanted if not callable(getattr(cls, n, None))})
 
 
 @dataclass
@@ -168,7 +203,7 @@ class NoSettings:
 
 
 class BaseStage:
-    """Convenience base: no load contribution, no problems, nothing to apply."""
+    """The base of every shipped stage: no problems, no load contribution, nothing to apply."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]

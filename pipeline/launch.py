@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import LauncherSettings
-from pipeline.contract import StageResult
+from pipeline.contract import Placement, StageResult
 from pipeline.distributed import ERROR_FILE, RUN_ENV, URI_ENV
 
 OUTCOME_FILE = "outcome.json"  # rank 0 writes the aggregated stage results here
@@ -188,7 +188,7 @@ def run_worker(resolved, output_dir: Path) -> None:
     try:
         plan = make_plan(resolved)
         shard = resolved.stages["shard"]
-        per_replica = shard.ranks_per_replica(dist_info.world_size) if hasattr(shard, "ranks_per_replica") else 1
+        per_replica = shard.ranks_per_replica(dist_info.world_size) if isinstance(shard, Placement) else 1
         tracker = RankTracker(dist_info, output_dir, per_replica)
         outcome = execute(resolved, plan, output_dir, tracker, job=None, dist=dist_info)
         if dist_info.is_main and outcome.status == "FINISHED":

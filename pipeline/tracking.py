@@ -124,6 +124,9 @@ class Tracker(Protocol):
     def log_result(self, stage: str, result: StageResult) -> None: ...
     def finish(self, status: str, error: str | None = None) -> None: ...
 
+    # pipeline.resume: the id of an earlier finished run that can stand in for this job, if any
+    def finished_run(self, config_hash: str, sweep_run_id: str, from_sweep: str | None = None) -> str | None: ...
+
 
 class NullTracker:
     """tracker=none: nothing is recorded, mlflow is not imported."""
@@ -140,6 +143,9 @@ class NullTracker:
 
     def finish(self, status: str, error: str | None = None) -> None:
         pass
+
+    def finished_run(self, config_hash: str, sweep_run_id: str, from_sweep: str | None = None) -> str | None:
+        return None  # nothing recorded, nothing to resume from
 
 
 LOCKED_RETRIES = 6  # a loaded machine's parallel writers can hold the SQLite lock past its busy wait

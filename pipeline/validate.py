@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from pipeline import rules
 from pipeline.config import SECTIONS, LauncherSettings, ModelSpec, PipelineSettings, TrackerSettings, typed
-from pipeline.contract import STAGE_ORDER, BaseStage, ConfigProblems, Problem
+from pipeline.contract import STAGE_ORDER, BaseStage, ConfigProblems, Loader, Problem, Stage, missing_methods
 from pipeline.registry import TargetRefused, resolve_target
 
 
@@ -36,9 +36,12 @@ def build_stage(name: str, node: Any, allow: list[str]) -> tuple[BaseStage | Non
         cls = resolve_target(str(node["_target_"]), allow)
     except TargetRefused as e:
         return None, [Problem(f"{name}._target_", str(e))]
-    if not (hasattr(cls, "Config") and callable(getattr(cls, "apply", None))):
+    missing = missing_methods(cls, Loader if name == "load" else Stage) + ([] if hasattr(cls, "Config") else ["Config"])
+    if missing:
         return None, [Problem(f"{name}._target_", f"{cls.__module__}.{cls.__qualname__} is not a "
-                              "stage: it needs a Config dataclass, plan() and apply()")]
+                              f"{'load stage' if name == 'load' else 'stage'}: it lacks {', '.join(missing)}",
+                              "subclass pipeline.contract.BaseStage (defaults for problems, plan, apply, describe) "
+                              "and give it a Config dataclass" + ("; see pipeline.contract.Loader" if name == "load" else ""))]
     stage_cfg, problems = typed(cls.Config, node, name)
     if problems:
         return None, problems
@@ -82,8 +85,7 @@ def resolve(cfg: DictConfig) -> Resolved:
         raise ConfigProblems(problems)
     resolved = Resolved(cfg=cfg, stages=stages, **sections)
     for stage in stages.values():
-        if hasattr(stage, "problems"):
-            problems += stage.problems(resolved)
+        problems += stage.problems(resolved)
     problems += rules.check_all(resolved)
     resolved.warnings = [p for p in problems if p.severity == "warning"]
     errors = [p for p in problems if p.severity != "warning"]

@@ -116,6 +116,33 @@ def test_rules_follow_a_plugin_quantizers_declared_traits():
     assert "my_kernel layers cannot be sharded" in text
 
 
+class LoadWithoutLoading(BaseStage):
+    """A plugin ``load`` that is a stage but cannot load: the runner would fail on it after validation."""
+
+    Config = NoSettings
+
+
+class HalfAStage:
+    """Has a Config and apply() only: no problems(), plan() or describe()."""
+
+    Config = NoSettings
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def apply(self, ctx):
+        return None
+
+
+def test_a_plugin_stage_must_fill_the_whole_contract():
+    allow = "pipeline.allow=[tests]"
+    text = problems_of("load._target_=tests.pipeline.test_validation.LoadWithoutLoading", allow)
+    assert ("load._target_: tests.pipeline.test_validation.LoadWithoutLoading is not a load stage: it lacks device, "
+            "materialize, reference_plan, torch_dtype_name") in text and "pipeline.contract.Loader" in text
+    text = problems_of("evaluate._target_=tests.pipeline.test_validation.HalfAStage", allow)
+    assert "is not a stage: it lacks describe, plan, problems" in text and "subclass pipeline.contract.BaseStage" in text
+
+
 def test_target_outside_the_allow_list_is_refused():
     text = problems_of("evaluate._target_=os.system")
     assert "outside the allowed modules" in text and "pipeline.allow" in text
