@@ -12,7 +12,7 @@ from rich.table import Table
 from pipeline.contract import LoadPlan, Problem
 from pipeline.redact import redact, redact_text
 from pipeline.runner import RunOutcome
-from pipeline.validate import Resolved
+from pipeline.resolved import Resolved
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

@@ -7,6 +7,7 @@ A run is: build every stage from its config (no I/O) → validate → every stag
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Protocol, runtime_checkable
@@ -45,6 +46,18 @@ class ConfigProblems(Exception):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+
+
+RUN_ENV = "OPTIPIPE_WORKER_RUN_ID"  # set by the parent: this process is a torchrun worker of that run
+
+
+def is_worker() -> bool:
+    return bool(os.environ.get(RUN_ENV)) and "RANK" in os.environ
+
+
+def local_rank() -> int:
+    """This process's GPU index on its node: a stage may ask before the process group exists."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_worker() else 0
 
 
 @dataclass

@@ -16,19 +16,10 @@ from typing import Any
 
 import torch
 
-from pipeline.contract import DistInfo, StageResult
+from pipeline.contract import RUN_ENV, DistInfo, StageResult, is_worker, local_rank  # noqa: F401 (re-exported)
 
-RUN_ENV = "OPTIPIPE_WORKER_RUN_ID"  # set by the parent: this process is a worker of that run
 URI_ENV = "OPTIPIPE_WORKER_TRACKER_URI"
 ERROR_FILE = "rank{rank}.error"
-
-
-def is_worker() -> bool:
-    return bool(os.environ.get(RUN_ENV)) and "RANK" in os.environ
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_worker() else 0
 
 
 def join_group(timeout_s: float) -> DistInfo:

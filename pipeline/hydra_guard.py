@@ -118,6 +118,6 @@ def folders_outside_outputs(cfg) -> list[Problem]:
         # the part before the first ${…} is fixed; what an interpolation adds stays below it
         folder = (Path.cwd() / raw.split("${", 1)[0]).resolve()
         if raw and outputs != folder and outputs not in folder.parents:
-            out.append(Problem(key, f"{raw!r} is outside {outputs}", f"a folder under outputs/, or "
+            out.append(Problem(key, f"{raw!r} is outside {outputs}", "a folder under outputs/, or "
                                "pipeline.allow_outside_outputs=true to write there on purpose"))
     return out

@@ -21,6 +21,7 @@ from pathlib import Path
 from pipeline.config import LauncherSettings
 from pipeline.contract import Placement, StageResult
 from pipeline.distributed import ERROR_FILE, RUN_ENV, URI_ENV
+from pipeline.environment import gpu_count
 
 OUTCOME_FILE = "outcome.json"  # rank 0 writes the aggregated stage results here
 GRACE_S = 15.0  # after SIGTERM, how long ranks get to exit before SIGKILL
@@ -43,15 +44,6 @@ def visible_devices(settings: LauncherSettings, job_num: int) -> str | None:
     groups = max(len(ids) // settings.nproc_per_node, 1)
     start = (job_num % groups) * settings.nproc_per_node
     return ",".join(ids[start:start + settings.nproc_per_node])
-
-
-def gpu_count() -> int:
-    """Visible GPUs without initialising CUDA in this process (nvidia-smi)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def torchrun_command(settings: LauncherSettings, overrides: list[str], output_dir: Path) -> list[str]:

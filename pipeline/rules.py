@@ -68,7 +68,7 @@ def launcher_known(resolved: Any) -> list[Problem]:
 
 def _gpus_enough(resolved: Any) -> list[Problem]:
     """On GPUs, one process per GPU: asking for more processes than GPUs is refused."""
-    from pipeline.launch import gpu_count
+    from pipeline.environment import gpu_count
 
     launcher = resolved.launcher
     if not resolved.stages["load"].device().startswith("cuda"):

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.contract import DistInfo, LoadPlan, RunContext, StageError, StageResult
 from pipeline.tracking import JobInfo, Tracker
-from pipeline.validate import Resolved
+from pipeline.resolved import Resolved
 
 
 @dataclass

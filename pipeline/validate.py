@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig
 
 from pipeline import rules
-from pipeline.config import SECTIONS, LauncherSettings, ModelSpec, PipelineSettings, TrackerSettings, typed
+from pipeline.config import SECTIONS, typed
 from pipeline.contract import STAGE_ORDER, BaseStage, ConfigProblems, Loader, Problem, Stage, missing_methods
 from pipeline.registry import TargetRefused, resolve_target
-
-
-@dataclass
-class Resolved:
-    """The config turned into typed settings and constructed (not yet loaded) stages."""
-
-    cfg: DictConfig
-    model: ModelSpec
-    pipeline: PipelineSettings
-    tracker: TrackerSettings
-    launcher: LauncherSettings
-    stages: dict[str, BaseStage] = field(default_factory=dict)
-    warnings: list[Problem] = field(default_factory=list)
+from pipeline.resolved import Resolved
 
 
 def build_stage(name: str, node: Any, allow: list[str]) -> tuple[BaseStage | None, list[Problem]]:

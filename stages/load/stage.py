@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from pipeline import measure
-from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult
+from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult, local_rank
 from stages.load import sources
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -26,8 +26,6 @@ class LoadConfig:
 def resolve_device(requested: str) -> str:
     """The device this process loads onto; a torchrun worker takes the GPU of its local rank."""
     import torch
-
-    from pipeline.distributed import local_rank
 
     gpu = f"cuda:{local_rank()}"
     if requested == "auto":
