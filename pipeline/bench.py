@@ -141,15 +141,20 @@ def cell(value: Any, digits: int) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("config", "batch", "compiled", "decode tok/s", "× plain", "TTFT p50 ms", "ITL p50 ms", "ITL p90 ms",
-            "peak GiB", "weights GiB", "MBU")
+            "peak GiB", "weights GiB", "floor tok/s", "MBU")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     nan = float("nan")
     for r in rows:
         peak = r.get("memory_peak_allocated_gib", r.get("memory_peak_rss_gib", nan))
         cells = (r["config"], r["batch"], r["compiled"], cell(r.get("decode_tokens_per_s"), 1), ratio_cell(r),
                  cell(r.get("ttft_ms_p50"), 1), cell(r.get("itl_ms_p50"), 2), cell(r.get("itl_ms_p90"), 2),
-                 cell(peak, 2), cell(r["weight_bytes"] / 2**30, 2), cell(r.get("mbu"), 2))
+                 cell(peak, 2), cell(r["weight_bytes"] / 2**30, 2), cell(r.get("floor_tokens_per_s"), 1),
+                 cell(r.get("mbu"), 2))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    bandwidth = next((r["bandwidth_gb_per_s"] for r in rows if r.get("bandwidth_gb_per_s")), None)
+    if bandwidth:  # CUDA rows: the limit each row is held against
+        lines += ["", f"floor tok/s: the rate at which one decode step only reads its bytes (weights + KV cache) at "
+                      f"the card's measured copy bandwidth, {bandwidth:.0f} GB/s; MBU = decode tok/s ÷ floor tok/s"]
     return "\n".join(lines)
 
 

@@ -74,6 +74,15 @@ def test_a_ratio_carries_the_repeats_spread_and_a_ratio_within_it_is_no_win():
     assert "| fast | 1 | True | 250.0 | 2.50 ± 0.12 |" in text  # 2.5 × (6 + 4) / 200
     # 1.10 ± 0.13 holds 1.0: printed, but not as a win
     assert "| noisy | 1 | True | 110.0 | 1.10 ± 0.13 (≈ plain: within the repeats' spread) |" in text
+    assert "floor tok/s:" not in text  # no bandwidth measured (CPU): no floor claimed
+
+
+def test_cuda_rows_show_their_bandwidth_floor():
+    rows = with_ratios([{"config": "plain", "batch": 1, "decode_tokens_per_s": 150.0, "compiled": "False",
+                         "weight_bytes": 2**30, "floor_tokens_per_s": 200.0, "mbu": 0.75, "bandwidth_gb_per_s": 3000.0}])
+    text = table(rows)
+    assert text.splitlines()[2].endswith("| 1.00 | 200.0 | 0.75 |")
+    assert "measured copy bandwidth, 3000 GB/s" in text
 
 
 def test_kernel_names_fall_into_categories():
