@@ -89,7 +89,7 @@ def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]
         result = generate.apply(ctx)
         row = {"config": entry.label, "batch": batch, "weight_bytes": float(measure.weight_bytes(ctx.model)),
                "compiled": str(getattr(ctx.model, "_compiled_call", None) is not None
-                               or generate.cfg.engine == "fast" and generate.cfg.fast_compile_mode is not None),
+                               or generate.engine(list(resolved.pipeline.allow)).compiled()),
                **{k: v for k, v in result.metrics.items() if k in COLUMNS or k.startswith("profile_")}}
         for report in (a for a in result.artifacts if a.name.startswith("generate_profile_")):
             # beside bench.md, named by row; the title says which configuration it was

@@ -25,8 +25,7 @@ from pipeline import console, launch, quiet, sweep
 from pipeline.config import flatten
 from pipeline.hydra_guard import problems_before_hydra
 from pipeline.redact import redact, redact_console, redact_overrides
-from pipeline.contract import ConfigProblems, Problem, StageError
-from pipeline.distributed import is_worker
+from pipeline.contract import ConfigProblems, Problem, StageError, is_worker
 from pipeline.runner import execute, make_plan, write_results
 from pipeline.tracking import PARENT_ENV, RESUME_KEYS, JobInfo, make_tracker
 from pipeline.validate import Resolved, resolve

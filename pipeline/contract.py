@@ -2,6 +2,19 @@
 
 A run is: build every stage from its config (no I/O) → validate → every stage adds to one
 ``LoadPlan`` → the model is loaded once → every stage ``apply``s to the loaded model.
+
+Design rules this module states in types:
+
+- A stage fills ``Stage`` (``BaseStage`` gives defaults); ``load`` also ``Loader``; a ``shard`` whose
+  replicas span several ranks also ``Placement``. A class that lacks part is refused at validation.
+- Every mistake is found before any weight is read: each stage's ``problems(root)`` sees the whole
+  resolved config and returns ``Problem``s that name the key and the override that fixes it.
+- Stages know each other only through declared data: ``QuantizeTraits`` (what a quantizer's weights
+  allow), ``stages.attention.AttentionKind`` (what an attention needs), ``Facts`` (what a stage
+  hands on at run time), ``StageResult`` (what it measured) — never a class name or a free dict.
+- What a run claims is checked: a stage reads back what it changed (the attention in effect, the
+  kernel that ran, that compilation happened) and fails the run when it did not take effect.
+- Imports go one way: this module and the typed config ← stages ← runner ← CLI (tested).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.contract import RUN_ENV, DistInfo, StageResult, is_worker, local_rank  # noqa: F401 (re-exported)
+from pipeline.contract import RUN_ENV, DistInfo, StageResult, local_rank
 
 URI_ENV = "OPTIPIPE_WORKER_TRACKER_URI"
 ERROR_FILE = "rank{rank}.error"

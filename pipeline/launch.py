@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import LauncherSettings
-from pipeline.contract import Placement, StageResult
-from pipeline.distributed import ERROR_FILE, RUN_ENV, URI_ENV
+from pipeline.contract import RUN_ENV, Placement, StageResult
+from pipeline.distributed import ERROR_FILE, URI_ENV
 from pipeline.environment import gpu_count
 
 OUTCOME_FILE = "outcome.json"  # rank 0 writes the aggregated stage results here

@@ -8,7 +8,6 @@ compilation from the model after the warm-up.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
@@ -17,8 +16,7 @@ import torch
 from pipeline import measure, quiet
 from pipeline.contract import (BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult,
                                quantize_traits, warning, workload_context)
-
-IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+from stages.attention import AttentionKind, lookup
 # Our names for torch.nn.attention.SDPBackend members, and the aten op each one shows in a trace.
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH",
                  "cudnn": "CUDNN_ATTENTION"}
@@ -34,7 +32,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 @dataclass
 class AttentionConfig:
-    implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | flex_attention
+    implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | flex_attention | optipipe_gqa_decode | my_pkg.KIND
     sdpa_backends: list[str] = field(default_factory=list)  # pin: flash, efficient, math, cudnn ([]: PyTorch picks)
     static_cache: bool = False  # preallocated KV cache: fixed shapes, the precondition for compile
     compile: bool = False  # torch.compile the decode step (needs static_cache)
@@ -127,18 +125,27 @@ class Attention(BaseStage):
     name: ClassVar[str] = "convert"
     Config: ClassVar[type] = AttentionConfig
 
+    def kind(self, allow: list[str] | None = None) -> AttentionKind:
+        """The attention ``convert.implementation`` names (validation looked it up with the run's
+        allow-list and keeps it)."""
+        if getattr(self, "_kind", None) is None:
+            self._kind, problems = lookup(self.cfg.implementation, allow or [])
+            if problems:
+                raise StageError(self.name, "; ".join(str(p) for p in problems))
+        return self._kind
+
     def problems(self, root: Any) -> list[Problem]:
         c, out = self.cfg, []
-        if c.implementation not in IMPLEMENTATIONS:
-            return [Problem("convert.implementation", f"unknown attention implementation "
-                            f"{c.implementation!r}", f"convert.implementation=<one of {', '.join(IMPLEMENTATIONS)}>")]
+        self._kind, found = lookup(c.implementation, list(root.pipeline.allow))
+        if found:
+            return found
         unknown = [b for b in c.sdpa_backends if b not in SDPA_BACKENDS]
         if unknown:
             out.append(Problem("convert.sdpa_backends", f"unknown SDPA backend(s) {unknown}",
                                f"convert.sdpa_backends=[{','.join(SDPA_BACKENDS)}] (any subset)"))
-        if c.sdpa_backends and c.implementation != "sdpa":
-            out.append(Problem("convert.sdpa_backends", "a kernel pin only applies to "
-                               "implementation=sdpa", "convert.implementation=sdpa"))
+        if c.sdpa_backends and not self._kind.sdpa_kernels:
+            out.append(Problem("convert.sdpa_backends", f"a kernel pin only applies to SDPA; {self._kind.name} "
+                               "runs other kernels", "convert.implementation=sdpa"))
         if c.compile and not c.static_cache:
             out.append(Problem("convert.compile", "compiling the decode step needs fixed shapes: a "
                                "static KV cache", "convert.static_cache=true"))
@@ -151,16 +158,8 @@ class Attention(BaseStage):
         c, out = self.cfg, []
         load = root.stages["load"]
         device, dtype = load.device(), load.torch_dtype_name()
-        if c.implementation == "flash_attention_2":
-            if importlib.util.find_spec("flash_attn") is None:
-                out.append(Problem("convert.implementation", "flash_attention_2 needs the flash-attn "
-                                   "package, which is not installed", "pip install flash-attn, or "
-                                   "convert=sdpa_flash (PyTorch's own flash kernel)"))
-            if not device.startswith("cuda"):
-                out.append(Problem("convert.implementation", "flash_attention_2 runs only on CUDA",
-                                   "convert=sdpa (on CPU)"))
-        flash_only = c.implementation == "flash_attention_2" or (c.sdpa_backends == ["flash"])
-        if flash_only and device.startswith("cuda") and dtype == "float32":
+        out += self._kind.problems(device, dtype)
+        if c.sdpa_backends == ["flash"] and device.startswith("cuda") and dtype == "float32":
             out.append(Problem("load.dtype", "flash attention kernels need float16 or bfloat16 on "
                                "CUDA; the model loads as float32", "load.dtype=bfloat16"))
         traits = quantize_traits(root)
@@ -171,7 +170,10 @@ class Attention(BaseStage):
         return out
 
     def plan(self, plan: LoadPlan) -> None:
-        plan.set(self.name, "attn_implementation", self.cfg.implementation)
+        kind = self.kind()
+        if kind.register is not None:  # ours or a plugin's: transformers must know the name before loading
+            kind.register()
+        plan.set(self.name, "attn_implementation", kind.name)
 
     def generate_kwargs(self, device_type: str) -> dict[str, Any]:
         c = self.cfg
@@ -192,8 +194,8 @@ class Attention(BaseStage):
     def apply(self, ctx: RunContext) -> StageResult:
         c, model = self.cfg, ctx.model
         in_effect = getattr(model.config, "_attn_implementation", None)
-        if in_effect != c.implementation:
-            raise StageError(self.name, f"asked for attention {c.implementation!r} but the loaded "
+        if in_effect != self.kind().name:
+            raise StageError(self.name, f"asked for attention {self.kind().name!r} but the loaded "
                              f"model uses {in_effect!r}", "this architecture may not support it; "
                              "try convert=sdpa or convert=eager")
         if c.sdpa_backends:
@@ -203,12 +205,12 @@ class Attention(BaseStage):
         ctx.generate_kwargs.update(self.generate_kwargs(model.device.type))
         tags = {"convert.attn_implementation": in_effect, "convert.static_cache": str(c.static_cache),
                 "convert.compile": str(c.compile)}
-        if in_effect == "sdpa" and ctx.tokenizer is not None:
+        if self.kind().sdpa_kernels and ctx.tokenizer is not None:
             observed = observed_sdpa_backends(model, ctx.tokenizer, ctx.workload_hooks)
             tags["convert.sdpa_backend_observed"] = ",".join(observed) or "none"
             if c.sdpa_backends and not set(observed) <= set(c.sdpa_backends):
                 raise StageError(self.name, f"SDPA pinned to {c.sdpa_backends} but {observed} ran")
-        extra = f", SDPA kernel {tags.get('convert.sdpa_backend_observed')}" if in_effect == "sdpa" else ""
+        extra = f", SDPA kernel {tags.get('convert.sdpa_backend_observed')}" if self.kind().sdpa_kernels else ""
         cache = ", static cache" if c.static_cache else ""
         comp = f", compile {c.compile_mode}" if c.compile else ""
         return StageResult(tags=tags, summary=f"attention {in_effect}{extra}{cache}{comp} (read back)")

@@ -71,3 +71,18 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 TINY = ("model=tiny_random", "generate.max_new_tokens=4", "generate.warmup=0", "generate.repeats=1")
+
+
+def generate_in_process(folder: Path, *overrides: str) -> Path:
+    """One job's stages, load to generate, run in this process as the runner runs them (no CLI
+    start-up, no tracking): ``folder`` gets the job's samples. For comparisons with a CLI run."""
+    from pipeline.contract import STAGE_ORDER
+    from pipeline.runner import make_plan, open_context
+    from pipeline.validate import resolve
+
+    folder.mkdir(parents=True, exist_ok=True)
+    resolved = resolve(composed("tracker=none", *overrides))
+    ctx = open_context(resolved, make_plan(resolved), folder)
+    for name in STAGE_ORDER[:STAGE_ORDER.index("generate") + 1]:
+        resolved.stages[name].apply(ctx)
+    return folder

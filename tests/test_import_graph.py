@@ -9,8 +9,8 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 # what a stage may import from pipeline/: the contract, typed config and the measuring helpers
-BASE = {"pipeline", "pipeline.contract", "pipeline.config", "pipeline.redact", "pipeline.measure",
-        "pipeline.roofline", "pipeline.profile", "pipeline.quiet"}
+BASE = {"pipeline", "pipeline.contract", "pipeline.config", "pipeline.redact", "pipeline.registry",
+        "pipeline.measure", "pipeline.roofline", "pipeline.profile", "pipeline.quiet"}
 
 
 def modules() -> dict[str, Path]:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from stages.generate.clock import StepClock
-from stages.generate.gqa_attention import NAME as GQA_DECODE_ATTENTION, GqaDecodeAttention
+from stages.attention.gqa_decode import NAME as GQA_DECODE_ATTENTION, GqaDecodeAttention
 from stages.shard import agreed_tuning
 
 

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
 from rich.progress import Progress
 
 from pipeline import measure, roofline
-from pipeline.contract import (BaseStage, Problem, RunContext, StageError, StageResult, quantize_traits,
-                               workload_context)
-from stages.convert import COMPILE_MODES
+from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult, workload_context
+from stages.generate import engines
 from stages.generate import prompts as P
 from stages.generate.clock import StepClock, Timing, TimingSummary, noise
-from stages.generate.engine import FastDecoder, Sampling
-
-ENGINES = ("transformers", "fast")
 
 
 def eos_ids(model: Any) -> list[int]:
@@ -46,7 +42,8 @@ class GenerateConfig:
     seed: int = 0
     warmup: int = 1  # untimed runs first: allocator, kernels, compilation
     repeats: int = 3  # timed runs; percentiles come from these
-    engine: str = "transformers"  # transformers: model.generate | fast: static cache + compiled step
+    engine: str = "transformers"  # transformers: model.generate | fast: static cache + compiled step | a class path
+    engine_options: dict[str, Any] = field(default_factory=dict)  # a plugin engine's settings (its Config)
     fast_compile_mode: Optional[str] = "reduce-overhead"  # fast engine's torch.compile mode; null: eager
     stop_check_every: int = 16  # fast engine: tokens between its "every row finished?" checks
     fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
@@ -144,26 +141,16 @@ class Generate(BaseStage):
                         f"generate.max_new_tokens={context - prompt}")]
 
     def _engine_problems(self, root: Any) -> list[Problem]:
-        c = self.cfg
-        if c.engine not in ENGINES:
-            return [Problem("generate.engine", f"unknown engine {c.engine!r}",
-                            f"generate.engine=<one of {', '.join(ENGINES)}>")]
-        if c.engine != "fast":
-            return []
-        out = []
-        if c.fast_compile_mode is not None and c.fast_compile_mode not in COMPILE_MODES:
-            out.append(Problem("generate.fast_compile_mode", f"unknown mode {c.fast_compile_mode!r}",
-                               f"generate.fast_compile_mode=<one of {', '.join(COMPILE_MODES)}> or null"))
-        convert = root.cfg.get("convert") or {}
-        if convert.get("compile") or convert.get("static_cache"):
-            out.append(Problem("convert", "generate=fast brings its own static cache and compiled "
-                               "decode step; convert.static_cache/compile apply to transformers "
-                               "generate only", "convert=sdpa (or generate.engine=transformers)"))
-        traits = quantize_traits(root)
-        if c.fast_compile_mode and not traits.compileable:
-            out.append(Problem("generate.fast_compile_mode", f"{traits.kernel} kernels cannot be compiled",
-                               "generate.fast_compile_mode=null, or a compileable quantize=int8_torchao"))
-        return out
+        engine, problems = engines.build(self.cfg, list(root.pipeline.allow))
+        return problems or engine.problems(root)
+
+    def engine(self, allow: list[str]) -> Any:
+        """The decode engine ``generate.engine`` names (built once; validation has vouched for it)."""
+        if getattr(self, "_engine", None) is None:
+            self._engine, problems = engines.build(self.cfg, allow)
+            if problems:
+                raise StageError(self.name, "; ".join(str(p) for p in problems))
+        return self._engine
 
     def prompt_texts(self) -> list[str]:
         if self.cfg.prompt_file:
@@ -192,6 +179,7 @@ class Generate(BaseStage):
         inputs = {k: v.to(measure.input_device(model)) for k, v in P.encode(tok, texts, chat, c.prompt_tokens).items()}
         kwargs = self.generation_kwargs(tok, ctx.generate_kwargs)
         devices = measure.cuda_devices_in_use(model)
+        engine = self.engine(list(ctx.cfg.pipeline.allow))
         summary, outputs, hook_tags, warmup_s = TimingSummary(), None, {}, 0.0
         with Progress(transient=True) as bar, workload_context(ctx.workload_hooks):
             task = bar.add_task(f"generate ×{c.batch_size}", total=c.warmup + c.repeats)
@@ -208,9 +196,7 @@ class Generate(BaseStage):
                 summary.runs.append(timing)
                 bar.advance(task)
             profile = self._profile(ctx, model, inputs, kwargs, devices) if c.profile else {}
-        if c.engine == "fast":  # what the decode steps attended with (the model's own, or ours for GQA)
-            hook_tags["generate.decode_attention"] = self._decoder(model).decode_attention()
-            hook_tags["generate.kernel_tuning"] = self._decoder(model).kernel_tuning()
+        hook_tags.update({"generate.engine": engine.name, **engine.tags(model)})
         metrics = summary.metrics()
         metrics["warmup_seconds"] = warmup_s  # includes compile time when convert compiles
         metrics["recompiles_timed"] = float(compiled_graphs() - graphs_before)
@@ -238,19 +224,10 @@ class Generate(BaseStage):
                     + (f" — NOISY: {noisy}" if noisy else ""))
 
     def _one_run(self, model, inputs, kwargs, devices) -> tuple[Timing, torch.Tensor]:
-        from transformers import LogitsProcessorList
-
         torch.manual_seed(self.cfg.seed)  # every repeat samples the same way
         measure.synchronize(devices)  # nothing of the previous run may leak into this one
         clock = StepClock(measure.input_device(model))
-        if self.cfg.engine == "fast":
-            out = self._decoder(model).generate(
-                inputs["input_ids"], inputs["attention_mask"], kwargs["max_new_tokens"],
-                eos_ids(model), kwargs["pad_token_id"],
-                kwargs.get("min_new_tokens", 0), clock=clock)
-        else:
-            with torch.inference_mode():
-                out = model.generate(**inputs, **kwargs, logits_processor=LogitsProcessorList([clock]))
+        out = self._engine.generate(model, inputs, kwargs, eos_ids(model), clock)
         timing = clock.finish()
         timing.batch = inputs["input_ids"].shape[0]
         if not timing.steps:
@@ -274,23 +251,6 @@ class Generate(BaseStage):
         rank = f", rank {ctx.dist.rank}" if ctx.dist.world_size > 1 else ""
         write_report(self._profile_path(ctx), f"generate, batch {self.cfg.batch_size}{rank}", shares, top)
         return shares
-
-    def _decoder(self, model) -> FastDecoder:
-        """One engine per model: its static cache and captured step are reused across repeats."""
-        c = self.cfg
-        devices = set((getattr(model, "hf_device_map", None) or {}).values())
-        if c.fast_compile_mode and len(devices) > 1:  # found on GPUs: dynamo refuses accelerate's hooks
-            raise StageError(self.name, f"the model is split over {len(devices)} devices by accelerate; the "
-                             "compiled decode step cannot cross its device hooks", "shard.device_map=sequential "
-                             "(whole on the first GPU when it fits), shard=tensor_parallel, or "
-                             "generate.fast_compile_mode=null")
-        engine = getattr(model, "_optipipe_fast_decoder", None)
-        if engine is None:
-            sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)
-            engine = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention,
-                                 c.fast_compile_prefill, c.fast_coordinate_descent)
-            model._optipipe_fast_decoder = engine
-        return engine
 
     def _save_samples(self, ctx, tok, texts, prompt_len, outputs):
         rank = f"_rank{ctx.dist.rank}" if ctx.dist.world_size > 1 else ""

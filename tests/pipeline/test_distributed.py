@@ -17,7 +17,8 @@ from pipeline.distributed import aggregate
 from pipeline.launch import visible_devices
 from pipeline.validate import resolve
 from stages.shard.parallel import fits_one_gpu
-from tests.conftest import OUTSIDE_OUTPUTS, ROOT, TINY, composed, default_sigint, mlflow_runs, run_cli
+from tests.conftest import (OUTSIDE_OUTPUTS, ROOT, TINY, composed, default_sigint, generate_in_process,
+                            mlflow_runs, run_cli)
 
 TORCHRUN = ("launcher=torchrun", "launcher.nproc_per_node=2")
 
@@ -90,7 +91,7 @@ def test_scaling_preset_data_parallel_two_ranks_one_run_per_job(tmp_path):
 def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     common = (*TINY, "generate.max_new_tokens=8", "generate.benchmark=true", "generate.batch_size=2",
               "generate=fast", "generate.warmup=1")
-    run_cli(*common, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path, check=0)
+    generate_in_process(tmp_path / "one", *common)
     run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "generate.profile=true", f"hydra.run.dir={tmp_path}/tp",
             cwd=tmp_path, check=0, timeout=600)
     # shard.runtime=transformers: its DTensor layers and collectives stay available as the baseline
@@ -137,9 +138,8 @@ def test_replicas_of_tensor_parallel_give_the_single_process_text(tmp_path):
     for replica, rows in enumerate((ranks[0], ranks[2])):
         prompts = tmp_path / f"replica{replica}.txt"
         prompts.write_text("\n".join(s["prompt"] for s in rows) + "\n")
-        run_cli(*common, f"generate.prompt_file={prompts}", f"hydra.run.dir={tmp_path}/one{replica}",
-                "tracker=none", cwd=tmp_path, check=0)
-        assert samples(tmp_path / f"one{replica}", "generate_samples.jsonl") == rows
+        one = generate_in_process(tmp_path / f"one{replica}", *common, f"generate.prompt_file={prompts}")
+        assert samples(one, "generate_samples.jsonl") == rows
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     m = runs[0].data.metrics
     assert m["shard/replicas"] == 2 and m["shard/tp_size"] == 2 and m["shard/sharded_parameters"] > 0
@@ -212,7 +212,6 @@ def test_a_killed_parent_takes_its_torchrun_group_with_it(tmp_path, rank_plugin)
     """SIGKILL on the process that launched and tracks the group: torchrun and every rank stop
     within seconds (parent-death signal), instead of sleeping on for ever."""
     import os
-    import signal
     import subprocess
     import sys
 

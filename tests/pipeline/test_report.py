@@ -7,7 +7,7 @@ import pytest
 import csv
 import io
 
-from pipeline import report
+from pipeline import report, report_cli
 from tests.conftest import TINY, composed, mlflow_runs, run_cli
 
 
@@ -24,7 +24,7 @@ def test_pareto_front_and_best_respect_the_gate():
     assert report.short_labels([fake("a", 1, 1), fake("b", 1, 1)]) == ["x=a", "x=b"]
 
 
-def test_four_job_sweep_summary_and_report_agree(tmp_path):
+def test_four_job_sweep_summary_and_report_agree(tmp_path, capsys):
     proc = run_cli("-m", *TINY, "quantize=none,nf4", "generate.batch_size=1,2", "evaluate=perplexity",
                    cwd=tmp_path, check=0)
     assert "best: optipipe" in proc.stdout and "| overrides |" in proc.stdout
@@ -39,19 +39,22 @@ def test_four_job_sweep_summary_and_report_agree(tmp_path):
 
     again = run_cli("report", "--parent", parent.info.run_id, "--out", str(tmp_path / "again"), cwd=tmp_path, check=0)
     assert (tmp_path / "again" / "summary.csv").read_text() == open(logged).read()
-    latest = run_cli("report", "--experiment", "optipipe", "--out", str(tmp_path / "latest"), cwd=tmp_path, check=0)
-    assert parent.info.run_id in latest.stdout and "best: optipipe" in again.stdout
+    # the rest in process (report_cli.main is what `optipipe report` runs; the CLI path is shown above)
+    uri = ["--uri", f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"]
+    assert report_cli.main(["--experiment", "optipipe", "--out", str(tmp_path / "latest"), *uri]) == 0
+    assert parent.info.run_id in capsys.readouterr().out and "best: optipipe" in again.stdout
     # the same table into a marked section of a Markdown file, headed by where it comes from
     doc = tmp_path / "RESULTS.md"
     doc.write_text("intro\n<!-- cpu:begin -->\nold\n<!-- cpu:end -->\nrest\n")
-    run_cli("report", "--parent", parent.info.run_id, "--into", str(doc), "--section", "cpu", cwd=tmp_path, check=0)
+    assert report_cli.main(["--parent", parent.info.run_id, "--into", str(doc), "--section", "cpu", *uri]) == 0
     text = doc.read_text()
     assert text.startswith("intro\n<!-- cpu:begin -->\n`optipipe -m ") and text.endswith("<!-- cpu:end -->\nrest\n")
     assert "CPU (" in text and "torch " in text and parent.info.run_id in text and "best: optipipe" in text
     assert "\nold\n" not in text and sum(line.startswith("| ") and "quantize=" in line for line in text.splitlines()) == 4
-    wrong = run_cli("report", "--parent", parent.info.run_id, "--into", str(doc), "--section", "gpu",
-                    "--out", str(tmp_path / "wrong"), cwd=tmp_path, check=2)
-    assert "no <!-- gpu:begin -->" in wrong.stdout and not (tmp_path / "wrong").exists()  # nothing written
+    capsys.readouterr()
+    assert report_cli.main(["--parent", parent.info.run_id, "--into", str(doc), "--section", "gpu",
+                            "--out", str(tmp_path / "wrong"), *uri]) == 2
+    assert "no <!-- gpu:begin -->" in capsys.readouterr().out and not (tmp_path / "wrong").exists()  # nothing written
 
 
 def test_a_sweep_over_processes_is_compared_with_one_process():

@@ -8,6 +8,7 @@ import torch
 from pipeline.contract import ConfigProblems, StageError
 from pipeline.runner import make_plan, open_context
 from pipeline.validate import resolve
+from stages.attention import AttentionKind
 from tests.conftest import composed
 
 
@@ -35,6 +36,56 @@ def test_attention_implementation_is_read_back(tmp_path):
     resolved, ctx = loaded(tmp_path, "model=tiny_random", "convert=eager")
     result = resolved.stages["convert"].apply(ctx)
     assert result.tags["convert.attn_implementation"] == "eager"
+
+
+CALLS: list[int] = []
+
+
+def _counted_sdpa(module, query, *args, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    CALLS.append(query.shape[2])
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, *args, **kwargs)
+
+
+def _register_counted() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register("counted_sdpa", _counted_sdpa)
+    AttentionMaskInterface.register("counted_sdpa", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+# a plugin attention: one AttentionKind (plus, for users, one YAML: implementation: <its path>)
+COUNTED = AttentionKind("counted_sdpa", "SDPA that counts its calls", register=_register_counted, sdpa_kernels=True)
+
+
+@pytest.mark.parametrize("implementation", ["tests.stages.test_convert.COUNTED", "optipipe_gqa_decode"])
+def test_ours_and_a_plugin_attention_load_run_and_are_read_back(tmp_path, implementation):
+    common = ("model=tiny_random", "load.dtype=float32", "generate.max_new_tokens=5", "generate.benchmark=true",
+              "generate.warmup=0", "generate.repeats=1", "generate.batch_size=2")
+    texts = {}
+    for name, impl in (("sdpa", "sdpa"), ("other", implementation)):
+        (tmp_path / name).mkdir()
+        resolved, ctx = loaded(tmp_path / name, *common, f"convert.implementation={impl}", "pipeline.allow=[tests]")
+        tags = resolved.stages["convert"].apply(ctx).tags
+        resolved.stages["generate"].apply(ctx)
+        texts[name] = (tmp_path / name / "generate_samples.jsonl").read_text()
+    expected = {"optipipe_gqa_decode": "optipipe_gqa_decode"}.get(implementation, "counted_sdpa")
+    assert tags["convert.attn_implementation"] == expected  # what the loaded model reports
+    assert texts["other"] == texts["sdpa"]  # the same greedy tokens as plain SDPA
+    assert tags["convert.sdpa_backend_observed"] != "none"  # it runs SDPA kernels, as its kind says
+    if "COUNTED" in implementation:  # the list of the module the allow-list imported (pytest may import its own copy)
+        calls = resolved.stages["convert"].kind().register.__globals__["CALLS"]
+        assert calls and 1 in calls  # it ran, decode steps (one query token) included
+
+
+def test_a_plugin_attention_outside_the_allow_list_or_of_the_wrong_type_is_refused():
+    with pytest.raises(ConfigProblems, match="pipeline.allow"):
+        resolve(composed("model=tiny_random", "convert.implementation=tests.stages.test_convert.COUNTED"))
+    with pytest.raises(ConfigProblems, match="is not an AttentionKind"):
+        resolve(composed("model=tiny_random", "convert.implementation=tests.stages.test_convert.logits",
+                         "pipeline.allow=[tests]"))
 
 
 def test_sdpa_pin_is_observed_in_the_trace(tmp_path):

@@ -154,7 +154,7 @@ def test_int4_torchao_uses_the_cuda_kernel_and_compiles(tmp_path):
 def test_gqa_decode_attention_equals_sdpa_with_repeated_heads():
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from stages.generate.gqa_attention import gqa_decode_attention
+    from stages.attention.gqa_decode import gqa_decode_attention
 
     torch.manual_seed(0)
     batch, heads, kv_heads, length, dim = 3, 8, 2, 11, 16
@@ -176,7 +176,7 @@ def test_gqa_decode_attention_equals_sdpa_with_repeated_heads():
 
 
 def test_engine_decodes_with_gqa_attention_and_restores_the_model_choice(tiny_model, monkeypatch):
-    import stages.generate.gqa_attention as G
+    import stages.attention.gqa_decode as G
 
     calls = []
 

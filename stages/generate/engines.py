@@ -1,0 +1,151 @@
+"""Decode engines: what turns a batch of encoded prompts into tokens inside the generate stage.
+
+``generate.engine`` names one: a built-in (``transformers``, ``fast``) or the dotted path of a class
+from an allowed module (the same allow-list as ``_target_``: ``stages.*``, plugin packages,
+``pipeline.allow``). A new engine is one class that fills ``Engine`` plus one YAML that selects it
+(``defaults: [default, _self_]`` and ``engine: my_package.MyEngine``); its own settings come from
+``generate.engine_options``, checked against its ``Config`` dataclass if it has one. The generate
+stage times, profiles and records whatever engine runs; other stages never ask which one it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from pipeline.config import typed
+from pipeline.contract import Problem, StageError, missing_methods, quantize_traits
+from pipeline.registry import TargetRefused, resolve_target
+from stages.convert import COMPILE_MODES
+from stages.generate.engine import FastDecoder, Sampling
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Built as ``Cls(settings, options)`` once per stage: ``settings`` the generate stage's typed
+    config, ``options`` its ``engine_options`` typed by the engine's ``Config`` (None without one)."""
+
+    name: ClassVar[str]  # recorded as tag generate.engine
+
+    def problems(self, root: Any) -> list[Problem]: ...  # checked with the rest of the config, before loading
+
+    def compiled(self) -> bool: ...  # whether its decode step is compiled (bench's "compiled" column)
+
+    def generate(self, model: Any, inputs: dict[str, torch.Tensor], kwargs: dict[str, Any], eos: list[int],
+                 clock: Any) -> torch.Tensor: ...  # prompt + new tokens; calls clock(input_ids, logits) per step
+
+    def tags(self, model: Any) -> dict[str, str]: ...  # after the timed runs: what it ran with
+
+
+class TransformersEngine:
+    """``model.generate``, with the stage's step clock as a logits processor."""
+
+    name: ClassVar[str] = "transformers"
+
+    def __init__(self, settings: Any, options: Any = None) -> None:
+        self.settings = settings
+
+    def problems(self, root: Any) -> list[Problem]:
+        return []
+
+    def compiled(self) -> bool:
+        return False  # convert.compile compiles the model itself; bench reads that from the model
+
+    def generate(self, model, inputs, kwargs, eos, clock) -> torch.Tensor:
+        from transformers import LogitsProcessorList
+
+        with torch.inference_mode():
+            return model.generate(**inputs, **kwargs, logits_processor=LogitsProcessorList([clock]))
+
+    def tags(self, model: Any) -> dict[str, str]:
+        return {}
+
+
+class FastEngine:
+    """Our static-cache engine: prefill once, then one compiled decode step replayed per token
+    (``stages/generate/engine.py``). Its settings are the ``generate.fast_*`` keys."""
+
+    name: ClassVar[str] = "fast"
+
+    def __init__(self, settings: Any, options: Any = None) -> None:
+        self.settings = settings
+
+    def problems(self, root: Any) -> list[Problem]:
+        c, out = self.settings, []
+        if c.fast_compile_mode is not None and c.fast_compile_mode not in COMPILE_MODES:
+            out.append(Problem("generate.fast_compile_mode", f"unknown mode {c.fast_compile_mode!r}",
+                               f"generate.fast_compile_mode=<one of {', '.join(COMPILE_MODES)}> or null"))
+        convert = root.cfg.get("convert") or {}
+        if convert.get("compile") or convert.get("static_cache"):
+            out.append(Problem("convert", "generate=fast brings its own static cache and compiled "
+                               "decode step; convert.static_cache/compile apply to transformers "
+                               "generate only", "convert=sdpa (or generate.engine=transformers)"))
+        traits = quantize_traits(root)
+        if c.fast_compile_mode and not traits.compileable:
+            out.append(Problem("generate.fast_compile_mode", f"{traits.kernel} kernels cannot be compiled",
+                               "generate.fast_compile_mode=null, or a compileable quantize=int8_torchao"))
+        return out
+
+    def compiled(self) -> bool:
+        return self.settings.fast_compile_mode is not None
+
+    def decoder(self, model: Any) -> FastDecoder:
+        """One decoder per model: its static cache and captured step are reused across repeats."""
+        c = self.settings
+        devices = set((getattr(model, "hf_device_map", None) or {}).values())
+        if c.fast_compile_mode and len(devices) > 1:  # found on GPUs: dynamo refuses accelerate's hooks
+            raise StageError("generate", f"the model is split over {len(devices)} devices by accelerate; the "
+                             "compiled decode step cannot cross its device hooks", "shard.device_map=sequential "
+                             "(whole on the first GPU when it fits), shard=tensor_parallel, or "
+                             "generate.fast_compile_mode=null")
+        found = getattr(model, "_optipipe_fast_decoder", None)
+        if found is None:
+            sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)
+            found = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention,
+                                c.fast_compile_prefill, c.fast_coordinate_descent)
+            model._optipipe_fast_decoder = found
+        return found
+
+    def generate(self, model, inputs, kwargs, eos, clock) -> torch.Tensor:
+        return self.decoder(model).generate(inputs["input_ids"], inputs["attention_mask"], kwargs["max_new_tokens"],
+                                            eos, kwargs["pad_token_id"], kwargs.get("min_new_tokens", 0), clock=clock)
+
+    def tags(self, model: Any) -> dict[str, str]:
+        decoder = self.decoder(model)  # what the decode steps attended with (the model's own, or ours for GQA)
+        return {"generate.decode_attention": decoder.decode_attention(), "generate.kernel_tuning": decoder.kernel_tuning()}
+
+
+BUILT_IN: dict[str, type] = {"transformers": TransformersEngine, "fast": FastEngine}
+
+
+def engine_class(value: str, allow: list[str]) -> tuple[type | None, list[Problem]]:
+    """The class ``generate.engine`` names, or why it cannot be used."""
+    if value in BUILT_IN:
+        return BUILT_IN[value], []
+    if "." not in value:
+        return None, [Problem("generate.engine", f"unknown engine {value!r}",
+                              f"generate.engine=<one of {', '.join(BUILT_IN)}, or a class path like my_pkg.MyEngine>")]
+    try:
+        cls = resolve_target(value, allow)
+    except TargetRefused as e:
+        return None, [Problem("generate.engine", str(e).replace("_target_ ", "engine ", 1))]
+    missing = missing_methods(cls, Engine) + ([] if getattr(cls, "name", None) else ["name"])
+    if missing:
+        return None, [Problem("generate.engine", f"{value} is not an engine: it lacks {', '.join(missing)}",
+                              "see stages.generate.engines.Engine (name, problems, compiled, generate, tags)")]
+    return cls, []
+
+
+def build(settings: Any, allow: list[str]) -> tuple[Any, list[Problem]]:
+    """The engine ``settings.engine`` names, built with its typed ``engine_options``; or the problems."""
+    cls, problems = engine_class(settings.engine, allow)
+    if cls is None:
+        return None, problems
+    schema, options = getattr(cls, "Config", None), dict(settings.engine_options or {})
+    if schema is None:
+        return None if options else cls(settings, None), [
+            Problem(f"generate.engine_options.{k}", f"engine {cls.name!r} takes no options",
+                    f"remove generate.engine_options.{k}") for k in options]
+    typed_options, problems = typed(schema, options, "generate.engine_options")
+    return (cls(settings, typed_options) if not problems else None), problems
