@@ -306,7 +306,7 @@ def test_tensor_parallel_over_gpus_gives_the_one_gpu_text(tmp_path, ranks):
     for batch in (1, 4):
         common = (*TINY, *heads, "generate.max_new_tokens=32", "generate.benchmark=true", "generate=fast",
                   "load.dtype=float32", f"generate.batch_size={batch}")
-        run_cli(*common, f"hydra.run.dir={tmp_path}/one{batch}", cwd=tmp_path, check=0)
+        generate_in_process(tmp_path / f"one{batch}", *common)  # the one-GPU reference, without a CLI start
         run_cli(*common, "launcher=torchrun", f"launcher.nproc_per_node={ranks}", "shard=tensor_parallel",
                 "shard.all_reduce=symm_mem", f"hydra.run.dir={tmp_path}/tp{batch}", cwd=tmp_path, check=0,
                 timeout=600)
