@@ -28,7 +28,8 @@ from pipeline.redact import redact, redact_console, redact_overrides
 from pipeline.contract import ConfigProblems, Problem, StageError, is_worker
 from pipeline.runner import execute, make_plan, write_results
 from pipeline.tracking import PARENT_ENV, RESUME_KEYS, JobInfo, make_tracker
-from pipeline.validate import Resolved, resolve
+from pipeline.resolved import Resolved
+from pipeline.validate import resolve
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 _state = {"job_started": False}

@@ -11,6 +11,8 @@ import importlib
 from typing import Any
 from importlib.metadata import entry_points
 
+from pipeline.contract import Problem
+
 ENTRY_POINT_GROUP = "optipipe.stages"
 BUILTIN_PREFIXES: tuple[str, ...] = ("stages.",)
 
@@ -32,12 +34,13 @@ def allowed_prefixes(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
     return [*BUILTIN_PREFIXES, *plugin_prefixes(), *(p.rstrip(".") + "." for p in extra)]
 
 
-def resolve_target(target: str, extra_allow: list[str] | tuple[str, ...] = ()) -> type:
-    """Import and return the class named by ``target`` if its module is allowed."""
+def resolve_target(target: str, extra_allow: list[str] | tuple[str, ...] = (), what: str = "_target_") -> Any:
+    """Import and return what ``target`` names (a class, or e.g. an attention kind) if its module is
+    allowed; ``what`` names the setting in messages."""
     prefixes = allowed_prefixes(extra_allow)
     if not any(target.startswith(p) for p in prefixes):
         raise TargetRefused(
-            f"_target_ {target!r} is outside the allowed modules {prefixes}. Built-in stages live "
+            f"{what} {target!r} is outside the allowed modules {prefixes}. Built-in stages live "
             f"under 'stages.'; a third-party stage package declares an entry point in group "
             f"'{ENTRY_POINT_GROUP}', or you allow it explicitly with "
             f"'pipeline.allow=[{target.rsplit('.', 2)[0]}]'")
@@ -45,11 +48,25 @@ def resolve_target(target: str, extra_allow: list[str] | tuple[str, ...] = ()) -
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise TargetRefused(f"_target_ {target!r}: cannot import module {module_name!r}: {e}") from e
+        raise TargetRefused(f"{what} {target!r}: cannot import module {module_name!r}: {e}") from e
     cls = getattr(module, attr, None)
     if cls is None:
-        raise TargetRefused(f"_target_ {target!r}: module {module_name!r} has no {attr!r}")
+        raise TargetRefused(f"{what} {target!r}: module {module_name!r} has no {attr!r}")
     return cls
+
+
+def built_in_or_allowed(value: str, built_in: dict[str, Any], allow: list[str], key: str, what: str,
+                        example: str) -> tuple[Any, list[Problem]]:
+    """What a setting like ``generate.engine`` names: one of ``built_in`` by name, or a dotted path in
+    an allowed module (plugins); else the problem, on ``key``."""
+    if value in built_in:
+        return built_in[value], []
+    if "." not in value:
+        return None, [Problem(key, f"unknown {what} {value!r}", f"{key}=<one of {', '.join(built_in)}, or {example}>")]
+    try:
+        return resolve_target(value, allow, what=what), []
+    except TargetRefused as e:
+        return None, [Problem(key, str(e))]
 
 
 # What Hydra itself may instantiate from ``hydra.*`` (callbacks, launchers, sweepers, the search's

@@ -62,11 +62,15 @@ def row_of(run: Any, reused: bool = False) -> Row:
                run.info.status, tags.get("evaluate.gate", "not set"), values, reused)
 
 
+def jobs_of(client: Any, parent: Any, **kwargs: Any) -> list[Any]:
+    """The runs a sweep ran, oldest first."""
+    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = "
+                              f"'{parent.info.run_id}'", order_by=["attributes.start_time ASC"], **kwargs)
+
+
 def sweep_rows(client: Any, parent_run_id: str) -> list[Row]:
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              order_by=["attributes.start_time ASC"])
+    runs = jobs_of(client, parent)
     reused = [client.get_run(v) for k, v in sorted(parent.data.tags.items()) if k.startswith("optipipe.reused.")]
     return with_scaling([row_of(r, reused=True) for r in reused] + [row_of(r) for r in runs])
 
@@ -217,9 +221,7 @@ def write(rows: list[Row], folder: Path) -> list[Path]:
 def heading(client: Any, parent_run_id: str) -> str:
     """Where a sweep's numbers come from: its command, cards, date and versions (from its first job)."""
     parent = client.get_run(parent_run_id)
-    jobs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                              order_by=["attributes.start_time ASC"], max_results=1)
+    jobs = jobs_of(client, parent, max_results=1)
     tags = jobs[0].data.tags if jobs else {}
     day = time.strftime("%Y-%m-%d", time.gmtime(parent.info.start_time / 1000))
     command = f"optipipe -m {parent.data.params.get('sweep.overrides', '')}".strip()

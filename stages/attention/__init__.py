@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.contract import Problem
-from pipeline.registry import TargetRefused, resolve_target
+from pipeline.registry import built_in_or_allowed
 from stages.attention import gqa_decode
 
 
@@ -59,16 +59,10 @@ BUILT_IN: dict[str, AttentionKind] = {kind.name: kind for kind in (
 
 def lookup(value: str, allow: list[str]) -> tuple[AttentionKind | None, list[Problem]]:
     """The kind ``convert.implementation`` names, or why it cannot be used."""
-    if value in BUILT_IN:
-        return BUILT_IN[value], []
-    if "." not in value:
-        return None, [Problem("convert.implementation", f"unknown attention implementation {value!r}",
-                              f"convert.implementation=<one of {', '.join(BUILT_IN)}, or the path of an "
-                              "AttentionKind like my_pkg.attention.MINE>")]
-    try:
-        kind = resolve_target(value, allow)
-    except TargetRefused as e:
-        return None, [Problem("convert.implementation", str(e).replace("_target_ ", "attention ", 1))]
+    kind, problems = built_in_or_allowed(value, BUILT_IN, allow, "convert.implementation", "attention implementation",
+                                         "the path of an AttentionKind like my_pkg.attention.MINE")
+    if problems:
+        return None, problems
     if not isinstance(kind, AttentionKind):
         return None, [Problem("convert.implementation", f"{value} is not an AttentionKind",
                               "name an instance of stages.attention.AttentionKind")]

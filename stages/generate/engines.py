@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import typed
 from pipeline.contract import Problem, StageError, missing_methods, quantize_traits
-from pipeline.registry import TargetRefused, resolve_target
+from pipeline.registry import built_in_or_allowed
 from stages.convert import COMPILE_MODES
 from stages.generate.engine import FastDecoder, Sampling
 
@@ -121,15 +121,10 @@ BUILT_IN: dict[str, type] = {"transformers": TransformersEngine, "fast": FastEng
 
 def engine_class(value: str, allow: list[str]) -> tuple[type | None, list[Problem]]:
     """The class ``generate.engine`` names, or why it cannot be used."""
-    if value in BUILT_IN:
-        return BUILT_IN[value], []
-    if "." not in value:
-        return None, [Problem("generate.engine", f"unknown engine {value!r}",
-                              f"generate.engine=<one of {', '.join(BUILT_IN)}, or a class path like my_pkg.MyEngine>")]
-    try:
-        cls = resolve_target(value, allow)
-    except TargetRefused as e:
-        return None, [Problem("generate.engine", str(e).replace("_target_ ", "engine ", 1))]
+    cls, problems = built_in_or_allowed(value, BUILT_IN, allow, "generate.engine", "engine",
+                                        "a class path like my_pkg.MyEngine")
+    if problems:
+        return None, problems
     missing = missing_methods(cls, Engine) + ([] if getattr(cls, "name", None) else ["name"])
     if missing:
         return None, [Problem("generate.engine", f"{value} is not an engine: it lacks {', '.join(missing)}",
@@ -143,9 +138,10 @@ def build(settings: Any, allow: list[str]) -> tuple[Any, list[Problem]]:
     if cls is None:
         return None, problems
     schema, options = getattr(cls, "Config", None), dict(settings.engine_options or {})
-    if schema is None:
-        return None if options else cls(settings, None), [
-            Problem(f"generate.engine_options.{k}", f"engine {cls.name!r} takes no options",
-                    f"remove generate.engine_options.{k}") for k in options]
-    typed_options, problems = typed(schema, options, "generate.engine_options")
-    return (cls(settings, typed_options) if not problems else None), problems
+    if schema is None:  # an engine without a Config takes no options
+        problems = [Problem(f"generate.engine_options.{k}", f"engine {cls.name!r} takes no options",
+                            f"remove generate.engine_options.{k}") for k in options]
+        typed_options = None
+    else:
+        typed_options, problems = typed(schema, options, "generate.engine_options")
+    return (None if problems else cls(settings, typed_options)), problems
