@@ -70,15 +70,38 @@ def step_compile_options(mode: str, coordinate_descent: bool) -> dict[str, Any]:
     return options
 
 
+def frozen_on_first_call(step: Callable) -> Callable:
+    """``step`` compiled with inductor's freezing: the weights become constants of the compiled graph,
+    and inductor then concatenates the weights of matmuls that read the same input (q/k/v, gate/up)
+    so each group runs as one wider matmul — fewer, fuller kernels, most of all for the narrow
+    per-rank slices of tensor parallel. The concatenated copies cost memory beside the model's own
+    weights (which the eager prefill still reads); inductor versions differ in what they join
+    (torch 2.11 joins only equal shapes: gate/up; 2.13 also q/k/v). ``freezing`` is read where compilation starts,
+    not from ``torch.compile``'s options, so it is set around the call that compiles (the first)."""
+    from torch._inductor import config
+
+    compiled = [False]
+
+    def call(*args: Any) -> Any:
+        if compiled[0]:
+            return step(*args)
+        with config.patch(freezing=True):
+            out = step(*args)
+        compiled[0] = True
+        return out
+
+    return call
+
+
 class FastDecoder:
     """Owns one static cache sized for (batch, prompt + new tokens) and the compiled step."""
 
     def __init__(self, model: Any, compile_mode: str | None = "reduce-overhead",
                  stop_check_every: int = 16, sampling: Sampling | None = None,
                  gqa_attention: bool = True, compile_prefill: bool = False,
-                 coordinate_descent: bool = True) -> None:
+                 coordinate_descent: bool = True, fuse_projections: bool = False) -> None:
         self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
-        self.coordinate_descent = coordinate_descent
+        self.coordinate_descent, self.fuse_projections = coordinate_descent, fuse_projections
         # The prefill is one forward per generation; eager it launches every kernel from Python.
         # Compiled (no CUDA graph: prompt lengths vary, dynamic shapes after the first recompile)
         # its small ops fuse. Off by default: not yet measured on a GPU.
@@ -115,9 +138,9 @@ class FastDecoder:
             if self.compile_mode is None:
                 self._step = self._decode_step
             else:
-                self._step = agreed_tuning.scoped(torch.compile(
-                    self._decode_step, fullgraph=True, dynamic=False,
-                    options=step_compile_options(self.compile_mode, self.coordinate_descent)))
+                step = torch.compile(self._decode_step, fullgraph=True, dynamic=False,
+                                     options=step_compile_options(self.compile_mode, self.coordinate_descent))
+                self._step = agreed_tuning.scoped(frozen_on_first_call(step) if self.frozen() else step)
         return self._step
 
     def _prefill(self, input_ids, attention_mask, max_new_tokens):
@@ -147,6 +170,19 @@ class FastDecoder:
         """The attention implementation the decode steps run with (for the run's tags)."""
         gqa = self.gqa_attention and GqaDecodeAttention(self.model).active
         return GQA_DECODE_ATTENTION if gqa else str(self.model.config._attn_implementation)
+
+    def frozen(self) -> bool:
+        """Whether the decode step is compiled with fused projections. Not at batch 1: there every
+        matmul is a reduction that inductor tunes, and frozen weights let it fuse the RMSNorm into
+        those reductions, which then ran slower (one H200: 7.5 ms of matmul per token against ~4.5)."""
+        batch = self.cache_shape[0] if self.cache_shape else 0
+        return bool(self.fuse_projections and self.compile_mode and batch > 1)
+
+    def fused_projections(self) -> str:
+        """What became of ``fuse_projections`` (for the run's tags)."""
+        if not self.fuse_projections:
+            return "off"
+        return "frozen" if self.frozen() else "off (batch 1 or eager: not fused)"
 
     def kernel_tuning(self) -> str:
         """How the decode step's kernels were chosen (for the run's tags)."""

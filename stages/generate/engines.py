@@ -76,6 +76,10 @@ class FastEngine:
         if c.fast_compile_mode is not None and c.fast_compile_mode not in COMPILE_MODES:
             out.append(Problem("generate.fast_compile_mode", f"unknown mode {c.fast_compile_mode!r}",
                                f"generate.fast_compile_mode=<one of {', '.join(COMPILE_MODES)}> or null"))
+        if c.fast_fuse_projections and c.fast_compile_mode is None:
+            out.append(Problem("generate.fast_fuse_projections", "projections are fused by compiling the "
+                               "decode step, and generate.fast_compile_mode=null runs it eager",
+                               "generate.fast_fuse_projections=false, or a generate.fast_compile_mode"))
         convert = root.cfg.get("convert") or {}
         if convert.get("compile") or convert.get("static_cache"):
             out.append(Problem("convert", "generate=fast brings its own static cache and compiled "
@@ -103,7 +107,7 @@ class FastEngine:
         if found is None:
             sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)
             found = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention,
-                                c.fast_compile_prefill, c.fast_coordinate_descent)
+                                c.fast_compile_prefill, c.fast_coordinate_descent, c.fast_fuse_projections)
             model._optipipe_fast_decoder = found
         return found
 
@@ -113,7 +117,8 @@ class FastEngine:
 
     def tags(self, model: Any) -> dict[str, str]:
         decoder = self.decoder(model)  # what the decode steps attended with (the model's own, or ours for GQA)
-        return {"generate.decode_attention": decoder.decode_attention(), "generate.kernel_tuning": decoder.kernel_tuning()}
+        return {"generate.decode_attention": decoder.decode_attention(), "generate.kernel_tuning": decoder.kernel_tuning(),
+                "generate.fused_projections": decoder.fused_projections()}
 
 
 BUILT_IN: dict[str, type] = {"transformers": TransformersEngine, "fast": FastEngine}

@@ -49,6 +49,7 @@ class GenerateConfig:
     fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
     fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
     fast_coordinate_descent: bool = True  # fast engine: inductor tunes the step's kernels (M=1 matmuls as reductions)
+    fast_fuse_projections: bool = False  # fast engine: inductor freezing joins q/k/v and gate/up matmuls (costs their copy)
     profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
 
 

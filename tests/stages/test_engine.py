@@ -52,6 +52,34 @@ def test_greedy_equals_generate_with_padding_and_early_eos(tiny_model, compile_m
         assert torch.equal(engine.generate(short, short_mask, 6, [], 0), plain(tiny_model, short, short_mask, 6, eos=[]))
 
 
+def test_fused_projections_freeze_the_step_and_join_matmuls_that_share_an_input(tiny_model):
+    """fuse_projections: the compiled step's weights are frozen constants and q/k/v, gate/up each
+    run as one matmul (2 layers: 15 matmuls become 9), with generate's tokens. On a CPU inductor joins
+    them only with cpp.enable_concat_linear, set here for the check."""
+    import re
+
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    ids, mask = left_padded_batch(tiny_model.config.vocab_size)
+    expected = plain(tiny_model, ids, mask, 6, eos=[])
+    matmuls = {}
+    for fuse in (False, True):
+        torch._dynamo.reset()
+        engine = FastDecoder(tiny_model, compile_mode="default", fuse_projections=fuse)
+        with config.patch({"cpp.enable_concat_linear": True}):
+            got, code = run_and_get_code(lambda: engine.generate(ids, mask, 6, [], pad_token_id=0))
+        assert torch.equal(got, expected)
+        assert torch.equal(engine.generate(ids, mask, 6, [], pad_token_id=0), expected)  # the cache is not frozen
+        matmuls[fuse] = len(re.findall(r"extern_kernels\.mm\(|_mkl_linear\.default\(", "".join(code)))
+        assert ("_frozen_param" in "".join(code)) == fuse
+    assert (matmuls[False], matmuls[True]) == (15, 9)
+    assert engine.fused_projections() == "frozen"
+    one = FastDecoder(tiny_model, compile_mode="default", fuse_projections=True)  # batch 1: not frozen (slower)
+    _, code = run_and_get_code(lambda: one.generate(ids[:1], mask[:1], 3, [], pad_token_id=0))
+    assert "_frozen_param" not in "".join(code) and one.fused_projections().startswith("off (batch 1")
+
+
 def test_stops_when_every_row_finished(tiny_model):
     ids, mask = left_padded_batch(tiny_model.config.vocab_size)
     first = plain(tiny_model, ids, mask, 1, eos=[])[:, -1].tolist()
@@ -117,6 +145,9 @@ def test_fast_engine_rules():
                          "generate.fast_compile_mode=turbo", "generate.stop_check_every=0"))
     keys = {p.key for p in e.value.problems}
     assert {"convert", "generate.fast_compile_mode", "generate.stop_check_every"} <= keys
+    with pytest.raises(ConfigProblems, match="fast_fuse_projections"):
+        resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_fuse_projections=true",
+                         "generate.fast_compile_mode=null"))
     with pytest.raises(ConfigProblems, match="bitsandbytes kernels cannot be compiled"):
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=nf4"))
     resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=nf4",
