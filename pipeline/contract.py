@@ -176,6 +176,19 @@ def quantize_traits(root: Any) -> QuantizeTraits:
     return getattr(root.stages["quantize"], "traits", QuantizeTraits())
 
 
+@dataclass(frozen=True)
+class ConvertTraits:
+    """What a convert stage set up for transformers' own ``generate`` (read by rules, like
+    ``QuantizeTraits``): an engine with its own cache and compiled step conflicts with it."""
+
+    prepares_generate: bool = False  # a static KV cache or a compiled forward for model.generate
+
+
+def convert_traits(root: Any) -> ConvertTraits:
+    """The traits of the configured convert stage (a stage that states none: nothing set up)."""
+    return getattr(root.stages["convert"], "traits", ConvertTraits())
+
+
 @runtime_checkable
 class Stage(Protocol):
     """Built as ``Cls(config)`` during validation; ``problems`` with every stage built; then ``plan``

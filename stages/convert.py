@@ -8,15 +8,15 @@ compilation from the model after the warm-up.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
 import torch
 
 from pipeline import measure, quiet
-from pipeline.contract import (BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult,
+from pipeline.contract import (BaseStage, ConvertTraits, LoadPlan, Problem, RunContext, StageError, StageResult,
                                quantize_traits, warning, workload_context)
 from stages.attention import AttentionKind, lookup
+from stages.settings import AttentionConfig
 # Our names for torch.nn.attention.SDPBackend members, and the aten op each one shows in a trace.
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH",
                  "cudnn": "CUDNN_ATTENTION"}
@@ -28,17 +28,6 @@ SDPA_OPS = {"_scaled_dot_product_flash_attention": "flash",
 # What PyTorch says when no pinned kernel fits: CUDA and CPU word it differently.
 NO_KERNEL_MESSAGES = ("No available kernel", "No viable backend for scaled_dot_product_attention")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-@dataclass
-class AttentionConfig:
-    implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | flex_attention | optipipe_gqa_decode | my_pkg.KIND
-    sdpa_backends: list[str] = field(default_factory=list)  # pin: flash, efficient, math, cudnn ([]: PyTorch picks)
-    static_cache: bool = False  # preallocated KV cache: fixed shapes, the precondition for compile
-    compile: bool = False  # torch.compile the decode step (needs static_cache)
-    compile_mode: str = "reduce-overhead"  # reduce-overhead captures CUDA graphs
-    fullgraph: bool = True
-    dynamic: bool = False
 
 
 def explain_no_kernel(backends: list[str], model: Any) -> str:
@@ -124,6 +113,10 @@ def observed_sdpa_backends(model: Any, tokenizer: Any, hooks: list) -> list[str]
 class Attention(BaseStage):
     name: ClassVar[str] = "convert"
     Config: ClassVar[type] = AttentionConfig
+
+    @property
+    def traits(self) -> ConvertTraits:
+        return ConvertTraits(prepares_generate=self.cfg.static_cache or self.cfg.compile)
 
     def kind(self, allow: list[str] | None = None) -> AttentionKind:
         """The attention ``convert.implementation`` names (validation looked it up with the run's

@@ -8,14 +8,14 @@ fail the run if a requested quantization quantized nothing.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 
 from pipeline import measure
 from pipeline.contract import (BaseStage, LoadPlan, NoSettings, Problem, QuantizeTraits, RunContext,
                                StageError, StageResult, warning)
+from stages.settings import BitsAndBytesSettings, TorchAoSettings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -58,19 +58,6 @@ class NoQuantize(BaseStage):
         n = count_linear(ctx.model)
         return StageResult(metrics={"linear_layers": float(n), "quantized_layers": 0.0},
                            tags={"quantize.method": "none"}, summary=f"none ({n} Linear layers)")
-
-
-@dataclass
-class BitsAndBytesSettings:
-    bits: int = 4  # 4 (nf4 / fp4) | 8 (LLM.int8)
-    quant_type: str = "nf4"  # 4-bit only: nf4 | fp4
-    compute_dtype: str = "bfloat16"  # 4-bit matmul dtype; transformers' silent default is float32
-    double_quant: bool = False  # 4-bit: quantize the quantization constants too (~0.4 bit/param)
-    quant_storage: str = "uint8"  # 4-bit: dtype that packs the weights (bfloat16 for FSDP-style sharding)
-    threshold: float = 6.0  # 8-bit: outlier threshold of LLM.int8
-    skip_modules: Optional[list[str]] = None  # modules left unquantized (default: the output head)
-    cpu_offload: bool = False  # 8-bit: allow fp32 modules on CPU (llm_int8_enable_fp32_cpu_offload)
-    extra: dict[str, Any] = field(default_factory=dict)  # any other BitsAndBytesConfig argument
 
 
 class BitsAndBytes(BaseStage):
@@ -169,13 +156,6 @@ def linear_input_sizes(spec: Any) -> list[int]:
 
     arch = architecture(spec) or {}
     return [arch[k] for k in ("hidden_size", "intermediate_size") if isinstance(arch.get(k), int)]
-
-
-@dataclass
-class TorchAoSettings:
-    weights: str = "int4"  # int4 (group-wise, asymmetric) | int8 (per output row)
-    group_size: Optional[int] = None  # int4: weights sharing one scale; None: the largest of 128/64/32 that fits
-    include_embeddings: bool = False  # quantize the input embedding and output head too
 
 
 class TorchAo(BaseStage):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import psutil
 import torch
@@ -23,43 +23,9 @@ from stages.evaluate.perplexity import WINDOWINGS, perplexity
 from stages.generate import prompts as P
 from stages.generate.encode import default_texts, pool
 from stages.load import sources
+from stages.settings import EvaluateConfig
 
 CACHE_VERSION = 1  # bump when what is cached changes meaning
-
-
-@dataclass
-class CorpusSettings:
-    file: Optional[str] = None  # a text file, or .jsonl with `field`
-    dataset: Optional[str] = None  # a Hugging Face datasets name (needs network and `datasets`)
-    dataset_config: Optional[str] = None
-    split: str = "test"
-    field: Optional[str] = None  # JSONL / dataset text field (default "text")
-    max_chars: int = 8000  # the offline default is ~2,000 SmolLM2 tokens at this size
-
-
-@dataclass
-class GateSettings:
-    max_perplexity_increase_pct: Optional[float] = None
-    min_token_agreement: Optional[float] = None
-    min_top1_agreement: Optional[float] = None
-    max_kl: Optional[float] = None
-    min_cosine: Optional[float] = None  # encoders
-    enforce: bool = False  # true: a failed gate fails the run (exit code 1)
-
-
-@dataclass
-class EvaluateConfig:
-    corpus: CorpusSettings = field(default_factory=CorpusSettings)
-    max_length: int = 256
-    stride: int = 128
-    windowing: str = "strided"  # strided (transformers guide) | rolling (lm-eval's loglikelihood_rolling)
-    batch_size: int = 4
-    reference: bool = True  # compare with the same weights, no quantize/convert, eager attention
-    reference_dtype: Optional[str] = None  # None: the load dtype
-    compare_tokens: int = 256  # corpus positions compared token by token (top-1, KL)
-    new_tokens: int = 32  # greedy continuation length for token agreement
-    cache: bool = True  # reference results cached per model, dtype, corpus and settings
-    gate: GateSettings = field(default_factory=GateSettings)
 
 
 def prefix_token(tok: Any) -> int | None:

@@ -7,8 +7,7 @@ sees them, so the padding share (and what SDPA's fast paths do with it) is part 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -17,18 +16,7 @@ from rich.progress import Progress
 from pipeline import measure
 from pipeline.contract import BaseStage, Problem, RunContext, StageResult, workload_context
 from stages.generate import prompts as P
-
-
-@dataclass
-class EncodeConfig:
-    texts: Optional[list[str]] = None  # None: built-in texts of 1 to 8 sentences
-    text_file: Optional[str] = None  # .txt (one per line) or .jsonl ("prompt" field)
-    batch_size: int = 32
-    max_length: int = 128  # longer texts are truncated
-    batches: int = 4  # batches per timed run
-    warmup: int = 1
-    repeats: int = 5
-    pooling: str = "mean"  # mean | cls
+from stages.settings import EncodeConfig
 
 
 def default_texts() -> list[str]:

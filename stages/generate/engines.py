@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from pipeline.config import typed
-from pipeline.contract import Problem, StageError, missing_methods, quantize_traits
+from pipeline.contract import Problem, StageError, convert_traits, missing_methods, quantize_traits
 from pipeline.registry import built_in_or_allowed
 from stages.convert import COMPILE_MODES
 from stages.generate.engine import FastDecoder, Sampling
@@ -80,8 +80,7 @@ class FastEngine:
             out.append(Problem("generate.fast_fuse_projections", "projections are fused by compiling the "
                                "decode step, and generate.fast_compile_mode=null runs it eager",
                                "generate.fast_fuse_projections=false, or a generate.fast_compile_mode"))
-        convert = root.cfg.get("convert") or {}
-        if convert.get("compile") or convert.get("static_cache"):
+        if convert_traits(root).prepares_generate:
             out.append(Problem("convert", "generate=fast brings its own static cache and compiled "
                                "decode step; convert.static_cache/compile apply to transformers "
                                "generate only", "convert=sdpa (or generate.engine=transformers)"))

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from rich.progress import Progress
@@ -14,6 +13,7 @@ from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageR
 from stages.generate import engines
 from stages.generate import prompts as P
 from stages.generate.clock import StepClock, Timing, TimingSummary, noise
+from stages.settings import GenerateConfig
 
 
 def eos_ids(model: Any) -> list[int]:
@@ -24,33 +24,6 @@ def eos_ids(model: Any) -> list[int]:
     if eos is None:
         return []
     return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
-
-
-@dataclass
-class GenerateConfig:
-    prompts: Optional[list[str]] = None  # None: our built-in prompts
-    prompt_file: Optional[str] = None  # .txt (one per line) or .jsonl ("prompt" field)
-    chat_template: str = "auto"  # auto (when the tokenizer has one) | on | off
-    prompt_tokens: Optional[int] = None  # benchmark: every prompt exactly N tokens, no template
-    batch_size: int = 1
-    max_new_tokens: int = 32
-    benchmark: bool = False  # force exactly max_new_tokens (EOS does not stop the run)
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    seed: int = 0
-    warmup: int = 1  # untimed runs first: allocator, kernels, compilation
-    repeats: int = 3  # timed runs; percentiles come from these
-    engine: str = "transformers"  # transformers: model.generate | fast: static cache + compiled step | a class path
-    engine_options: dict[str, Any] = field(default_factory=dict)  # a plugin engine's settings (its Config)
-    fast_compile_mode: Optional[str] = "reduce-overhead"  # fast engine's torch.compile mode; null: eager
-    stop_check_every: int = 16  # fast engine: tokens between its "every row finished?" checks
-    fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
-    fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
-    fast_coordinate_descent: bool = True  # fast engine: inductor tunes the step's kernels (M=1 matmuls as reductions)
-    fast_fuse_projections: bool = False  # fast engine: inductor freezing joins q/k/v and gate/up matmuls (costs their copy)
-    profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
 
 
 def compiled_graphs() -> int:

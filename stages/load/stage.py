@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from pipeline import measure
 from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult, local_rank
 from stages.load import sources
+from stages.settings import LoadConfig
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
-@dataclass
-class LoadConfig:
-    dtype: str = "auto"  # auto (the checkpoint's own) | bfloat16 | float16 | float32
-    device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
-    trust_remote_code: bool = False  # never on by default: it runs the repository's Python
-    allow_pickle: bool = False  # safetensors only unless you opt in to pickle checkpoints
-    cache_dir: Optional[str] = None  # GGUF/random conversions; default $OPTIPIPE_CACHE or ~/.cache/optipipe
-    num_threads: Optional[int] = None  # CPU threads for torch's kernels; null: torch's default (the cores)
 
 
 def resolve_device(requested: str) -> str:

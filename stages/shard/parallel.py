@@ -12,7 +12,6 @@ its own ranks (stages/shard/replica_tp.py: transformers cannot shard over part o
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from pipeline.contract import (BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult,
@@ -22,6 +21,7 @@ from stages.shard.all_reduce import MODES as ALL_REDUCE_MODES, AllReduce, self_t
 from stages.shard.capacity import fits_one_gpu, gpu_memory_bytes, parameter_bytes
 from stages.shard.replica_tp import base_plan, shard_replica, unsupported_entries
 from stages.shard.tp_layers import localize
+from stages.settings import TensorParallelConfig, DataParallelConfig
 
 RUNTIMES = ("optipipe", "transformers")
 
@@ -128,16 +128,6 @@ def check_sharded(stage: str, model: Any, tp: int) -> dict[str, float]:
     return {"sharded_parameters": float(sharded), "parameters_total": float(total)}
 
 
-@dataclass
-class TensorParallelConfig:
-    tp_size: Optional[int] = None  # None: every process of the job; must equal it (replicas: data_parallel)
-    runtime: str = "optipipe"  # optipipe: local layers + our all-reduce | transformers: its DTensor layers
-    all_reduce: str = "auto"  # auto: one-shot symmetric memory where GPUs share memory | symm_mem | process_group
-    vocab_parallel_head: bool = True  # each rank holds 1/N of the output head; logits assembled by one all-reduce
-    one_shot_max_kib: int = 1024  # larger messages (prefill) take the process group's all-reduce
-    agreed_tuning: bool = True  # ranks tune the decode step's kernels together and pick the same configurations
-
-
 class TensorParallel(BaseStage):
     name: ClassVar[str] = "shard"
     Config: ClassVar[type] = TensorParallelConfig
@@ -218,11 +208,6 @@ class TensorParallel(BaseStage):
         if reduce.why_not_symm and self.cfg.all_reduce == "auto":
             out["shard.collective_why"] = f"no symmetric memory: {reduce.why_not_symm}"
         return out
-
-
-@dataclass
-class DataParallelConfig:
-    tp_size: int = 1  # >1: each replica is tensor parallel over tp_size processes (4 GPUs = 2 × TP2)
 
 
 class DataParallel(BaseStage):

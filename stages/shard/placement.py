@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 
 from pipeline.contract import (BaseStage, LoadPlan, NoSettings, Problem, RunContext, StageError,
                                StageResult, warning)
+from stages.settings import PipelinePlacementConfig
 
 
 def one_process_only(root: Any, option: str) -> list[Problem]:
@@ -38,15 +38,6 @@ class Single(BaseStage):
 
 
 PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-@dataclass
-class PipelinePlacementConfig:
-    # accelerate: sequential fills device 0 first (a model that fits stays whole: no cross-device hops);
-    # auto/balanced spread evenly even when one device would do (transformers' "device_map=auto")
-    device_map: str = "sequential"
-    max_memory: Optional[dict[Any, str]] = None  # {0: "20GiB", "cpu": "64GiB"}: GPU index or cpu; None: all there is
-    offload_folder: Optional[str] = None  # disk offload for layers that fit on no device
 
 
 class PipelinePlacement(BaseStage):

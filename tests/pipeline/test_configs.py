@@ -58,3 +58,36 @@ def test_an_experiment_file_sets_pipeline_keys():
     """Experiments compose after config.yaml's own block, so their pipeline.* values hold."""
     assert composed("experiment=optuna_search").pipeline.memory_budget_gib == 4.0
     assert composed().pipeline.memory_budget_gib is None
+
+
+def _settings_of(group: str, node: dict) -> type | None:
+    """The dataclass that holds the defaults of a group's YAML (None: a class without settings)."""
+    import dataclasses
+
+    from pipeline.config import SECTIONS
+    from pipeline.registry import resolve_target
+
+    schema = SECTIONS.get(group) or (resolve_target(node["_target_"], []).Config if "_target_" in node else None)
+    return schema if schema is not None and dataclasses.fields(schema) else None
+
+
+@pytest.mark.parametrize("group,option", [o for o in OPTIONS if o[0] != "experiment"],
+                         ids=[f"{g}={o}" for g, o in OPTIONS if g != "experiment"])
+def test_a_yaml_starts_from_its_dataclass_and_holds_only_what_differs(group, option):
+    """Defaults live once, in the settings dataclass (conf/__init__.py registers them): a YAML names
+    them in its defaults list and repeats none of their values."""
+    import dataclasses
+
+    import yaml
+
+    node = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
+    schema = _settings_of(group, node)
+    inherits = [d for d in node.get("defaults", []) if not str(d).startswith(("/defaults_", "_self_"))]
+    if schema is None or inherits or (group, option) == ("launcher", "local"):
+        return  # no settings, or it starts from another option of its group (which starts from them)
+    assert f"/defaults_{schema.__name__}@_here_" in node.get("defaults", []), f"{group}/{option}.yaml"
+    defaults = dataclasses.asdict(schema())
+    repeated = [k for k, v in node.items() if k not in ("defaults", "_target_") and defaults.get(k, object()) == v]
+    repeated += [f"{k}.{s}" for k, v in node.items() if isinstance(v, dict) and isinstance(defaults.get(k), dict)
+                 for s, sv in v.items() if defaults[k].get(s, object()) == sv]
+    assert not repeated, f"{group}/{option}.yaml repeats defaults of {schema.__name__}: {repeated}"

@@ -1,0 +1,144 @@
+"""The settings of every built-in stage, as dataclasses: the single source of their defaults.
+
+Torch-free on purpose: ``conf/__init__.py`` imports this module whenever a configuration is composed
+(``optipipe --help`` included) and registers each dataclass's defaults with Hydra, so a YAML file in
+``conf/`` holds only its ``_target_`` and what differs. Each stage class names its dataclass as
+``Config``; validation checks a node against it key by key (``pipeline.config.typed``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+@dataclass
+class LoadConfig:
+    dtype: str = "auto"  # auto (the checkpoint's own) | bfloat16 | float16 | float32
+    device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
+    trust_remote_code: bool = False  # never on by default: it runs the repository's Python
+    allow_pickle: bool = False  # safetensors only unless you opt in to pickle checkpoints
+    cache_dir: Optional[str] = None  # GGUF/random conversions; default $OPTIPIPE_CACHE or ~/.cache/optipipe
+    num_threads: Optional[int] = None  # CPU threads for torch's kernels; null: torch's default (the cores)
+
+@dataclass
+class BitsAndBytesSettings:
+    bits: int = 4  # 4 (nf4 / fp4) | 8 (LLM.int8)
+    quant_type: str = "nf4"  # 4-bit only: nf4 | fp4
+    compute_dtype: str = "bfloat16"  # 4-bit matmul dtype; transformers' silent default is float32
+    double_quant: bool = False  # 4-bit: quantize the quantization constants too (~0.4 bit/param)
+    quant_storage: str = "uint8"  # 4-bit: dtype that packs the weights (bfloat16 for FSDP-style sharding)
+    threshold: float = 6.0  # 8-bit: outlier threshold of LLM.int8
+    skip_modules: Optional[list[str]] = None  # modules left unquantized (default: the output head)
+    cpu_offload: bool = False  # 8-bit: allow fp32 modules on CPU (llm_int8_enable_fp32_cpu_offload)
+    extra: dict[str, Any] = field(default_factory=dict)  # any other BitsAndBytesConfig argument
+
+@dataclass
+class TorchAoSettings:
+    weights: str = "int4"  # int4 (group-wise, asymmetric) | int8 (per output row)
+    group_size: Optional[int] = None  # int4: weights sharing one scale; None: the largest of 128/64/32 that fits
+    include_embeddings: bool = False  # quantize the input embedding and output head too
+
+@dataclass
+class AttentionConfig:
+    implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | flex_attention | optipipe_gqa_decode | my_pkg.KIND
+    sdpa_backends: list[str] = field(default_factory=list)  # pin: flash, efficient, math, cudnn ([]: PyTorch picks)
+    static_cache: bool = False  # preallocated KV cache: fixed shapes, the precondition for compile
+    compile: bool = False  # torch.compile the decode step (needs static_cache)
+    compile_mode: str = "reduce-overhead"  # reduce-overhead captures CUDA graphs
+    fullgraph: bool = True
+    dynamic: bool = False
+
+@dataclass
+class PipelinePlacementConfig:
+    # accelerate: sequential fills device 0 first (a model that fits stays whole: no cross-device hops);
+    # auto/balanced spread evenly even when one device would do (transformers' "device_map=auto")
+    device_map: str = "sequential"
+    max_memory: Optional[dict[Any, str]] = None  # {0: "20GiB", "cpu": "64GiB"}: GPU index or cpu; None: all there is
+    offload_folder: Optional[str] = None  # disk offload for layers that fit on no device
+
+@dataclass
+class TensorParallelConfig:
+    tp_size: Optional[int] = None  # None: every process of the job; must equal it (replicas: data_parallel)
+    runtime: str = "optipipe"  # optipipe: local layers + our all-reduce | transformers: its DTensor layers
+    all_reduce: str = "auto"  # auto: one-shot symmetric memory where GPUs share memory | symm_mem | process_group
+    vocab_parallel_head: bool = True  # each rank holds 1/N of the output head; logits assembled by one all-reduce
+    one_shot_max_kib: int = 1024  # larger messages (prefill) take the process group's all-reduce
+    agreed_tuning: bool = True  # ranks tune the decode step's kernels together and pick the same configurations
+
+@dataclass
+class DataParallelConfig:
+    tp_size: int = 1  # >1: each replica is tensor parallel over tp_size processes (4 GPUs = 2 × TP2)
+
+@dataclass
+class GenerateConfig:
+    prompts: Optional[list[str]] = None  # None: our built-in prompts
+    prompt_file: Optional[str] = None  # .txt (one per line) or .jsonl ("prompt" field)
+    chat_template: str = "auto"  # auto (when the tokenizer has one) | on | off
+    prompt_tokens: Optional[int] = None  # benchmark: every prompt exactly N tokens, no template
+    batch_size: int = 1
+    max_new_tokens: int = 32
+    benchmark: bool = False  # force exactly max_new_tokens (EOS does not stop the run)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    seed: int = 0
+    warmup: int = 1  # untimed runs first: allocator, kernels, compilation
+    repeats: int = 3  # timed runs; percentiles come from these
+    engine: str = "transformers"  # transformers: model.generate | fast: static cache + compiled step | a class path
+    engine_options: dict[str, Any] = field(default_factory=dict)  # a plugin engine's settings (its Config)
+    fast_compile_mode: Optional[str] = "reduce-overhead"  # fast engine's torch.compile mode; null: eager
+    stop_check_every: int = 16  # fast engine: tokens between its "every row finished?" checks
+    fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
+    fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
+    fast_coordinate_descent: bool = True  # fast engine: inductor tunes the step's kernels (M=1 matmuls as reductions)
+    fast_fuse_projections: bool = False  # fast engine: inductor freezing joins q/k/v and gate/up matmuls (costs their copy)
+    profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
+
+@dataclass
+class EncodeConfig:
+    texts: Optional[list[str]] = None  # None: built-in texts of 1 to 8 sentences
+    text_file: Optional[str] = None  # .txt (one per line) or .jsonl ("prompt" field)
+    batch_size: int = 32
+    max_length: int = 128  # longer texts are truncated
+    batches: int = 4  # batches per timed run
+    warmup: int = 1
+    repeats: int = 5
+    pooling: str = "mean"  # mean | cls
+
+@dataclass
+class CorpusSettings:
+    file: Optional[str] = None  # a text file, or .jsonl with `field`
+    dataset: Optional[str] = None  # a Hugging Face datasets name (needs network and `datasets`)
+    dataset_config: Optional[str] = None
+    split: str = "test"
+    field: Optional[str] = None  # JSONL / dataset text field (default "text")
+    max_chars: int = 8000  # the offline default is ~2,000 SmolLM2 tokens at this size
+
+@dataclass
+class GateSettings:
+    max_perplexity_increase_pct: Optional[float] = None
+    min_token_agreement: Optional[float] = None
+    min_top1_agreement: Optional[float] = None
+    max_kl: Optional[float] = None
+    min_cosine: Optional[float] = None  # encoders
+    enforce: bool = False  # true: a failed gate fails the run (exit code 1)
+
+@dataclass
+class EvaluateConfig:
+    corpus: CorpusSettings = field(default_factory=CorpusSettings)
+    max_length: int = 256
+    stride: int = 128
+    windowing: str = "strided"  # strided (transformers guide) | rolling (lm-eval's loglikelihood_rolling)
+    batch_size: int = 4
+    reference: bool = True  # compare with the same weights, no quantize/convert, eager attention
+    reference_dtype: Optional[str] = None  # None: the load dtype
+    compare_tokens: int = 256  # corpus positions compared token by token (top-1, KL)
+    new_tokens: int = 32  # greedy continuation length for token agreement
+    cache: bool = True  # reference results cached per model, dtype, corpus and settings
+    gate: GateSettings = field(default_factory=GateSettings)
+
+
+# registered with Hydra by conf/__init__.py (nested ones travel inside their parent)
+ALL: list[type] = [LoadConfig, BitsAndBytesSettings, TorchAoSettings, AttentionConfig, PipelinePlacementConfig,
+                   TensorParallelConfig, DataParallelConfig, GenerateConfig, EncodeConfig, EvaluateConfig]
