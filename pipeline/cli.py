@@ -25,7 +25,7 @@ from pipeline import console, launch, quiet, sweep
 from pipeline.config import flatten
 from pipeline.hydra_guard import problems_before_hydra
 from pipeline.redact import redact, redact_console, redact_overrides
-from pipeline.contract import ConfigProblems, Problem, StageError, is_worker
+from pipeline.contract import ConfigProblems, Problem, StageError
 from pipeline.runner import execute, make_plan, write_results
 from pipeline.tracking import PARENT_ENV, RESUME_KEYS, JobInfo, make_tracker
 from pipeline.resolved import Resolved
@@ -117,8 +117,6 @@ def run_job(cfg: DictConfig) -> float | None:
     quiet.apply(OmegaConf.select(cfg, "pipeline.verbose", default=False) is True)  # before stages import packages
     try:
         resolved = resolve(cfg)
-        if is_worker():  # a torchrun rank of a job whose parent already validated and tracks it
-            launch.run_worker(resolved, Path(hc.runtime.output_dir))  # ends the process
         plan = make_plan(resolved)
     except ConfigProblems as e:
         console.print_problems(e.problems)
@@ -140,8 +138,7 @@ def run_job(cfg: DictConfig) -> float | None:
         return None
     job = job_info(cfg, resolved, output_dir)
     if resolved.launcher.kind == "torchrun":
-        outcome = launch.launch_job(resolved, output_dir, tracker, job, list(hc.overrides.task),
-                                    int(hc.job.num) if in_sweep else 0)
+        outcome = launch.launch_job(resolved, output_dir, tracker, job, int(hc.job.num) if in_sweep else 0)
     else:
         outcome = execute(resolved, plan, output_dir, tracker, job)
     lost = getattr(tracker, "lost", None)

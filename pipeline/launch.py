@@ -1,8 +1,9 @@
 """launcher=torchrun: the parent re-runs this job under torch.distributed.run and waits
 (``launch_job``); each rank runs the stages (``run_worker``, with pipeline.distributed).
 
-The parent validated the config and created the MLflow run; it passes the run id to the workers
-(which re-compose the same overrides into the same output dir), never touches CUDA itself, and
+The parent validated the config and created the MLflow run; it hands the workers the run id and
+the validated configuration (``pipeline.worker``: no second composition or validation per rank),
+writes into the same output dir, never touches CUDA itself, and
 ends the run with the group's outcome: FINISHED, FAILED with the failing rank's own message, or
 KILLED on Ctrl-C. Any rank that fails makes torchrun stop the others; a rank stuck in a collective
 fails after ``launcher.collective_timeout_s``; ``launcher.max_seconds`` bounds the whole group.
@@ -18,11 +19,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
 from pipeline.config import LauncherSettings
 from pipeline.contract import RUN_ENV, Placement, StageResult
 from pipeline.distributed import ERROR_FILE, URI_ENV
 from pipeline.environment import gpu_count
 
+CONFIG_ENV = "OPTIPIPE_WORKER_CONFIG"  # the validated configuration, for the ranks (pipeline/worker.py)
 OUTCOME_FILE = "outcome.json"  # rank 0 writes the aggregated stage results here
 GRACE_S = 15.0  # after SIGTERM, how long ranks get to exit before SIGKILL
 
@@ -46,15 +50,19 @@ def visible_devices(settings: LauncherSettings, job_num: int) -> str | None:
     return ",".join(ids[start:start + settings.nproc_per_node])
 
 
-def torchrun_command(settings: LauncherSettings, overrides: list[str], output_dir: Path) -> list[str]:
+def handed_over(cfg: DictConfig) -> str:
+    """What the ranks find in ``CONFIG_ENV``: the job's configuration, every value resolved (in
+    their environment only: it may hold secrets, which the run folder's files never do)."""
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True))
+
+
+def torchrun_command(settings: LauncherSettings, output_dir: Path) -> list[str]:
+    """torchrun starting ``pipeline.worker`` on every rank (its configuration comes in the environment)."""
     endpoint = settings.rdzv_endpoint or f"127.0.0.1:{free_port()}"
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={settings.nproc_per_node}",
             f"--nnodes={settings.nnodes}", f"--node_rank={settings.node_rank}",
             f"--rdzv_backend={settings.rdzv_backend}", f"--rdzv_endpoint={endpoint}",
-            f"--rdzv_id={settings.rdzv_id}", "--max_restarts=0",
-            "-m", "pipeline", *overrides, f"hydra.run.dir={output_dir}", "hydra.output_subdir=null",
-            "pipeline.allow_outside_outputs=true",  # the parent checked the folder; a sweep's may lie anywhere
-            "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+            f"--rdzv_id={settings.rdzv_id}", "--max_restarts=0", "-m", "pipeline.worker", str(output_dir)]
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -102,17 +110,17 @@ def raise_terminated(signum, frame) -> None:
     raise Terminated
 
 
-def run_group(settings: LauncherSettings, overrides: list[str], output_dir: Path, run_id: str | None,
+def run_group(cfg: DictConfig, settings: LauncherSettings, output_dir: Path, run_id: str | None,
               tracker_uri: str | None, job_num: int) -> tuple[str, str | None]:
-    """(status, error) of the whole group."""
+    """(status, error) of the whole group; every rank runs the validated ``cfg``."""
     for stale in output_dir.glob(ERROR_FILE.format(rank="*")):
         stale.unlink()
     (output_dir / OUTCOME_FILE).unlink(missing_ok=True)
-    env = {**os.environ, RUN_ENV: run_id or "untracked", URI_ENV: tracker_uri or ""}
+    env = {**os.environ, RUN_ENV: run_id or "untracked", URI_ENV: tracker_uri or "", CONFIG_ENV: handed_over(cfg)}
     devices = visible_devices(settings, job_num)
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
-    cmd = torchrun_command(settings, overrides, output_dir)
+    cmd = torchrun_command(settings, output_dir)
     print(f"optipipe: torchrun ×{settings.nproc_per_node * settings.nnodes}"
           + (f" on GPUs {devices}" if devices else ""), flush=True)
     parent = os.getpid()
@@ -154,14 +162,14 @@ def read_outcome(output_dir: Path) -> dict[str, StageResult]:
             for name, d in json.loads(path.read_text()).items()}
 
 
-def launch_job(resolved, output_dir: Path, tracker, job, overrides: list[str], job_num: int):
+def launch_job(resolved, output_dir: Path, tracker, job, job_num: int):
     """The parent's whole job: start the run, run the group, end the run with its outcome."""
     from pipeline.runner import RunOutcome, finish_run
 
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         tracker.start(job)  # inside: a Ctrl-C while the run is being created still ends it KILLED
-        status, error = run_group(resolved.launcher, overrides, output_dir, getattr(tracker, "run_id", None),
+        status, error = run_group(resolved.cfg, resolved.launcher, output_dir, getattr(tracker, "run_id", None),
                                   getattr(tracker, "uri", None), job_num)
     except KeyboardInterrupt:
         finish_run(tracker, "KILLED", "interrupted (Ctrl-C)")

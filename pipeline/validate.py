@@ -53,8 +53,9 @@ def unknown_sections(cfg: DictConfig) -> list[Problem]:
     return out
 
 
-def resolve(cfg: DictConfig) -> Resolved:
-    """Everything the run needs, or ``ConfigProblems`` listing every problem found."""
+def build(cfg: DictConfig) -> Resolved:
+    """Typed sections and built stages, the rules not checked: for a configuration that was already
+    validated (a torchrun rank's, handed over by its parent). ``ConfigProblems`` if it does not type."""
     problems: list[Problem] = unknown_sections(cfg)
     sections: dict[str, Any] = {}
     for key, schema in SECTIONS.items():
@@ -68,10 +69,16 @@ def resolve(cfg: DictConfig) -> Resolved:
         problems += found
         if stage is not None:
             stages[name] = stage
-    if problems:  # rules below need typed sections and every stage
+    if problems:
         raise ConfigProblems(problems)
-    resolved = Resolved(cfg=cfg, stages=stages, **sections)
-    for stage in stages.values():
+    return Resolved(cfg=cfg, stages=stages, **sections)
+
+
+def resolve(cfg: DictConfig) -> Resolved:
+    """Everything the run needs, or ``ConfigProblems`` listing every problem found."""
+    resolved = build(cfg)  # the rules below need typed sections and every stage
+    problems: list[Problem] = []
+    for stage in resolved.stages.values():
         problems += stage.problems(resolved)
     problems += rules.check_all(resolved)
     resolved.warnings = [p for p in problems if p.severity == "warning"]

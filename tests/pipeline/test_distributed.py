@@ -244,6 +244,35 @@ def problems_of(*overrides: str) -> dict[str, str]:
     return found
 
 
+def test_ranks_get_the_validated_config_and_do_not_compose_or_check_rules_again(tmp_path, monkeypatch):
+    """The parent hands its validated configuration over in the environment: torchrun's command line
+    carries no override (no secret in a process list), a rank types the stages from it without
+    checking rules again, and pipeline.worker refuses to run outside a group optipipe started."""
+    import subprocess
+    import sys
+
+    from pipeline.launch import CONFIG_ENV, handed_over, torchrun_command
+    from pipeline.validate import build
+
+    cfg = composed("model=tiny_random", "tracker=none", *TORCHRUN, "shard=tensor_parallel",
+                   "generate.batch_size=3")
+    cmd = torchrun_command(LauncherSettings(kind="torchrun", nproc_per_node=2), tmp_path / "run")
+    assert cmd[-3:] == ["-m", "pipeline.worker", str(tmp_path / "run")] and not any("=" in a and "--" not in a for a in cmd[3:])
+    from omegaconf import OmegaConf
+
+    rank_cfg = OmegaConf.create(json.loads(handed_over(cfg)))
+    assert OmegaConf.to_container(rank_cfg) == OmegaConf.to_container(cfg, resolve=True)
+    assert build(rank_cfg).stages["generate"].cfg.batch_size == 3
+    broken = composed("model=tiny_random", "tracker=none", "shard=tensor_parallel")  # a rule refuses it (one process)
+    with pytest.raises(ConfigProblems):
+        resolve(broken)
+    assert build(broken).stages["shard"].cfg.tp_size is None  # typed; rules are the parent's job
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.worker", str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 1 and "start the job with optipipe" in proc.stderr
+
+
 def test_multi_process_rules():
     assert "launcher=torchrun" in problems_of("shard=tensor_parallel")["launcher"]
     assert "launcher=torchrun" in problems_of("shard=data_parallel")["launcher"]
