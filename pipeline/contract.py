@@ -103,9 +103,25 @@ class LoadPlan:
         self.contributed_by[key] = stage
 
 
+# How the ranks' values of one metric become the run's value under torchrun. A stage declares it per
+# metric in ``StageResult.across_ranks``; a metric it does not name is what every rank has alike (RANK0).
+REPLICA_SUM = "replica_sum"  # throughput: replicas add up; the ranks of one replica share their tokens
+WORST = "worst"  # latency, memory, seconds, bytes: the largest rank's value bounds the run
+MEAN = "mean"  # a per-GPU fraction or rate (MBU, measured bandwidth)
+RANK0 = "rank0"
+ACROSS_RANKS = (REPLICA_SUM, WORST, MEAN, RANK0)
+
+
+def across(how: str, metrics: dict[str, float] | list[str]) -> dict[str, str]:
+    """``StageResult.across_ranks`` entries: every metric named in ``metrics`` combines as ``how``."""
+    assert how in ACROSS_RANKS, how
+    return dict.fromkeys(metrics, how)
+
+
 @dataclass
 class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)  # names without the stage prefix
+    across_ranks: dict[str, str] = field(default_factory=dict)  # metric → how ranks combine (ACROSS_RANKS)
     tags: dict[str, str] = field(default_factory=dict)
     artifacts: list[Path] = field(default_factory=list)
     seconds: float = 0.0

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.contract import RUN_ENV, DistInfo, StageResult, local_rank
+from pipeline.contract import MEAN, RANK0, REPLICA_SUM, RUN_ENV, WORST, DistInfo, StageResult, local_rank
 
 URI_ENV = "OPTIPIPE_WORKER_TRACKER_URI"
 ERROR_FILE = "rank{rank}.error"
@@ -63,13 +63,14 @@ def leave_group() -> bool:
     return done.wait(TEARDOWN_S)
 
 
-def aggregate(name: str, values: list[float], ranks_per_replica: int) -> float:
-    """One number for the run from every rank's value of metric ``name``."""
-    if name.endswith(("tokens_per_s", "sequences_per_s")):
+def aggregate(how: str, values: list[float], ranks_per_replica: int) -> float:
+    """One number for the run from every rank's value of a metric that combines ``how``
+    (``pipeline.contract.ACROSS_RANKS``, declared by the stage that measured it)."""
+    if how == REPLICA_SUM:
         return sum(values) / ranks_per_replica  # replicas add up; ranks of one replica share tokens
-    if "memory" in name or name.endswith(("_ms_p50", "_ms_p90", "seconds")) or name.endswith("_bytes"):
-        return max(values)  # the worst rank bounds the run
-    if name in ("mbu", "bandwidth_gb_per_s"):
+    if how == WORST:
+        return max(values)
+    if how == MEAN:
         return sum(values) / len(values)
     return values[0]
 
@@ -99,11 +100,13 @@ class RankTracker:
         dist.all_gather_object(gathered, (result.metrics, [str(p) for p in result.artifacts]))
         if not self.dist.is_main:
             return
-        combined = StageResult(tags=dict(result.tags), seconds=result.seconds, summary=result.summary)
+        combined = StageResult(tags=dict(result.tags), seconds=result.seconds, summary=result.summary,
+                               across_ranks=dict(result.across_ranks))
         names = sorted({k for metrics, _ in gathered for k in metrics})
         for name in names:
             values = [metrics[name] for metrics, _ in gathered if name in metrics]
-            combined.metrics[name] = aggregate(name, values, self.ranks_per_replica)
+            how = result.across_ranks.get(name, RANK0)
+            combined.metrics[name] = aggregate(how, values, self.ranks_per_replica)
         per_rank = {f"rank{rank}/{stage}/{name}": value
                     for rank, (metrics, _) in enumerate(gathered) for name, value in metrics.items()}
         for _, files in gathered:  # every rank's files (e.g. its samples) on the one shared run

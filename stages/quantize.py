@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 import torch
 
 from pipeline import measure
-from pipeline.contract import (BaseStage, LoadPlan, NoSettings, Problem, QuantizeTraits, RunContext,
-                               StageError, StageResult, warning)
+from pipeline.contract import (WORST, BaseStage, LoadPlan, NoSettings, Problem, QuantizeTraits, RunContext,
+                               StageError, StageResult, across, warning)
 from stages.settings import BitsAndBytesSettings, TorchAoSettings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -37,6 +37,9 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, int]:
 def dense_bytes(model: torch.nn.Module, dtype_bytes: int) -> float:
     """What the weights would take unquantized: every parameter at ``dtype_bytes``."""
     return float(model.num_parameters()) * dtype_bytes
+
+
+SIZES_ACROSS_RANKS = across(WORST, ["dense_weight_bytes", "weight_bytes"])  # the largest shard bounds the run
 
 
 def size_metrics(model: torch.nn.Module, quantized: int, left: int, dense_dtype: str) -> dict[str, float]:
@@ -139,7 +142,7 @@ class BitsAndBytes(BaseStage):
                                         f"the model's {unquantized_dtype}: activations are cast at "
                                         f"every quantized layer")
         return StageResult(
-            metrics=sizes, tags=tags,
+            metrics=sizes, tags=tags, across_ranks=SIZES_ACROSS_RANKS,
             summary=f"bitsandbytes {self.method()}: {quantized} layers quantized, {left} left, "
                     f"{before / 2**30:.2f} → {after / 2**30:.2f} GiB")
 
@@ -247,7 +250,7 @@ class TorchAo(BaseStage):
         sizes = size_metrics(model, quantized, left, str(dtype).removeprefix("torch."))
         before, after = sizes["dense_weight_bytes"], sizes["weight_bytes"]
         return StageResult(
-            metrics=sizes,
+            metrics=sizes, across_ranks=SIZES_ACROSS_RANKS,
             tags={"quantize.method": f"torchao_{self.cfg.weights}", "quantize.format": str(kinds),
                   "quantize.group_size": str(getattr(self, "chosen_group", None))},
             summary=f"torchao {self.cfg.weights} weight-only: {quantized} layers ({', '.join(kinds)}), "

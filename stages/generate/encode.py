@@ -14,7 +14,7 @@ import torch
 from rich.progress import Progress
 
 from pipeline import measure
-from pipeline.contract import BaseStage, Problem, RunContext, StageResult, workload_context
+from pipeline.contract import REPLICA_SUM, WORST, BaseStage, Problem, RunContext, StageResult, across, workload_context
 from stages.generate import prompts as P
 from stages.settings import EncodeConfig
 
@@ -99,6 +99,8 @@ class Encode(BaseStage):
                 f.write(json.dumps({"text": text, "embedding_norm": float(emb.norm()),
                                     "embedding_head": [round(x, 5) for x in emb[:8].tolist()]}) + "\n")
         return StageResult(metrics=metrics, artifacts=[path], seconds=sum(run_seconds),
+                           across_ranks={**across(REPLICA_SUM, ["sequences_per_s", "tokens_per_s"]),
+                                         **across(WORST, [k for k in metrics if k.startswith(("batch_latency", "memory_"))])},
                            summary=f"{metrics['sequences_per_s']:.0f} seq/s, {metrics['tokens_per_s']:.0f} "
                                    f"tok/s, batch p50 {metrics['batch_latency_ms_p50']:.1f} ms, "
                                    f"{metrics['padding_fraction']:.0%} padding")

@@ -9,7 +9,8 @@ import torch
 from rich.progress import Progress
 
 from pipeline import measure, roofline
-from pipeline.contract import BaseStage, Problem, RunContext, StageError, StageResult, workload_context
+from pipeline.contract import (MEAN, REPLICA_SUM, WORST, BaseStage, Problem, RunContext, StageError, StageResult,
+                               across, workload_context)
 from stages.generate import engines
 from stages.generate import prompts as P
 from stages.generate.clock import StepClock, Timing, TimingSummary, noise
@@ -45,6 +46,13 @@ def roofline_metrics(model: Any, metrics: dict[str, float], devices: list[int], 
     return {"bandwidth_gb_per_s": bandwidth / 1e9, "decode_step_bytes": step_bytes,
             "mbu": roofline.mbu(step_bytes, step_s, bandwidth),
             "floor_tokens_per_s": metrics["batch_size"] * bandwidth / step_bytes}
+
+
+# what the clock and the roofline measure; anything else (settings, shares of a profile) is alike on every rank
+ACROSS_RANKS_OF_GENERATE = {
+    **across(REPLICA_SUM, ["decode_tokens_per_s", "e2e_tokens_per_s", "floor_tokens_per_s"]),
+    **across(WORST, ["ttft_ms_p50", "ttft_ms_p90", "itl_ms_p50", "itl_ms_p90", "warmup_seconds", "decode_step_bytes"]),
+    **across(MEAN, ["mbu", "bandwidth_gb_per_s"])}
 
 
 def decode_text(metrics: dict[str, float]) -> str:
@@ -190,6 +198,7 @@ class Generate(BaseStage):
         samples = self._save_samples(ctx, tok, texts, inputs["input_ids"].shape[1], outputs)
         return StageResult(
             metrics={**metrics, **memory, **profile},
+            across_ranks=ACROSS_RANKS_OF_GENERATE | across(WORST, memory),
             artifacts=[samples, *([self._profile_path(ctx)] if profile else [])],
             tags={"generate.chat_template": str(chat), **hook_tags,
                   "generate.mode": "sample" if c.do_sample else "greedy"},

@@ -6,7 +6,8 @@ import time
 from typing import Any, ClassVar
 
 from pipeline import measure
-from pipeline.contract import BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult, local_rank
+from pipeline.contract import (WORST, BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult, across,
+                               local_rank)
 from stages.load import sources
 from stages.settings import LoadConfig
 
@@ -114,6 +115,7 @@ class Load(BaseStage):
             return model, tokenizer
         self._result = StageResult(
             metrics=metrics, seconds=loaded - start,
+            across_ranks=across(WORST, [k for k in metrics if k not in ("parameters", "cpu_threads")]),
             tags={"model.source": ckpt.source, "model.dtype": str(model.dtype).removeprefix("torch."),
                   "model.class": type(model).__name__, "model.device": str(model.device)},
             summary=f"{type(model).__name__} {metrics['parameters'] / 1e6:.0f}M params, "

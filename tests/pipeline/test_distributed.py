@@ -314,11 +314,18 @@ def test_sweep_jobs_take_disjoint_gpus(monkeypatch):
     assert visible_devices(LauncherSettings(kind="torchrun", devices=[5, 6]), 0) == "5,6"
 
 
-def test_aggregates():
-    assert aggregate("decode_tokens_per_s", [10.0, 12.0], ranks_per_replica=1) == 22.0
-    assert aggregate("decode_tokens_per_s", [10.0, 12.0], ranks_per_replica=2) == 11.0
-    assert aggregate("memory_peak_allocated_gib", [3.0, 5.0], 1) == 5.0
-    assert aggregate("itl_ms_p90", [3.0, 5.0], 1) == 5.0
+def test_ranks_combine_as_the_measuring_stage_declares():
+    from pipeline.contract import MEAN, RANK0, REPLICA_SUM, WORST
+    from stages.generate.stage import ACROSS_RANKS_OF_GENERATE
+
+    assert aggregate(REPLICA_SUM, [10.0, 12.0], ranks_per_replica=1) == 22.0  # two replicas
+    assert aggregate(REPLICA_SUM, [10.0, 12.0], ranks_per_replica=2) == 11.0  # one TP2 replica
+    assert aggregate(WORST, [3.0, 5.0], 1) == 5.0
+    assert aggregate(MEAN, [0.5, 0.7], 1) == pytest.approx(0.6)
+    assert aggregate(RANK0, [32.0, 32.0], 2) == 32.0
+    assert (ACROSS_RANKS_OF_GENERATE["decode_tokens_per_s"], ACROSS_RANKS_OF_GENERATE["itl_ms_p90"],
+            ACROSS_RANKS_OF_GENERATE["mbu"]) == (REPLICA_SUM, WORST, MEAN)
+    assert "batch_size" not in ACROSS_RANKS_OF_GENERATE  # a setting: alike on every rank
 
 
 @pytest.mark.gpu
