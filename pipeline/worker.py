@@ -2,9 +2,9 @@
 
 The parent composed and validated the job and handed its configuration over in the environment
 (``pipeline.launch.CONFIG_ENV``: resolved values, secrets included, so it lives in process memory
-only — never in a file of the run folder, whose ``resolved_config.yaml`` is redacted). A rank neither re-composes the
-command line with Hydra nor checks the rules again: it types the stages from that configuration (the
-same dataclasses, so a value means the same) and runs them.
+only, never in a file of the run folder, whose ``resolved_config.yaml`` is redacted). A rank neither
+re-composes the command line with Hydra nor checks the rules again: it types the stages from that
+configuration (the same dataclasses, so a value means the same) and runs them.
 """
 
 from __future__ import annotations
