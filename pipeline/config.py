@@ -46,9 +46,9 @@ class PipelineSettings:
 class TrackerSettings:
     kind: str = "mlflow"  # mlflow | none
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite under outputs/
-    experiment: str = "optipipe"
-    run_name: Optional[str] = None
-    connect_timeout_s: float = 5.0
+    experiment: str = "optipipe"  # the MLflow experiment runs go to
+    run_name: Optional[str] = None  # None: the command's overrides
+    connect_timeout_s: float = 5.0  # per request to the tracking server: a dead one costs seconds, not the run
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+
 @dataclass
 class LoadConfig:
     dtype: str = "auto"  # auto (the checkpoint's own) | bfloat16 | float16 | float32
@@ -19,6 +20,7 @@ class LoadConfig:
     allow_pickle: bool = False  # safetensors only unless you opt in to pickle checkpoints
     cache_dir: Optional[str] = None  # GGUF/random conversions; default $OPTIPIPE_CACHE or ~/.cache/optipipe
     num_threads: Optional[int] = None  # CPU threads for torch's kernels; null: torch's default (the cores)
+
 
 @dataclass
 class BitsAndBytesSettings:
@@ -32,11 +34,13 @@ class BitsAndBytesSettings:
     cpu_offload: bool = False  # 8-bit: allow fp32 modules on CPU (llm_int8_enable_fp32_cpu_offload)
     extra: dict[str, Any] = field(default_factory=dict)  # any other BitsAndBytesConfig argument
 
+
 @dataclass
 class TorchAoSettings:
     weights: str = "int4"  # int4 (group-wise, asymmetric) | int8 (per output row)
     group_size: Optional[int] = None  # int4: weights sharing one scale; None: the largest of 128/64/32 that fits
     include_embeddings: bool = False  # quantize the input embedding and output head too
+
 
 @dataclass
 class AttentionConfig:
@@ -45,8 +49,9 @@ class AttentionConfig:
     static_cache: bool = False  # preallocated KV cache: fixed shapes, the precondition for compile
     compile: bool = False  # torch.compile the decode step (needs static_cache)
     compile_mode: str = "reduce-overhead"  # reduce-overhead captures CUDA graphs
-    fullgraph: bool = True
-    dynamic: bool = False
+    fullgraph: bool = True  # compile: one graph or an error (no silent graph breaks)
+    dynamic: bool = False  # compile: fixed shapes (the static cache has them)
+
 
 @dataclass
 class PipelinePlacementConfig:
@@ -55,6 +60,7 @@ class PipelinePlacementConfig:
     device_map: str = "sequential"
     max_memory: Optional[dict[Any, str]] = None  # {0: "20GiB", "cpu": "64GiB"}: GPU index or cpu; None: all there is
     offload_folder: Optional[str] = None  # disk offload for layers that fit on no device
+
 
 @dataclass
 class TensorParallelConfig:
@@ -65,9 +71,11 @@ class TensorParallelConfig:
     one_shot_max_kib: int = 1024  # larger messages (prefill) take the process group's all-reduce
     agreed_tuning: bool = True  # ranks tune the decode step's kernels together and pick the same configurations
 
+
 @dataclass
 class DataParallelConfig:
     tp_size: int = 1  # >1: each replica is tensor parallel over tp_size processes (4 GPUs = 2 × TP2)
+
 
 @dataclass
 class GenerateConfig:
@@ -75,14 +83,14 @@ class GenerateConfig:
     prompt_file: Optional[str] = None  # .txt (one per line) or .jsonl ("prompt" field)
     chat_template: str = "auto"  # auto (when the tokenizer has one) | on | off
     prompt_tokens: Optional[int] = None  # benchmark: every prompt exactly N tokens, no template
-    batch_size: int = 1
+    batch_size: int = 1  # prompts per generate call (the prompts cycle to fill it)
     max_new_tokens: int = 32
     benchmark: bool = False  # force exactly max_new_tokens (EOS does not stop the run)
-    do_sample: bool = False
-    temperature: float = 1.0
+    do_sample: bool = False  # false: greedy
+    temperature: float = 1.0  # sampling only, as top_p and top_k
     top_p: float = 1.0
     top_k: int = 50
-    seed: int = 0
+    seed: int = 0  # every repeat samples the same way
     warmup: int = 1  # untimed runs first: allocator, kernels, compilation
     repeats: int = 3  # timed runs; percentiles come from these
     engine: str = "transformers"  # transformers: model.generate | fast: static cache + compiled step | a class path
@@ -92,8 +100,9 @@ class GenerateConfig:
     fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
     fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
     fast_coordinate_descent: bool = True  # fast engine: inductor tunes the step's kernels (M=1 matmuls as reductions)
-    fast_fuse_projections: bool = False  # fast engine: inductor freezing joins q/k/v and gate/up matmuls (costs their copy)
+    fast_fuse_projections: bool = False  # fast engine, batch > 1: inductor freezing joins matmuls that share an input (+ their copy)
     profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
+
 
 @dataclass
 class EncodeConfig:
@@ -106,6 +115,7 @@ class EncodeConfig:
     repeats: int = 5
     pooling: str = "mean"  # mean | cls
 
+
 @dataclass
 class CorpusSettings:
     file: Optional[str] = None  # a text file, or .jsonl with `field`
@@ -113,24 +123,27 @@ class CorpusSettings:
     dataset_config: Optional[str] = None
     split: str = "test"
     field: Optional[str] = None  # JSONL / dataset text field (default "text")
-    max_chars: int = 8000  # the offline default is ~2,000 SmolLM2 tokens at this size
+    max_chars: int = 8000  # offline default (Python stdlib docstrings, assembled at run time): ~2,000 SmolLM2 tokens
+
 
 @dataclass
 class GateSettings:
-    max_perplexity_increase_pct: Optional[float] = None
-    min_token_agreement: Optional[float] = None
-    min_top1_agreement: Optional[float] = None
-    max_kl: Optional[float] = None
-    min_cosine: Optional[float] = None  # encoders
+    # each bound is checked against the reference's comparison; None: not checked
+    max_perplexity_increase_pct: Optional[float] = None  # e.g. 5.0
+    min_token_agreement: Optional[float] = None  # mean share of each greedy continuation before it parts from the reference's, 0–1
+    min_top1_agreement: Optional[float] = None  # corpus positions with the reference's top token, 0–1
+    max_kl: Optional[float] = None  # mean KL(reference ‖ ours) over corpus positions
+    min_cosine: Optional[float] = None  # encoders: the lowest embedding cosine similarity
     enforce: bool = False  # true: a failed gate fails the run (exit code 1)
+
 
 @dataclass
 class EvaluateConfig:
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
-    max_length: int = 256
-    stride: int = 128
+    max_length: int = 256  # window length (tokens)
+    stride: int = 128  # a new window every `stride` tokens; stride = max_length: no overlap
     windowing: str = "strided"  # strided (transformers guide) | rolling (lm-eval's loglikelihood_rolling)
-    batch_size: int = 4
+    batch_size: int = 4  # windows per forward
     reference: bool = True  # compare with the same weights, no quantize/convert, eager attention
     reference_dtype: Optional[str] = None  # None: the load dtype
     compare_tokens: int = 256  # corpus positions compared token by token (top-1, KL)
