@@ -20,17 +20,26 @@ from pipeline.contract import Problem
 from pipeline.registry import HYDRA_PREFIXES, hydra_target_problems
 
 
-def _one_point(overrides: list[str]) -> list[str]:
-    """The overrides of a sweep's first job (a search's intervals left out): what to compose."""
+def sweep_axes(overrides: list[str]) -> list[tuple[str, list[str] | None]]:
+    """(key, its jobs' overrides) for each command-line override, parsed as Hydra parses them: one
+    override for a plain value, one per value of a comma list or range()/choice(); None for a
+    search's interval (the sweeper picks those values as it goes)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    out = []
+    axes: list[tuple[str, list[str] | None]] = []
     for o in OverridesParser.create().parse_overrides(overrides):
         if not o.is_sweep_override():
-            out.append(o.input_line)
-        elif not o.is_interval_sweep():
-            out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
-    return out
+            axes.append((o.key_or_group, [o.input_line]))
+        elif o.is_interval_sweep():
+            axes.append((o.key_or_group, None))
+        else:
+            axes.append((o.key_or_group, [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]))
+    return axes
+
+
+def _one_point(overrides: list[str]) -> list[str]:
+    """The overrides of a sweep's first job (a search's intervals left out): what to compose."""
+    return [values[0] for _, values in sweep_axes(overrides) if values]
 
 
 def _compose(args, overrides: list[str]):

@@ -100,18 +100,12 @@ def sweep_points(overrides: list[str]) -> list[list[str]] | None:
     comma lists and range()/choice() values); None when a search sweeper's intervals decide them."""
     import itertools
 
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from pipeline.hydra_guard import sweep_axes
 
-    axes = []
-    for o in OverridesParser.create().parse_overrides(overrides):
-        if o.key_or_group.startswith("hydra"):
-            continue  # launcher/sweeper settings: nothing of ours to validate
-        if not o.is_sweep_override():
-            axes.append([o.input_line])
-            continue
-        if o.is_interval_sweep():
-            return None
-        axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+    # launcher/sweeper settings (hydra.*): nothing of ours to validate
+    axes = [values for key, values in sweep_axes(overrides) if not key.startswith("hydra")]
+    if any(values is None for values in axes):
+        return None
     return [list(p) for p in itertools.product(*axes)]
 
 

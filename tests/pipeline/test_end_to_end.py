@@ -374,6 +374,15 @@ def test_sweep_points_are_the_basic_sweepers_product():
     assert sweep_points(["generate.batch_size=int(interval(1, 8))"]) is None  # a search sweeper's space
 
 
+def test_the_guard_composes_a_sweeps_first_point():
+    """What hydra_guard checks before Hydra starts: the first value of each list, a search's
+    intervals left to the sweeper, hydra.* settings kept (the sweep's own points drop them)."""
+    from pipeline.hydra_guard import _one_point
+
+    assert _one_point(["quantize=nf4,none", "generate.top_k=int(interval(1, 8))", "model=tiny_random",
+                       "hydra.sweeper.n_trials=3"]) == ["quantize=nf4", "model=tiny_random", "hydra.sweeper.n_trials=3"]
+
+
 def test_every_run_leaves_its_numbers_in_the_run_dir(tmp_path):
     """metrics.json beside the config: untracked runs keep their results; tracked ones name the run."""
     for tracker in ("none", "mlflow"):
