@@ -62,6 +62,18 @@ class ConfigProblems(Exception):
 
 
 RUN_ENV = "OPTIPIPE_WORKER_RUN_ID"  # set by the parent: this process is a torchrun worker of that run
+CONFIG_ENV = "OPTIPIPE_WORKER_CONFIG"  # set by the parent: the validated configuration (pipeline/worker.py)
+MAX_HANDED_OVER = 100_000  # bytes of it: Linux takes at most 128 KiB in one environment string
+
+
+def handed_over(cfg: Any) -> str:
+    """What the ranks find in ``CONFIG_ENV``: the job's configuration, every value resolved (in
+    their environment only: it may hold secrets, which the run folder's files never do)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True))
 
 
 def is_worker() -> bool:

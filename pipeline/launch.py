@@ -19,14 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline.config import LauncherSettings
-from pipeline.contract import RUN_ENV, Placement, StageResult
+from pipeline.contract import CONFIG_ENV, RUN_ENV, Placement, StageResult, handed_over
 from pipeline.distributed import ERROR_FILE, URI_ENV
 from pipeline.environment import gpu_count
 
-CONFIG_ENV = "OPTIPIPE_WORKER_CONFIG"  # the validated configuration, for the ranks (pipeline/worker.py)
 OUTCOME_FILE = "outcome.json"  # rank 0 writes the aggregated stage results here
 GRACE_S = 15.0  # after SIGTERM, how long ranks get to exit before SIGKILL
 
@@ -48,12 +47,6 @@ def visible_devices(settings: LauncherSettings, job_num: int) -> str | None:
     groups = max(len(ids) // settings.nproc_per_node, 1)
     start = (job_num % groups) * settings.nproc_per_node
     return ",".join(ids[start:start + settings.nproc_per_node])
-
-
-def handed_over(cfg: DictConfig) -> str:
-    """What the ranks find in ``CONFIG_ENV``: the job's configuration, every value resolved (in
-    their environment only: it may hold secrets, which the run folder's files never do)."""
-    return json.dumps(OmegaConf.to_container(cfg, resolve=True))
 
 
 def torchrun_command(settings: LauncherSettings, output_dir: Path) -> list[str]:

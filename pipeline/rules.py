@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from pipeline.contract import Problem
+from pipeline.contract import MAX_HANDED_OVER, Problem, handed_over
 
 Rule = Callable[[Any], list[Problem]]
 RULES: list[Rule] = []
@@ -46,6 +46,20 @@ def resume_names_a_run(resolved: Any) -> list[Problem]:
         return []
     return [Problem("pipeline.resume_from", f"{named!r} is not an MLflow run id (32 hex digits)",
                     "pipeline.resume_from=<the sweep's parent run id, printed as 'sweep parent run …'>")]
+
+
+@rule
+def config_fits_the_ranks_environment(resolved: Any) -> list[Problem]:
+    """torchrun ranks receive the validated configuration in their environment, which has a size limit."""
+    if resolved.launcher.kind != "torchrun":
+        return []
+    size = len(handed_over(resolved.cfg).encode())
+    if size <= MAX_HANDED_OVER:
+        return []
+    return [Problem("launcher", f"the configuration is {size // 1024} KiB; torchrun ranks receive it in their "
+                    f"environment, which takes at most {MAX_HANDED_OVER // 1024} KiB",
+                    "move long lists into files: generate.prompt_file=… instead of generate.prompts, "
+                    "generate.text_file=… instead of generate.texts")]
 
 
 @rule

@@ -1,7 +1,7 @@
 """A torchrun rank's entry point: ``python -m pipeline.worker <output_dir>``.
 
 The parent composed and validated the job and handed its configuration over in the environment
-(``pipeline.launch.CONFIG_ENV``: resolved values, secrets included, so it lives in process memory
+(``pipeline.contract.CONFIG_ENV``: resolved values, secrets included, so it lives in process memory
 only, never in a file of the run folder, whose ``resolved_config.yaml`` is redacted). A rank neither
 re-composes the command line with Hydra nor checks the rules again: it types the stages from that
 configuration (the same dataclasses, so a value means the same) and runs them.
@@ -17,8 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from pipeline import launch, quiet
-from pipeline.contract import is_worker
-from pipeline.launch import CONFIG_ENV
+from pipeline.contract import CONFIG_ENV, is_worker
 from pipeline.validate import build
 
 

@@ -251,7 +251,8 @@ def test_ranks_get_the_validated_config_and_do_not_compose_or_check_rules_again(
     import subprocess
     import sys
 
-    from pipeline.launch import CONFIG_ENV, handed_over, torchrun_command
+    from pipeline.contract import CONFIG_ENV, handed_over
+    from pipeline.launch import torchrun_command
     from pipeline.validate import build
 
     cfg = composed("model=tiny_random", "tracker=none", *TORCHRUN, "shard=tensor_parallel",
@@ -267,6 +268,10 @@ def test_ranks_get_the_validated_config_and_do_not_compose_or_check_rules_again(
     with pytest.raises(ConfigProblems):
         resolve(broken)
     assert build(broken).stages["shard"].cfg.tp_size is None  # typed; rules are the parent's job
+    huge = composed("model=tiny_random", "tracker=none", *TORCHRUN, "shard=data_parallel")
+    huge.generate.prompts = ["a prompt of a hundred characters " * 3] * 1200  # ~120 KB: over what an environment takes
+    with pytest.raises(ConfigProblems, match="generate.prompt_file"):
+        resolve(huge)
     monkeypatch.delenv(CONFIG_ENV, raising=False)
     proc = subprocess.run([sys.executable, "-m", "pipeline.worker", str(tmp_path)], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
