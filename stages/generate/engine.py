@@ -76,8 +76,9 @@ def frozen_on_first_call(step: Callable) -> Callable:
     so each group runs as one wider matmul — fewer, fuller kernels, most of all for the narrow
     per-rank slices of tensor parallel. The concatenated copies cost memory beside the model's own
     weights (which the eager prefill still reads); inductor versions differ in what they join
-    (torch 2.11 joins only equal shapes: gate/up; 2.13 also q/k/v). ``freezing`` is read where compilation starts,
-    not from ``torch.compile``'s options, so it is set around the call that compiles (the first)."""
+    (torch 2.11 joins only equal shapes: gate/up; 2.13 also q/k/v). ``freezing`` is read where
+    compilation starts, not from ``torch.compile``'s options, so it is set around the call that
+    compiles (the first)."""
     from torch._inductor import config
 
     compiled = [False]
