@@ -110,12 +110,13 @@ class Load(BaseStage):
             "weight_bytes": float(measure.weight_bytes(model)),
             "cpu_threads": float(torch.get_num_threads()),
         }
-        metrics.update({f"memory_{k}": v for k, v in measure.memory_now(devices).items()})
+        memory = {f"memory_{k}": v for k, v in measure.memory_now(devices).items()}
+        metrics.update(memory)
         if not record:
             return model, tokenizer
         self._result = StageResult(
             metrics=metrics, seconds=loaded - start,
-            across_ranks=across(WORST, [k for k in metrics if k not in ("parameters", "cpu_threads")]),
+            across_ranks=across(WORST, ["seconds", "prepare_seconds", "weight_bytes", *memory]),
             tags={"model.source": ckpt.source, "model.dtype": str(model.dtype).removeprefix("torch."),
                   "model.class": type(model).__name__, "model.device": str(model.device)},
             summary=f"{type(model).__name__} {metrics['parameters'] / 1e6:.0f}M params, "

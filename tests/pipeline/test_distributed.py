@@ -251,6 +251,8 @@ def test_ranks_get_the_validated_config_and_do_not_compose_or_check_rules_again(
     import subprocess
     import sys
 
+    from omegaconf import OmegaConf
+
     from pipeline.contract import CONFIG_ENV, handed_over
     from pipeline.launch import torchrun_command
     from pipeline.validate import build
@@ -259,8 +261,6 @@ def test_ranks_get_the_validated_config_and_do_not_compose_or_check_rules_again(
                    "generate.batch_size=3")
     cmd = torchrun_command(LauncherSettings(kind="torchrun", nproc_per_node=2), tmp_path / "run")
     assert cmd[-3:] == ["-m", "pipeline.worker", str(tmp_path / "run")] and not any("=" in a and "--" not in a for a in cmd[3:])
-    from omegaconf import OmegaConf
-
     rank_cfg = OmegaConf.create(json.loads(handed_over(cfg)))
     assert OmegaConf.to_container(rank_cfg) == OmegaConf.to_container(cfg, resolve=True)
     assert build(rank_cfg).stages["generate"].cfg.batch_size == 3
