@@ -19,9 +19,12 @@ from typing import Any, Callable
 
 import torch
 
+from stages.generate import joined_projections
 from stages.generate.clock import StepClock
+from stages.generate.joined_projections import MergeRepeatedOps
 from stages.attention.gqa_decode import NAME as GQA_DECODE_ATTENTION, GqaDecodeAttention
 from stages.shard import agreed_tuning
+from stages.shard.tp_layers import split_head
 
 
 @dataclass
@@ -51,9 +54,10 @@ def choose(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
-def step_compile_options(mode: str, coordinate_descent: bool) -> dict[str, Any]:
+def step_compile_options(mode: str, coordinate_descent: bool, merge: MergeRepeatedOps | None = None) -> dict[str, Any]:
     """inductor options for the decode step: ``mode``'s own, plus coordinate-descent tuning when asked
-    (with inductor's caches off while tensor-parallel ranks agree on it: stages/shard/agreed_tuning.py).
+    (with inductor's caches off while tensor-parallel ranks agree on it: stages/shard/agreed_tuning.py),
+    and the pass that merges joined projections when given.
 
     At batch 1 every projection is a matrix-vector product (M = 1). cuBLAS runs those below the
     memory bandwidth they could reach; with coordinate-descent tuning on, inductor rewrites an M = 1
@@ -63,35 +67,13 @@ def step_compile_options(mode: str, coordinate_descent: bool) -> dict[str, Any]:
     from torch._inductor import list_mode_options
 
     options = dict(list_mode_options(mode))
+    if merge is not None:  # joined projections: one matmul per group (stages/generate/joined_projections.py)
+        options["post_grad_custom_pre_pass"] = merge
     if coordinate_descent:
         options["coordinate_descent_tuning"] = True
         if agreed_tuning.active():
             options.update(agreed_tuning.COMPILE_OPTIONS)
     return options
-
-
-def frozen_on_first_call(step: Callable) -> Callable:
-    """``step`` compiled with inductor's freezing: the weights become constants of the compiled graph,
-    and inductor then concatenates the weights of matmuls that read the same input (q/k/v, gate/up)
-    so each group runs as one wider matmul — fewer, fuller kernels, most of all for the narrow
-    per-rank slices of tensor parallel. The concatenated copies cost memory beside the model's own
-    weights (which the eager prefill still reads); inductor versions differ in what they join
-    (torch 2.11 joins only equal shapes: gate/up; 2.13 also q/k/v). ``freezing`` is read where
-    compilation starts, not from ``torch.compile``'s options, so it is set around the call that
-    compiles (the first)."""
-    from torch._inductor import config
-
-    compiled = [False]
-
-    def call(*args: Any) -> Any:
-        if compiled[0]:
-            return step(*args)
-        with config.patch(freezing=True):
-            out = step(*args)
-        compiled[0] = True
-        return out
-
-    return call
 
 
 class FastDecoder:
@@ -102,14 +84,20 @@ class FastDecoder:
                  gqa_attention: bool = True, compile_prefill: bool = False,
                  coordinate_descent: bool = True, fuse_projections: bool = False) -> None:
         self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
-        self.coordinate_descent, self.fuse_projections = coordinate_descent, fuse_projections
+        self.coordinate_descent = coordinate_descent
+        # q/k/v and gate/up as one matmul each in compiled code (eager calls run them apart, as before)
+        self.joined = joined_projections.join(model) if fuse_projections else []
+        self.merge = MergeRepeatedOps() if self.joined else None
         # The prefill is one forward per generation; eager it launches every kernel from Python.
         # Compiled (no CUDA graph: prompt lengths vary, dynamic shapes after the first recompile)
         # its small ops fuse. Off by default: not yet measured on a GPU.
-        self._prefill_forward = (torch.compile(self._forward, dynamic=None, fullgraph=True)
+        prefill_options = {"post_grad_custom_pre_pass": self.merge} if self.merge else None
+        self._prefill_forward = (torch.compile(self._forward, dynamic=None, fullgraph=True, options=prefill_options)
                                  if compile_prefill else self._forward)
         self.stop_check_every = max(1, stop_check_every)
         self.sampling = sampling or Sampling()
+        # tensor parallel, greedy: each rank picks from its own slice of the vocabulary
+        self.split_head = None if self.sampling.do_sample else split_head(model)
         self.cache, self.cache_shape = None, None
         self._step: Callable | None = None
         # transformers renamed past_key_values to cache (5.2x); speak whichever this version takes
@@ -130,7 +118,10 @@ class FastDecoder:
         """One token for every row: forward, choice, finished-row bookkeeping, next positions."""
         logits = self.model(input_ids=token, position_ids=position, cache_position=cache_position,
                             attention_mask=mask, use_cache=True, **{self.cache_kw: self.cache}).logits[:, -1]
-        nxt = choose(logits.masked_fill(banned, float("-inf")), self.sampling)
+        if self.split_head is not None:  # logits are this rank's columns (local_logits is open)
+            nxt = self.split_head.greedy(logits, banned)
+        else:
+            nxt = choose(logits.masked_fill(banned, float("-inf")), self.sampling)
         nxt = torch.where(done, pad, nxt)  # rows that met EOS keep emitting pad, as generate does
         return nxt[:, None], position + 1, cache_position + 1, done | torch.isin(nxt, eos)
 
@@ -139,9 +130,9 @@ class FastDecoder:
             if self.compile_mode is None:
                 self._step = self._decode_step
             else:
-                step = torch.compile(self._decode_step, fullgraph=True, dynamic=False,
-                                     options=step_compile_options(self.compile_mode, self.coordinate_descent))
-                self._step = agreed_tuning.scoped(frozen_on_first_call(step) if self.frozen() else step)
+                options = step_compile_options(self.compile_mode, self.coordinate_descent, self.merge)
+                self._step = agreed_tuning.scoped(torch.compile(self._decode_step, fullgraph=True, dynamic=False,
+                                                                options=options))
         return self._step
 
     def _prefill(self, input_ids, attention_mask, max_new_tokens):
@@ -172,18 +163,15 @@ class FastDecoder:
         gqa = self.gqa_attention and GqaDecodeAttention(self.model).active
         return GQA_DECODE_ATTENTION if gqa else str(self.model.config._attn_implementation)
 
-    def frozen(self) -> bool:
-        """Whether the decode step is compiled with fused projections. Not at batch 1: there every
-        matmul is a reduction that inductor tunes, and frozen weights let it fuse the RMSNorm into
-        those reductions, which then ran slower (one H200: 7.5 ms of matmul per token against ~4.5)."""
-        batch = self.cache_shape[0] if self.cache_shape else 0
-        return bool(self.fuse_projections and self.compile_mode and batch > 1)
-
     def fused_projections(self) -> str:
-        """What became of ``fuse_projections`` (for the run's tags)."""
-        if not self.fuse_projections:
-            return "off"
-        return "frozen" if self.frozen() else "off (batch 1 or eager: not fused)"
+        """Which projection groups run as one matmul in the compiled steps (for the run's tags)."""
+        return "joined " + ", ".join(self.joined) if self.joined else "off"
+
+    def token_choice(self) -> str:
+        """How the decode steps choose tokens (for the run's tags)."""
+        if self.sampling.do_sample:
+            return "sampled"
+        return "vocab_parallel_argmax" if self.split_head is not None else "argmax"
 
     def kernel_tuning(self) -> str:
         """How the decode step's kernels were chosen (for the run's tags)."""
@@ -221,20 +209,21 @@ class FastDecoder:
         position, cache_position = position[:, -1:] + 1, cache_position[-1:] + 1
         pad = torch.tensor(pad_token_id, device=device)
         step, produced = self._compiled_step(), 1
-        while produced < max_new_tokens:
-            if produced >= min_new_tokens:
-                banned = free
-            if self.compile_mode in ("reduce-overhead", "max-autotune"):  # the modes that capture CUDA graphs
-                torch.compiler.cudagraph_mark_step_begin()  # a new replay may reuse the last outputs' memory
-            # the graph's outputs live in its pool and are overwritten by the next replay: keep copies
-            token, position, cache_position, done = (t.clone() for t in step(
-                token, position, cache_position, mask, done, banned, pad, eos))
-            out[:, produced:produced + 1] = token
-            produced += 1
-            if clock is not None:
-                clock(input_ids, logits)
-            if produced % self.stop_check_every == 0 and bool(done.all()):
-                break  # one device→host read per stop_check_every tokens, not per token
+        with self.split_head.local_logits() if self.split_head else nullcontext():
+            while produced < max_new_tokens:
+                if produced >= min_new_tokens:
+                    banned = free
+                if self.compile_mode in ("reduce-overhead", "max-autotune"):  # the modes that capture CUDA graphs
+                    torch.compiler.cudagraph_mark_step_begin()  # a new replay may reuse the last outputs' memory
+                # the graph's outputs live in its pool and are overwritten by the next replay: keep copies
+                token, position, cache_position, done = (t.clone() for t in step(
+                    token, position, cache_position, mask, done, banned, pad, eos))
+                out[:, produced:produced + 1] = token
+                produced += 1
+                if clock is not None:
+                    clock(input_ids, logits)
+                if produced % self.stop_check_every == 0 and bool(done.all()):
+                    break  # one device→host read per stop_check_every tokens, not per token
         return torch.cat([input_ids, trim_finished(out[:, :produced], eos)], dim=1)
 
 

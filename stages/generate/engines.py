@@ -117,7 +117,7 @@ class FastEngine:
     def tags(self, model: Any) -> dict[str, str]:
         decoder = self.decoder(model)  # what the decode steps attended with (the model's own, or ours for GQA)
         return {"generate.decode_attention": decoder.decode_attention(), "generate.kernel_tuning": decoder.kernel_tuning(),
-                "generate.fused_projections": decoder.fused_projections()}
+                "generate.fused_projections": decoder.fused_projections(), "generate.token_choice": decoder.token_choice()}
 
 
 BUILT_IN: dict[str, type] = {"transformers": TransformersEngine, "fast": FastEngine}

@@ -50,6 +50,18 @@ def _(y: torch.Tensor, reducer: str, width: int) -> torch.Tensor:
     return y.new_empty(*y.shape[:-1], width)
 
 
+@torch.library.custom_op("optipipe::tp_argmax", mutates_args=())
+def tp_argmax(value: torch.Tensor, index: torch.Tensor, reducer: str) -> torch.Tensor:
+    """Per row, the ``index`` whose ``value`` is largest over the group's ranks (the lowest rank's on
+    a tie); ``value`` float32 and ``index`` int64, one per row."""
+    return _REDUCERS[reducer].argmax(value, index)
+
+
+@tp_argmax.register_fake
+def _(value: torch.Tensor, index: torch.Tensor, reducer: str) -> torch.Tensor:
+    return torch.empty_like(index)
+
+
 def symm_mem_problem(group: Any, device: torch.device) -> str | None:
     """Why symmetric memory cannot serve this group (None: it can)."""
     import torch.distributed as dist
@@ -147,6 +159,20 @@ class AllReduce:
         summed = self.run(blocks)
         full = summed.permute(1, 0, 2).reshape(rows.shape[0], world * chunk)[:, :width].contiguous()
         return full.reshape(*y.shape[:-1], width)
+
+
+    def argmax(self, value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Every rank's (value, index) pairs meet in one small all-reduce: rank r's go to block r of
+        (world, rows, 2), zero elsewhere. float32 holds a bf16/fp16 logit and a vocabulary index
+        below 2**24 exactly, so the choice is the one a full-vocabulary argmax makes."""
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        blocks = torch.zeros(world, value.shape[0], 2, dtype=torch.float32, device=value.device)
+        blocks[rank, :, 0], blocks[rank, :, 1] = value, index.float()
+        summed = self.run(blocks)
+        best = summed[:, :, 0].argmax(0, keepdim=True)  # the first rank holding the maximum: lower indices
+        return summed[:, :, 1].gather(0, best)[0].long()
 
 
 def self_test(reduce: AllReduce, device: torch.device, rank: int, world: int) -> bool:

@@ -1,6 +1,6 @@
 """Our tensor-parallel layers and their all-reduce, over 2 real gloo processes: row-parallel sums,
-the vocabulary-parallel gather (uneven split included), compiled equals eager, and the fallback
-that a CPU takes (and says why)."""
+the vocabulary-parallel gather and greedy choice (uneven split included), compiled equals eager, and
+the fallback that a CPU takes (and says why)."""
 
 from __future__ import annotations
 
@@ -48,10 +48,29 @@ def _checks(rank: int, world: int) -> None:
     torch.testing.assert_close(row(x[..., rank * 4:(rank + 1) * 4]), expected_row)
     head = VocabParallelHead(8, 4, bias=False)
     head.weight = torch.nn.Parameter(w_head[rank * 4:(rank + 1) * 4].clone())
-    head.reduce, head.vocab = reduce, 7
+    head.reduce, head.vocab, head.first = reduce, 7, rank * 4
     torch.testing.assert_close(head(x), x @ w_head.t())
     compiled = torch.compile(lambda t: head(t), fullgraph=True)  # the custom ops trace without a break
     torch.testing.assert_close(compiled(x), x @ w_head.t())
+    _greedy_checks(head, x, w_head, rank)
+
+
+def _greedy_checks(head: VocabParallelHead, x: torch.Tensor, w_head: torch.Tensor, rank: int) -> None:
+    """The greedy choice through local logits is the full-vocabulary argmax: banned tokens skipped,
+    ties to the lowest index (across ranks too), compiled as eager."""
+    full = (x @ w_head.t())[:, -1]
+    with head.local_logits():
+        local = head(x)[:, -1]
+    assert head.full_logits and local.shape[-1] == (4, 3)[rank]
+    none = torch.zeros(7, dtype=torch.bool)
+    assert torch.equal(head.greedy(local, none), full.argmax(-1))
+    banned = none.clone().index_fill_(0, full.argmax(-1), True)
+    assert torch.equal(head.greedy(local, banned), full.masked_fill(banned, float("-inf")).argmax(-1))
+    tied = torch.tensor([[1.0, 5, 2, 5, 5, 0, 5], [0, 1, 0, 1, 3, 3, 0]])  # row 0: ranks tie; row 1: rank 1 ties
+    slice_ = tied[:, :4] if rank == 0 else tied[:, 4:]
+    assert head.greedy(slice_, none).tolist() == [1, 4]
+    compiled = torch.compile(head.greedy, fullgraph=True)
+    assert torch.equal(compiled(local, banned), head.greedy(local, banned))
 
 
 def test_row_and_vocab_parallel_layers_over_two_gloo_ranks():
