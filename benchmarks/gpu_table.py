@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -111,9 +112,9 @@ def read_run(row: dict, out: Path) -> dict:
     return row
 
 
-def gptfast_rows(folder: Path, out: Path) -> list[dict]:
-    """gpt-fast's own one GPU and TP2 (its first compile takes minutes; its ranks may not exit)."""
-    rows = []
+def gptfast_rows(folder: Path, out: Path) -> Iterator[list[dict]]:
+    """gpt-fast's own one GPU, then TP2, each run's rows as it ends (its first compile takes minutes;
+    its ranks may not exit)."""
     env = {**os.environ, "GPTFAST": str(folder), "OUT": str(out)}
     for tp, cmd in ((1, [sys.executable, str(folder / "gptfast_anchor.py"), "1"]),
                     (2, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -124,9 +125,8 @@ def gptfast_rows(folder: Path, out: Path) -> list[dict]:
         except subprocess.TimeoutExpired as e:
             text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         found = [ast.literal_eval(line) for line in text.splitlines() if line.startswith("{'impl': 'gpt-fast'")]
-        rows += [{"name": f"gptfast_tp{tp}_b1", "tok_s": r["decode_tok_s"], "gpus": tp, "batch": 1} for r in found]
         (out / f"gptfast_tp{tp}.log").write_text(text)
-    return rows
+        yield [{"name": f"gptfast_tp{tp}_b1", "tok_s": r["decode_tok_s"], "gpus": tp, "batch": 1} for r in found]
 
 
 def need(name: str, gpus: int) -> int:
@@ -156,8 +156,9 @@ def run(names: list[str], out: Path, timeout: int, gptfast: Path | None, extra: 
         (out / "gpu_table.json").write_text(json.dumps(result(rows), indent=1))  # kept if the rest is cut
         free = sorted(free + ended["devices"])
         print(f"ran {ended['name']} on GPUs {ended['devices']}", flush=True)
-    if gptfast is not None:
-        rows += gptfast_rows(gptfast, out)
+    for found in gptfast_rows(gptfast, out) if gptfast is not None else ():
+        rows += found
+        (out / "gpu_table.json").write_text(json.dumps(result(rows), indent=1))
     return result(rows)
 
 

@@ -100,7 +100,7 @@ class GenerateConfig:
     fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
     fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
     fast_coordinate_descent: bool = True  # fast engine: inductor tunes the step's kernels (M=1 matmuls as reductions)
-    fast_fuse_projections: bool = False  # fast engine, batch > 1: inductor freezing joins matmuls that share an input (+ their copy)
+    fast_fuse_projections: bool = False  # fast engine: q/k/v and gate/up each one matmul in compiled steps (weights joined, no copy)
     profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
 
 

@@ -36,3 +36,23 @@ def test_joined_results_take_the_first_one_gpu_row_as_base_and_mark_a_killed_job
 def test_results_of_other_hosts_are_not_joined():
     with pytest.raises(SystemExit, match="one host"):
         gpu_table.merged([result(), result(device="H100 + H100")])
+
+
+def test_gptfast_rows_are_kept_as_each_run_ends(tmp_path, monkeypatch):
+    """The one-GPU anchor's row is written before its TP2 run starts, so a call cut short during TP2
+    keeps it (the TP2 run here prints nothing, as a killed run would)."""
+    import json
+
+    anchor = tmp_path / "anchor"
+    anchor.mkdir()
+    (anchor / "gptfast_anchor.py").write_text(
+        "import os\nif 'LOCAL_RANK' not in os.environ:\n    print({'impl': 'gpt-fast', 'decode_tok_s': 160.5})\n")
+    seen = []
+    for found in gpu_table.gptfast_rows(anchor, tmp_path):
+        seen.append(found)
+        if len(seen) == 1:  # before the TP2 run: the caller has the one-GPU row in hand
+            assert found == [{"name": "gptfast_tp1_b1", "tok_s": 160.5, "gpus": 1, "batch": 1}]
+    assert seen[1] == [] and (tmp_path / "gptfast_tp2.log").exists()
+    monkeypatch.setattr(gpu_table, "gptfast_rows", lambda folder, out: iter([[{"name": "gptfast_tp1_b1", "tok_s": 1.0}]]))
+    gpu_table.run([], tmp_path, 10, anchor, [], 1)
+    assert json.loads((tmp_path / "gpu_table.json").read_text())["rows"][0]["name"] == "gptfast_tp1_b1"
