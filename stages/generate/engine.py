@@ -145,8 +145,17 @@ class FastDecoder:
         mask = torch.ones(batch, prompt + max_new_tokens, dtype=attention_mask.dtype, device=input_ids.device)
         mask[:, :prompt] = attention_mask
         cache_position = torch.arange(prompt, device=input_ids.device)
+        if self._prefill_forward is not self._forward and not self._cache_allocated():
+            # transformers' static cache allocates its buffers in its first update; compiled against
+            # a cache without them, the prefill would compile again on the next call (a timed run).
+            # One eager prefill allocates them, the cache is cleared, and the compiled one follows.
+            self._forward(input_ids, mask, position, cache_position)
+            self.cache.reset()
         logits = self._prefill_forward(input_ids, mask, position, cache_position)
         return logits, mask, position, cache_position
+
+    def _cache_allocated(self) -> bool:
+        return all(getattr(layer, "is_initialized", True) for layer in getattr(self.cache, "layers", ()))
 
     def _forward(self, input_ids, mask, position, cache_position):
         """The prompt's forward into the cache; the last position's logits."""

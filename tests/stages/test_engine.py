@@ -41,12 +41,17 @@ def test_greedy_equals_generate_with_padding_and_early_eos(tiny_model, compile_m
     free_run = plain(tiny_model, ids, mask, 24, eos=[])
     # an EOS that row 0 emits at its 6th token: row 0 stops early and is padded, the others go on
     eos = [int(free_run[0, ids.shape[1] + 5])]
+    from torch._dynamo.utils import counters
+
     engine = FastDecoder(tiny_model, compile_mode=compile_mode, stop_check_every=4, compile_prefill=compile_prefill)
+    graphs = []
     for min_new in (0, 24):  # EOS honoured / EOS banned until the end (benchmark mode)
         expected = plain(tiny_model, ids, mask, 24, eos, min_new)
         got = engine.generate(ids, mask, 24, eos, pad_token_id=0, min_new_tokens=min_new)
         assert torch.equal(got, expected), f"min_new_tokens={min_new}\n{expected}\n{got}"
+        graphs.append(counters["stats"]["unique_graphs"])
     assert engine._step is not None  # the step was built once and reused across calls
+    assert graphs[1] == graphs[0]  # the second call (a benchmark's timed run) compiles nothing
     if compile_prefill:  # a prompt of another length: the compiled prefill follows (dynamic shapes)
         short, short_mask = ids[:, 3:], mask[:, 3:]
         assert torch.equal(engine.generate(short, short_mask, 6, [], 0), plain(tiny_model, short, short_mask, 6, eos=[]))
