@@ -90,7 +90,7 @@ class FastDecoder:
         self.merge = MergeRepeatedOps() if self.joined else None
         # The prefill is one forward per generation; eager it launches every kernel from Python.
         # Compiled (no CUDA graph: prompt lengths vary, dynamic shapes after the first recompile)
-        # its small ops fuse. Off by default: not yet measured on a GPU.
+        # its small ops fuse. Off by default: its time to first token is not yet in BENCHMARKS.md.
         prefill_options = {"post_grad_custom_pre_pass": self.merge} if self.merge else None
         self._prefill_forward = (torch.compile(self._forward, dynamic=None, fullgraph=True, options=prefill_options)
                                  if compile_prefill else self._forward)
