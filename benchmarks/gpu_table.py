@@ -5,6 +5,7 @@ against the one-GPU `generate=fast` row of the same batch measured by the same i
 
     python benchmarks/gpu_table.py --out DIR [--rows a,b,...] [--gptfast DIR] [--into BENCHMARKS.md]
     python benchmarks/gpu_table.py --render DIR/gpu_table.json [...] --into BENCHMARKS.md   (tables only)
+    python benchmarks/gpu_table.py --sequential --rows one_gpu_b32,one_gpu_b32+joined,tp2_b32+joined   (A/B)
 
 Rows start in the order given, each as soon as enough of the host's GPUs are free, so on a host
 with more GPUs than a row needs, rows run side by side on disjoint GPUs; `--sequential` runs them
@@ -64,10 +65,32 @@ ROWS = {
     "dp2xtp2_b32": (4, 32, DP + ["launcher.nproc_per_node=4", "shard.tp_size=2"] + FAST,
                     "2 replicas × TP2 (batch 32 per replica)"),
 }
+# a row written NAME+VARIANT runs NAME with the variant's overrides too (same-host A/B in one command)
+VARIANTS = {
+    "joined": (["generate.fast_fuse_projections=true"], "q/k/v and gate/up joined"),
+    "prefill": (["generate.fast_compile_prefill=true"], "compiled prefill"),
+    "cublas": (NO_CD, "cuBLAS matmuls"),
+}
+
+
+def row_spec(name: str) -> tuple[int, int, list[str], str]:
+    """(GPUs, batch, overrides, what) of a row name, ``NAME`` or ``NAME+VARIANT``; KeyError if unknown."""
+    base, _, variant = name.partition("+")
+    gpus, batch, overrides, what = ROWS[base]
+    if not variant:
+        return gpus, batch, overrides, what
+    extra, how = VARIANTS[variant]
+    return gpus, batch, overrides + extra, f"{what}, {how}"
+
+
+def one_gpu_batch(name: str) -> str | None:
+    """The batch of a one-GPU row (any variant), as text; None for other rows."""
+    base = name.partition("+")[0]
+    return base.removeprefix("one_gpu_b") if base.startswith("one_gpu_b") and base[9:].isdigit() else None
 
 
 def job(name: str, out: Path, timeout: int, extra: list[str], devices: list[int]) -> dict:
-    _, batch, overrides, _ = ROWS[name]
+    _, batch, overrides, _ = row_spec(name)
     store = f"sqlite:///{out / 'gpu_table.db'}"
     cmd = [sys.executable, "-m", "pipeline", *COMMON, *overrides, f"generate.batch_size={batch}", *extra,
            f"tracker.uri={store}", f"tracker.run_name={name}", f"hydra.run.dir={out / 'runs' / name}",
@@ -129,11 +152,19 @@ def gptfast_rows(folder: Path, out: Path) -> Iterator[list[dict]]:
         yield [{"name": f"gptfast_tp{tp}_b1", "tok_s": r["decode_tok_s"], "gpus": tp, "batch": 1} for r in found]
 
 
+def known_row(name: str) -> bool:
+    try:
+        row_spec(name)
+    except KeyError:
+        return False
+    return True
+
+
 def need(name: str, gpus: int) -> int:
     """GPUs a row takes; without CUDA every row takes the one CPU "slot" (rows run one by one)."""
     import torch
 
-    return ROWS[name][0] if torch.cuda.is_available() else 1
+    return row_spec(name)[0] if torch.cuda.is_available() else 1
 
 
 def run(names: list[str], out: Path, timeout: int, gptfast: Path | None, extra: list[str], gpus: int,
@@ -198,15 +229,18 @@ def versions() -> str:
 def table(result: dict) -> str:
     rows = result["rows"]
     base: dict[str, float | None] = {}
-    for r in rows:  # the first one-GPU row of each batch
-        if r["name"].startswith("one_gpu_b"):
-            base.setdefault(r["name"].split("_b")[-1], r.get("tok_s"))
-    first = {b: next((r.get("outputs") for r in rows if r["name"] == f"one_gpu_b{b}"), None) for b in base}
+    for r in rows:  # the first one-GPU row of each batch (any variant)
+        if one_gpu_batch(r["name"]):
+            base.setdefault(one_gpu_batch(r["name"]), r.get("tok_s"))
+    first = {b: next((r.get("outputs") for r in rows if one_gpu_batch(r["name"]) == b), None) for b in base}
     lines = [f"{result['device']} · {result['date']} · {result['versions']}", "",
              "| row | what | GPUs | batch | decode tok/s | × one GPU | MBU/GPU | TTFT ms | all-reduce | "
              "greedy = one GPU | job s | exit after results s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        spec = ROWS.get(r["name"], (r.get("gpus", 1), r.get("batch", 1), [], "gpt-fast's own (anchor)"))
+        try:
+            spec = row_spec(r["name"])
+        except KeyError:
+            spec = (r.get("gpus", 1), r.get("batch", 1), [], "gpt-fast's own (anchor)")
         batch = str(spec[1])
         tok = r.get("tok_s")
         ratio = f"{tok / base[batch]:.2f}" if tok and base.get(batch) and not r["name"].startswith("gptfast") else ""
@@ -246,7 +280,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_table")
     ap.add_argument("--gpus", type=int, help="GPUs of this host to use (default: all)")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"any of {', '.join(ROWS)}")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"any of {', '.join(ROWS)}; NAME+VARIANT adds a variant's overrides to one row "
+                         f"({', '.join(f'{k}: {v[1]}' for k, v in VARIANTS.items())})")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per job")
     ap.add_argument("--gptfast", type=Path, help="folder with gpt-fast's anchor (a copy of ../shared/anchors/gptfast)")
     ap.add_argument("--sequential", action="store_true",
@@ -265,9 +301,10 @@ def main() -> None:
         if args.merge:
             results = [merged(results)]
     else:
-        unknown = [n for n in args.rows.split(",") if n not in ROWS]
+        unknown = [n for n in args.rows.split(",") if not known_row(n)]
         if unknown:
-            raise SystemExit(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
+            raise SystemExit(f"unknown rows {unknown}: choose from {', '.join(ROWS)}, each optionally "
+                             f"+{'|+'.join(VARIANTS)}")
         gpus = args.gpus or gpu_count()
         too_big = [n for n in args.rows.split(",") if need(n, gpus) > gpus]
         if too_big:

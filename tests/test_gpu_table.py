@@ -56,3 +56,13 @@ def test_gptfast_rows_are_kept_as_each_run_ends(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_table, "gptfast_rows", lambda folder, out: iter([[{"name": "gptfast_tp1_b1", "tok_s": 1.0}]]))
     gpu_table.run([], tmp_path, 10, anchor, [], 1)
     assert json.loads((tmp_path / "gpu_table.json").read_text())["rows"][0]["name"] == "gptfast_tp1_b1"
+
+
+def test_a_row_variant_adds_its_overrides_and_a_one_gpu_variant_is_the_base():
+    gpus, batch, overrides, what = gpu_table.row_spec("tp2_b32+joined")
+    assert (gpus, batch) == (2, 32) and overrides[-1] == "generate.fast_fuse_projections=true"
+    assert what.endswith("q/k/v and gate/up joined") and "generate.fast_fuse_projections=true" not in gpu_table.row_spec("tp2_b32")[2]
+    assert not gpu_table.known_row("tp2_b32+nope") and not gpu_table.known_row("tp3_b32")
+    text = gpu_table.table(result({"name": "one_gpu_b32+joined", "tok_s": 100.0}, {"name": "one_gpu_b32", "tok_s": 90.0},
+                                  {"name": "tp2_b32+joined", "tok_s": 140.0}))
+    assert line(text, "one_gpu_b32")[5] == "0.90" and line(text, "tp2_b32+joined")[5] == "1.40"
