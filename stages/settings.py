@@ -63,9 +63,10 @@ class PipelinePlacementConfig:
 
 
 @dataclass
-class TensorParallelConfig:
-    tp_size: Optional[int] = None  # None: every process of the job; must equal it (replicas: data_parallel)
-    runtime: str = "optipipe"  # optipipe: local layers + our all-reduce | transformers: its DTensor layers
+class TpLayerSettings:
+    """How tensor-parallel layers run (shard=tensor_parallel; shard=data_parallel with tp_size > 1)."""
+
+    runtime: str = "optipipe"  # optipipe: local layers + our all-reduce | transformers: DTensor layers
     all_reduce: str = "auto"  # auto: one-shot symmetric memory where GPUs share memory | symm_mem | process_group
     vocab_parallel_head: bool = True  # each rank holds 1/N of the output head; logits assembled by one all-reduce
     one_shot_max_kib: int = 1024  # larger messages (prefill) take the process group's all-reduce
@@ -73,8 +74,16 @@ class TensorParallelConfig:
 
 
 @dataclass
-class DataParallelConfig:
+class TensorParallelConfig(TpLayerSettings):
+    tp_size: Optional[int] = None  # None: every process of the job; must equal it (replicas: data_parallel)
+
+
+@dataclass
+class DataParallelConfig(TpLayerSettings):
     tp_size: int = 1  # >1: each replica is tensor parallel over tp_size processes (4 GPUs = 2 × TP2)
+    # replicas × TP: transformers = torch's DTensor layers with the model's TP plan (NCCL, eager);
+    # optipipe = our local layers over each replica's ranks (not yet measured on GPUs: opt in)
+    runtime: str = "transformers"
 
 
 @dataclass

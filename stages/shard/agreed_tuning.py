@@ -77,9 +77,11 @@ def _agreeing(original: Callable) -> Callable:
     return bench
 
 
-def install(timeout_s: float = 600.0) -> str:
+def install(timeout_s: float = 600.0, groups: list[list[int]] | None = None) -> str:
     """Agree on tuning from now on in this process (a collective: every rank of the default group
-    calls it). Returns the status: ``agreed_over_ranks``, or why tuning stays per rank."""
+    calls it), with every rank, or (``groups``) with the ranks of this rank's group only — replicas
+    that may compile other shapes than their neighbours'. Returns the status: ``agreed_over_ranks``,
+    or why tuning stays per rank."""
     import torch.distributed as dist
 
     try:
@@ -91,7 +93,9 @@ def install(timeout_s: float = 600.0) -> str:
         _state["status"] = "per_rank (this inductor's autotuner has no bench method)"
         return status()
     # a CPU group of its own: the times are host numbers, and NCCL's stream order is left alone
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    group = (dist.new_subgroups_by_enumeration(groups, timeout=timeout, backend="gloo")[0] if groups
+             else dist.new_group(backend="gloo", timeout=timeout))
     if _state["original"] is None:
         _state["original"] = CachingAutotuner.bench
         CachingAutotuner.bench = _agreeing(CachingAutotuner.bench)

@@ -19,7 +19,7 @@ from pipeline.contract import (BaseStage, LoadPlan, Problem, RunContext, StageEr
 from stages.shard import agreed_tuning
 from stages.shard.all_reduce import MODES as ALL_REDUCE_MODES, AllReduce, self_test
 from stages.shard.capacity import fits_one_gpu, gpu_memory_bytes, parameter_bytes
-from stages.shard.replica_tp import base_plan, shard_replica, unsupported_entries
+from stages.shard.replica_tp import base_plan, replica_ranks, shard_replica, unsupported_entries, whole_plan
 from stages.shard.tp_layers import localize
 from stages.settings import TensorParallelConfig, DataParallelConfig
 
@@ -128,6 +128,49 @@ def check_sharded(stage: str, model: Any, tp: int) -> dict[str, float]:
     return {"sharded_parameters": float(sharded), "parameters_total": float(total)}
 
 
+def tp_layer_problems(c: Any, root: Any) -> list[Problem]:
+    """The settings of how TP layers run (``TpLayerSettings``), checked for either shard stage."""
+    out = []
+    if c.runtime not in RUNTIMES:
+        out.append(Problem("shard.runtime", f"unknown runtime {c.runtime!r}", "shard.runtime=optipipe|transformers"))
+    if c.all_reduce not in ALL_REDUCE_MODES:
+        out.append(Problem("shard.all_reduce", f"unknown all-reduce {c.all_reduce!r}",
+                           f"shard.all_reduce=<one of {', '.join(ALL_REDUCE_MODES)}>"))
+    elif c.all_reduce == "symm_mem" and not root.stages["load"].device().startswith("cuda"):
+        out.append(Problem("shard.all_reduce", "symmetric-memory all-reduce needs CUDA GPUs",
+                           "shard.all_reduce=auto (falls back to the process group) or load.device=cuda"))
+    if c.one_shot_max_kib < 1:
+        out.append(Problem("shard.one_shot_max_kib", f"must be ≥ 1, got {c.one_shot_max_kib}",
+                           "shard.one_shot_max_kib=1024"))
+    return out
+
+
+def take_over(ctx: RunContext, c: Any, group: Any, rank: int, world: int,
+              replicas: list[list[int]] | None = None, whole: dict[str, str] | None = None) -> dict[str, Any]:
+    """Our local layers and all-reduce over ``group`` (``rank`` of ``world`` in it) in place of the
+    model's TP layers — or, with ``whole``, slices of a whole replica's — checked with a known sum.
+    ``replicas``: every replica's ranks (the kernel tuning is agreed within each)."""
+    import torch
+
+    device = torch.device(ctx.dist.device)
+    reduce = AllReduce(group, device, c.all_reduce, c.one_shot_max_kib * 1024)
+    if not self_test(reduce, device, rank, world):
+        raise StageError("shard", f"the {reduce.kind} all-reduce returned a wrong sum on rank {ctx.dist.rank}",
+                         "shard.all_reduce=process_group")
+    local = localize(ctx.model, reduce, rank, world, c.vocab_parallel_head, whole_plan=whole)
+    if local.skipped:
+        return {"shard.collective": f"{reduce.fallback} (transformers)", "shard.local_layers": local.skipped}
+    out: dict[str, Any] = {"shard.runtime": "optipipe", "shard.collective": reduce.kind, "shard.head": local.head,
+                           "local_tp_layers": float(local.layers),
+                           "dtensor_parameters_left": float(sharded_parameters(ctx.model)[0])}
+    if c.agreed_tuning and world > 1:
+        out["shard.kernel_tuning"] = agreed_tuning.install(float(ctx.cfg.launcher.get("collective_timeout_s", 300)),
+                                                           replicas)
+    if reduce.why_not_symm and c.all_reduce == "auto":
+        out["shard.collective_why"] = f"no symmetric memory: {reduce.why_not_symm}"
+    return out
+
+
 class TensorParallel(BaseStage):
     name: ClassVar[str] = "shard"
     Config: ClassVar[type] = TensorParallelConfig
@@ -148,22 +191,7 @@ class TensorParallel(BaseStage):
             out.append(Problem("shard.tp_size", f"tensor parallel uses every process: {world} processes "
                                f"but tp_size={tp}", f"launcher.nproc_per_node={tp}, or shard=data_parallel "
                                f"shard.tp_size={tp} for {world // max(tp, 1)} replicas × TP{tp}"))
-        return out + self._runtime_problems(root) + tp_model_rules(root, tp)
-
-    def _runtime_problems(self, root: Any) -> list[Problem]:
-        c, out = self.cfg, []
-        if c.runtime not in RUNTIMES:
-            out.append(Problem("shard.runtime", f"unknown runtime {c.runtime!r}", "shard.runtime=optipipe|transformers"))
-        if c.all_reduce not in ALL_REDUCE_MODES:
-            out.append(Problem("shard.all_reduce", f"unknown all-reduce {c.all_reduce!r}",
-                               f"shard.all_reduce=<one of {', '.join(ALL_REDUCE_MODES)}>"))
-        elif c.all_reduce == "symm_mem" and not root.stages["load"].device().startswith("cuda"):
-            out.append(Problem("shard.all_reduce", "symmetric-memory all-reduce needs CUDA GPUs",
-                               "shard.all_reduce=auto (falls back to the process group) or load.device=cuda"))
-        if c.one_shot_max_kib < 1:
-            out.append(Problem("shard.one_shot_max_kib", f"must be ≥ 1, got {c.one_shot_max_kib}",
-                               "shard.one_shot_max_kib=1024"))
-        return out
+        return out + tp_layer_problems(self.cfg, root) + tp_model_rules(root, tp)
 
     def plan(self, plan: LoadPlan) -> None:
         plan_tensor_parallel(self.name, plan, self.cfg.tp_size)
@@ -174,7 +202,9 @@ class TensorParallel(BaseStage):
         ctx.facts.tensor_parallel = tp  # generate's roofline: each rank holds 1/tp of the KV cache
         tags = {"shard.mode": "tensor_parallel", "shard.devices": ctx.dist.device, "shard.runtime": "transformers"}
         if self.cfg.runtime == "optipipe":
-            taken = self._localize(ctx)
+            import torch.distributed as dist
+
+            taken = take_over(ctx, self.cfg, dist.group.WORLD, ctx.dist.rank, ctx.dist.world_size)
             metrics.update({k: v for k, v in taken.items() if not isinstance(v, str)})
             tags.update({k: v for k, v in taken.items() if isinstance(v, str)})
         else:
@@ -185,30 +215,6 @@ class TensorParallel(BaseStage):
                            summary=f"tensor parallel ×{tp}: {metrics.get('sharded_parameters', 0):.0f} of "
                                    f"{metrics.get('parameters_total', 0):.0f} weights sharded (rank 0 shown), "
                                    f"{tags['shard.runtime']} layers, all-reduce: {tags['shard.collective']}")
-
-    def _localize(self, ctx: RunContext) -> dict[str, Any]:
-        """Our local layers and all-reduce in place of transformers' (the check: a known sum)."""
-        import torch
-        import torch.distributed as dist
-
-        device = torch.device(ctx.dist.device)
-        reduce = AllReduce(dist.group.WORLD, device, self.cfg.all_reduce, self.cfg.one_shot_max_kib * 1024)
-        if not self_test(reduce, device, ctx.dist.rank, ctx.dist.world_size):
-            raise StageError(self.name, f"the {reduce.kind} all-reduce returned a wrong sum on rank {ctx.dist.rank}",
-                             "shard.all_reduce=process_group")
-        local = localize(ctx.model, reduce, ctx.dist.rank, ctx.dist.world_size, self.cfg.vocab_parallel_head)
-        if local.skipped:
-            return {"shard.collective": f"{reduce.fallback} (transformers)", "shard.local_layers": local.skipped}
-        out: dict[str, Any] = {"shard.runtime": "optipipe", "shard.collective": reduce.kind, "shard.head": local.head,
-                               "local_tp_layers": float(local.layers),
-                               "dtensor_parameters_left": float(sharded_parameters(ctx.model)[0])}
-        if self.cfg.agreed_tuning and ctx.dist.world_size > 1:
-            out["shard.kernel_tuning"] = agreed_tuning.install(
-                float(ctx.cfg.launcher.get("collective_timeout_s", 300)))
-        if reduce.why_not_symm and self.cfg.all_reduce == "auto":
-            out["shard.collective_why"] = f"no symmetric memory: {reduce.why_not_symm}"
-        return out
-
 
 class DataParallel(BaseStage):
     name: ClassVar[str] = "shard"
@@ -226,7 +232,7 @@ class DataParallel(BaseStage):
             return [Problem("shard.tp_size", f"{world} processes do not split into replicas of tp_size={tp}",
                             f"launcher.nproc_per_node={2 * max(tp, 1)} (processes = replicas × tp_size)")]
         if tp > 1:
-            out += tp_model_rules(root, tp) + replica_tp_rules(root)
+            out += tp_layer_problems(self.cfg, root) + tp_model_rules(root, tp) + replica_tp_rules(root)
         if root.stages["load"].device().startswith("cuda"):  # each rank loads its replica whole first
             problem = fits_one_gpu(parameter_bytes(root), gpu_memory_bytes())
             out += [problem] if problem else []
@@ -240,13 +246,35 @@ class DataParallel(BaseStage):
         tp, world = self.cfg.tp_size, ctx.dist.world_size
         replicas, index = world // tp, ctx.dist.rank // tp
         ctx.facts.replica = (index, replicas)  # generate takes this replica's share of the prompts
-        if tp > 1:
-            shard_replica(ctx.model, ctx.dist.device.split(":")[0], world, tp)
-        metrics = check_sharded(self.name, ctx.model, tp)
+        metrics: dict[str, float] = {}
         tags = {"shard.mode": "data_parallel", "shard.devices": ctx.dist.device}
-        if tp > 1:  # DTensor's layers reduce through the process group's backend, eagerly (not our one-shot)
-            import torch.distributed as dist
-
-            tags["shard.collective"] = f"{dist.get_backend()} (DTensor)"
+        if tp > 1:
+            ctx.facts.tensor_parallel = tp  # generate's roofline: each rank holds 1/tp of its replica
+            taken = self._our_layers(ctx, tp) if self.cfg.runtime == "optipipe" else self._dtensor_layers(ctx, tp)
+            metrics.update({k: v for k, v in taken.items() if not isinstance(v, str)})
+            tags.update({k: v for k, v in taken.items() if isinstance(v, str)})
         return StageResult(metrics={**metrics, "replicas": float(replicas), "tp_size": float(tp)}, tags=tags,
-                           summary=f"data parallel: {replicas} replica(s)" + (f" × TP{tp}" if tp > 1 else ""))
+                           summary=f"data parallel: {replicas} replica(s)" + (
+                               f" × TP{tp}, {tags['shard.runtime']} layers, all-reduce: {tags['shard.collective']}"
+                               if tp > 1 else ""))
+
+    def _dtensor_layers(self, ctx: RunContext, tp: int) -> dict[str, Any]:
+        """torch's DTensor layers: they reduce through the process group's backend, eagerly."""
+        import torch.distributed as dist
+
+        shard_replica(ctx.model, ctx.dist.device.split(":")[0], ctx.dist.world_size, tp)
+        return {**check_sharded(self.name, ctx.model, tp), "shard.runtime": "transformers",
+                "shard.collective": f"{dist.get_backend()} (DTensor)"}
+
+    def _our_layers(self, ctx: RunContext, tp: int) -> dict[str, Any]:
+        """Each rank keeps its slices of the whole replica it loaded; the replica's ranks reduce over
+        a group of their own (one-shot symmetric memory where the GPUs share memory)."""
+        import torch.distributed as dist
+
+        ranks = replica_ranks(ctx.dist.world_size, tp)
+        group = dist.new_subgroups_by_enumeration(ranks)[0]  # a collective: every rank creates every group
+        taken = take_over(ctx, self.cfg, group, ctx.dist.rank % tp, tp, replicas=ranks, whole=whole_plan(ctx.model))
+        if "local_tp_layers" not in taken:
+            raise StageError(self.name, f"replicas × TP found no layer of the model's TP plan to shard "
+                             f"({taken.get('shard.local_layers')})", "shard.runtime=transformers, or shard.tp_size=1")
+        return taken

@@ -129,10 +129,22 @@ def _unwrap(module: torch.nn.Module, whole: bool = False) -> None:
             module._parameters[key] = _local(p)
 
 
-def _shard_rows(weight: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's rows of a whole ``weight`` (torch's chunk split: the last rank may get fewer)."""
-    chunk = -(-weight.shape[0] // world)
-    return weight[min(rank * chunk, weight.shape[0]):][:chunk].clone()
+def _chunk(whole: torch.Tensor, rank: int, world: int, dim: int = 0) -> torch.Tensor:
+    """This rank's part of ``whole`` along ``dim`` (torch's chunk split, as DTensor shards: the last
+    rank may get fewer), as its own contiguous tensor."""
+    size = whole.shape[dim]
+    chunk = -(-size // world)
+    start = min(rank * chunk, size)
+    return whole.narrow(dim, start, min(chunk, size - start)).clone()
+
+
+def _split(module: torch.nn.Linear, style: str, rank: int, world: int) -> None:
+    """Keep this rank's slice of a whole linear layer: output rows (column-wise) or input columns
+    (row-wise, whose bias stays whole: it is added once after the sum)."""
+    module.weight = torch.nn.Parameter(_chunk(module.weight.data, rank, world, 0 if style == COLUMN else 1),
+                                       requires_grad=False)
+    if style == COLUMN and module.bias is not None:
+        module.bias = torch.nn.Parameter(_chunk(module.bias.data, rank, world), requires_grad=False)
 
 
 def _head(module: torch.nn.Linear, reduce: AllReduce, rank: int, world: int, vocab: int) -> None:
@@ -143,9 +155,9 @@ def _head(module: torch.nn.Linear, reduce: AllReduce, rank: int, world: int, voc
         _unwrap(module)
     else:  # a whole head (untied here: the embedding keeps the full matrix it may share)
         module.__dict__.pop("forward", None)
-        module.weight = torch.nn.Parameter(_shard_rows(weight.data, rank, world), requires_grad=False)
+        module.weight = torch.nn.Parameter(_chunk(weight.data, rank, world), requires_grad=False)
         if module.bias is not None:
-            module.bias = torch.nn.Parameter(_shard_rows(module.bias.data, rank, world), requires_grad=False)
+            module.bias = torch.nn.Parameter(_chunk(module.bias.data, rank, world), requires_grad=False)
     module.__class__ = VocabParallelHead
     module.reduce, module.vocab, module.first = reduce, vocab, min(rank * -(-vocab // world), vocab)
     module.out_features = module.weight.shape[0]
@@ -157,9 +169,12 @@ def _supported(module: torch.nn.Module, style: str) -> bool:
     return style in (COLUMN, ROW, *HEAD) and isinstance(module, torch.nn.Linear)
 
 
-def localize(model: Any, reduce: AllReduce, rank: int, world: int, vocab_parallel_head: bool = True) -> LocalTp:
-    """Take over the TP plan's layers of ``model`` (loaded by transformers' TP), in place."""
-    plan = dict(getattr(model, "tp_plan", None) or {})
+def localize(model: Any, reduce: AllReduce, rank: int, world: int, vocab_parallel_head: bool = True,
+             whole_plan: dict[str, str] | None = None) -> LocalTp:
+    """Take over the TP plan's layers of ``model`` (loaded by transformers' TP), in place. With
+    ``whole_plan`` (module names → styles) the model was loaded whole (a replica of replicas × TP):
+    each layer of that plan keeps this rank's slice here; ``rank``/``world`` are the replica's."""
+    plan = dict(whole_plan if whole_plan is not None else getattr(model, "tp_plan", None) or {})
     chosen = [(m, plan_style(n, plan)) for n, m in model.named_modules() if plan_style(n, plan)]
     report = LocalTp()
     unknown = sorted({s for m, s in chosen if not _supported(m, s)})
@@ -174,6 +189,8 @@ def localize(model: Any, reduce: AllReduce, rank: int, world: int, vocab_paralle
         _unwrap(module, whole=style == EMBEDDING)
         if style == EMBEDDING:
             continue
+        if whole_plan is not None:
+            _split(module, style, rank, world)
         if style == ROW:
             module.__class__ = RowParallelLinear
             module.reduce = reduce

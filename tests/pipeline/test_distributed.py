@@ -127,14 +127,15 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
 
 
 @pytest.mark.slow
-def test_replicas_of_tensor_parallel_give_the_single_process_text(tmp_path):
-    """4 gloo ranks = 2 replicas × TP2: each replica's two ranks run the same tokens, and each
-    replica's text equals one process generating for that replica's prompts."""
+@pytest.mark.parametrize("runtime", ["transformers", "optipipe"])
+def test_replicas_of_tensor_parallel_give_the_single_process_text(tmp_path, runtime):
+    """4 gloo ranks = 2 replicas × TP2, on DTensor layers or ours: each replica's two ranks run the
+    same tokens, and each replica's text equals one process generating for that replica's prompts."""
     # eager steps: compiling in 4 ranks on a 2-core CI machine costs a minute; the TP test above compiles
     common = (*TINY, "generate.max_new_tokens=8", "generate.benchmark=true", "generate.batch_size=2",
               "generate=fast", "generate.fast_compile_mode=null")
     run_cli(*common, "launcher=torchrun", "launcher.nproc_per_node=4", "shard=data_parallel", "shard.tp_size=2",
-            f"hydra.run.dir={tmp_path}/dptp", cwd=tmp_path, check=0, timeout=600)
+            f"shard.runtime={runtime}", f"hydra.run.dir={tmp_path}/dptp", cwd=tmp_path, check=0, timeout=600)
     ranks = [samples(tmp_path / "dptp", f"generate_samples_rank{r}.jsonl") for r in range(4)]
     assert ranks[0] == ranks[1] and ranks[2] == ranks[3]
     assert not {s["prompt"] for s in ranks[0]} & {s["prompt"] for s in ranks[2]}
@@ -144,9 +145,14 @@ def test_replicas_of_tensor_parallel_give_the_single_process_text(tmp_path):
         one = generate_in_process(tmp_path / f"one{replica}", *common, f"generate.prompt_file={prompts}")
         assert samples(one, "generate_samples.jsonl") == rows
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
-    m = runs[0].data.metrics
-    assert m["shard/replicas"] == 2 and m["shard/tp_size"] == 2 and m["shard/sharded_parameters"] > 0
-    assert runs[0].data.tags["shard.collective"] == "gloo (DTensor)"  # which collective ran, in the run
+    m, tags = runs[0].data.metrics, runs[0].data.tags
+    assert m["shard/replicas"] == 2 and m["shard/tp_size"] == 2
+    if runtime == "transformers":
+        assert m["shard/sharded_parameters"] > 0 and tags["shard.collective"] == "gloo (DTensor)"
+    else:  # our layers over each replica's own group, its slice of the head, greedy through it
+        assert m["shard/local_tp_layers"] > 0 and m["shard/dtensor_parameters_left"] == 0
+        assert (tags["shard.runtime"], tags["shard.collective"], tags["shard.head"], tags["generate.token_choice"]) == (
+            "optipipe", "gloo", "vocab_parallel", "vocab_parallel_argmax")
     # two replicas, each counted once: the sum over ranks halved
     assert m["generate/decode_tokens_per_s"] == pytest.approx(
         sum(m[f"rank{r}/generate/decode_tokens_per_s"] for r in range(4)) / 2)
@@ -296,6 +302,9 @@ def test_multi_process_rules():
     assert "shard.one_shot_max_kib=1024" in bad_tp["shard.one_shot_max_kib"]
     assert "replicas" in problems_of("shard=data_parallel", "shard.tp_size=2", "launcher=torchrun",
                                      "launcher.nproc_per_node=3")["shard.tp_size"]
+    bad_replicas = problems_of("shard=data_parallel", "shard.tp_size=2", "launcher=torchrun", "launcher.nproc_per_node=4",
+                               "shard.runtime=dtensor", "shard.one_shot_max_kib=0")  # replicas × TP: the same checks
+    assert "optipipe|transformers" in bad_replicas["shard.runtime"] and "shard.one_shot_max_kib" in bad_replicas
     assert "shard=data_parallel" in problems_of("shard=single", *TORCHRUN)["shard"]
     assert "shard=data_parallel" in problems_of("shard=pipeline", *TORCHRUN)["shard"]
     assert "rendezvous" in problems_of("shard=data_parallel", *TORCHRUN, "launcher.nnodes=2")["launcher.rdzv_endpoint"]

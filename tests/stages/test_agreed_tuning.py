@@ -18,7 +18,7 @@ from stages.shard import agreed_tuning
 def _worker(rank: int, world: int, store: str, errors) -> None:
     try:
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        _checks(rank)
+        _checks(rank) if world == 2 else _replica_checks(rank)
     except BaseException as e:  # reported to the parent, which fails the test with it
         errors.put(f"rank {rank}: {type(e).__name__}: {e}")
         raise
@@ -52,6 +52,23 @@ def _checks(rank: int) -> None:
         raise AssertionError("different kernels on the ranks must fail, not pair their times")
     except agreed_tuning.RankDisagreement as e:
         assert "generate.fast_coordinate_descent=false" in str(e)
+
+
+def _replica_checks(rank: int) -> None:
+    """4 ranks as 2 replicas: each replica agrees within itself, on kernels its neighbour never tunes."""
+    CachingAutotuner.bench = lambda self, launcher, *a, **k: launcher.config["ms"][rank]
+    replica = rank // 2
+    tuner = SimpleNamespace(inductor_meta={"kernel_name": f"triton_red_fused_mm_replica{replica}"})
+    launcher = SimpleNamespace(config={"XBLOCK": 1, "ms": (1.0, 3.0, 5.0, 4.0)})
+    assert agreed_tuning.install(60, [[0, 1], [2, 3]]) == agreed_tuning.AGREED
+    assert agreed_tuning.scoped(lambda: CachingAutotuner.bench(tuner, launcher))() == (3.0, 5.0)[replica]
+
+
+def test_replicas_agree_within_themselves():
+    errors = mp.get_context("spawn").SimpleQueue()
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_worker, args=(4, f"{folder}/store", errors), nprocs=4, start_method="spawn")
+    assert errors.empty(), errors.get()
 
 
 def test_ranks_agree_on_each_benchmark_only_inside_the_decode_step():
