@@ -92,6 +92,7 @@ class FastDecoder:
         # Compiled (no CUDA graph: prompt lengths vary, dynamic shapes after the first recompile)
         # its small ops fuse. Off by default: its time to first token is not yet in BENCHMARKS.md.
         prefill_options = {"post_grad_custom_pre_pass": self.merge} if self.merge else None
+        self.compile_prefill = compile_prefill
         self._prefill_forward = (torch.compile(self._forward, dynamic=None, fullgraph=True, options=prefill_options)
                                  if compile_prefill else self._forward)
         self.stop_check_every = max(1, stop_check_every)
@@ -145,7 +146,7 @@ class FastDecoder:
         mask = torch.ones(batch, prompt + max_new_tokens, dtype=attention_mask.dtype, device=input_ids.device)
         mask[:, :prompt] = attention_mask
         cache_position = torch.arange(prompt, device=input_ids.device)
-        if self._prefill_forward is not self._forward and not self._cache_allocated():
+        if self.compile_prefill and not self._cache_allocated():
             # transformers' static cache allocates its buffers in its first update; compiled against
             # a cache without them, the prefill would compile again on the next call (a timed run).
             # One eager prefill allocates them, the cache is cleared, and the compiled one follows.
