@@ -86,6 +86,7 @@ class FastDecoder:
         self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
         self.coordinate_descent = coordinate_descent
         # q/k/v and gate/up as one matmul each in compiled code (eager calls run them apart, as before)
+        self.fuse_projections = fuse_projections
         self.joined = joined_projections.join(model) if fuse_projections else []
         self.merge = MergeRepeatedOps() if self.joined else None
         # The prefill is one forward per generation; eager it launches every kernel from Python.
@@ -175,7 +176,9 @@ class FastDecoder:
 
     def fused_projections(self) -> str:
         """Which projection groups run as one matmul in the compiled steps (for the run's tags)."""
-        return "joined " + ", ".join(self.joined) if self.joined else "off"
+        if self.joined:
+            return "joined " + ", ".join(self.joined)
+        return "off (asked for, but no plain q/k/v or gate/up linear layers)" if self.fuse_projections else "off"
 
     def token_choice(self) -> str:
         """How the decode steps choose tokens (for the run's tags)."""

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from pipeline.config import typed
-from pipeline.contract import Problem, StageError, convert_traits, missing_methods, quantize_traits
+from pipeline.contract import Problem, StageError, convert_traits, missing_methods, quantize_traits, warning
 from pipeline.registry import built_in_or_allowed
 from stages.convert import COMPILE_MODES
 from stages.generate.engine import FastDecoder, Sampling
@@ -85,6 +85,10 @@ class FastEngine:
                                "decode step; convert.static_cache/compile apply to transformers "
                                "generate only", "convert=sdpa (or generate.engine=transformers)"))
         traits = quantize_traits(root)
+        if c.fast_fuse_projections and traits.quantizes:
+            out.append(warning("generate.fast_fuse_projections", f"{traits.kernel} weights are not plain tensors, "
+                               "so q/k/v and gate/up cannot be joined: they stay apart",
+                               "generate.fast_fuse_projections=false, or quantize=none"))
         if c.fast_compile_mode and not traits.compileable:
             out.append(Problem("generate.fast_compile_mode", f"{traits.kernel} kernels cannot be compiled",
                                "generate.fast_compile_mode=null, or a compileable quantize=int8_torchao"))

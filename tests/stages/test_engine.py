@@ -160,6 +160,10 @@ def test_fast_engine_rules():
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=nf4"))
     resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=nf4",
                      "generate.fast_compile_mode=null"))
+    quantized = resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=int8_torchao",
+                                 "generate.fast_fuse_projections=true"))  # allowed, with a warning: nothing joins
+    assert [w.key for w in quantized.warnings] == ["generate.fast_fuse_projections"]
+    assert FastDecoder(torch.nn.Linear(2, 2), fuse_projections=True).fused_projections().startswith("off (asked for")
 
 
 @pytest.mark.gpu
