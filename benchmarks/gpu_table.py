@@ -70,6 +70,7 @@ VARIANTS = {
     "joined": (["generate.fast_fuse_projections=true"], "q/k/v and gate/up joined"),
     "prefill": (["generate.fast_compile_prefill=true"], "compiled prefill"),
     "cublas": (NO_CD, "cuBLAS matmuls"),
+    "gather": (["shard.split_greedy=false"], "greedy over gathered logits"),
 }
 
 

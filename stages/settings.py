@@ -69,6 +69,7 @@ class TpLayerSettings:
     runtime: str = "optipipe"  # optipipe: local layers + our all-reduce | transformers: DTensor layers
     all_reduce: str = "auto"  # auto: one-shot symmetric memory where GPUs share memory | symm_mem | process_group
     vocab_parallel_head: bool = True  # each rank holds 1/N of the output head; logits assembled by one all-reduce
+    split_greedy: bool = True  # generate=fast greedy: each rank's best token, then a tiny all-reduce (no logits gathered)
     one_shot_max_kib: int = 1024  # larger messages (prefill) take the process group's all-reduce
     agreed_tuning: bool = True  # ranks tune the decode step's kernels together and pick the same configurations
 

@@ -157,7 +157,8 @@ def take_over(ctx: RunContext, c: Any, group: Any, rank: int, world: int,
     if not self_test(reduce, device, rank, world):
         raise StageError("shard", f"the {reduce.kind} all-reduce returned a wrong sum on rank {ctx.dist.rank}",
                          "shard.all_reduce=process_group")
-    local = localize(ctx.model, reduce, rank, world, c.vocab_parallel_head, whole_plan=whole)
+    local = localize(ctx.model, reduce, rank, world, c.vocab_parallel_head, whole_plan=whole,
+                     split_greedy=c.split_greedy)
     if local.skipped:
         return {"shard.collective": f"{reduce.fallback} (transformers)", "shard.local_layers": local.skipped}
     out: dict[str, Any] = {"shard.runtime": "optipipe", "shard.collective": reduce.kind, "shard.head": local.head,

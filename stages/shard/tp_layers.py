@@ -53,6 +53,7 @@ class VocabParallelHead(torch.nn.Linear):
     vocab: int
     first: int
     full_logits: bool = True
+    split_greedy: bool = True  # False: greedy steps gather the logits (shard.split_greedy=false, to compare)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = torch.nn.functional.linear(x, self.weight, self.bias)
@@ -96,9 +97,10 @@ class LocalTp:
 
 def split_head(model: Any) -> VocabParallelHead | None:
     """``model``'s vocabulary-parallel head, when it has one whose indices a float32 holds exactly
-    (every vocabulary below 16.7 M tokens): ``VocabParallelHead.greedy`` can choose through it."""
+    (every vocabulary below 16.7 M tokens) and that may: ``VocabParallelHead.greedy`` chooses through it."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return head if isinstance(head, VocabParallelHead) and head.vocab <= 1 << 24 else None
+    usable = isinstance(head, VocabParallelHead) and head.split_greedy and head.vocab <= 1 << 24
+    return head if usable else None
 
 
 def plan_style(name: str, plan: dict[str, str]) -> str | None:
@@ -170,7 +172,7 @@ def _supported(module: torch.nn.Module, style: str) -> bool:
 
 
 def localize(model: Any, reduce: AllReduce, rank: int, world: int, vocab_parallel_head: bool = True,
-             whole_plan: dict[str, str] | None = None) -> LocalTp:
+             whole_plan: dict[str, str] | None = None, split_greedy: bool = True) -> LocalTp:
     """Take over the TP plan's layers of ``model`` (loaded by transformers' TP), in place. With
     ``whole_plan`` (module names → styles) the model was loaded whole (a replica of replicas × TP):
     each layer of that plan keeps this rank's slice here; ``rank``/``world`` are the replica's."""
@@ -201,5 +203,6 @@ def localize(model: Any, reduce: AllReduce, rank: int, world: int, vocab_paralle
             report.column += 1
     if isinstance(head, torch.nn.Linear):
         _head(head, reduce, rank, world, int(head.weight.shape[0]))  # a DTensor's shape is the global one
+        head.split_greedy = split_greedy
         report.head = "vocab_parallel"
     return report

@@ -5,6 +5,7 @@ the fallback that a CPU takes (and says why)."""
 from __future__ import annotations
 
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stages.shard.all_reduce import AllReduce, self_test
-from stages.shard.tp_layers import RowParallelLinear, VocabParallelHead, plan_style
+from stages.shard.tp_layers import RowParallelLinear, VocabParallelHead, plan_style, split_head
 
 
 def _worker(rank: int, world: int, store: str, errors) -> None:
@@ -87,3 +88,15 @@ def test_plan_style_reads_layer_numbers_as_wildcards(name, style):
     plan = {"model.layers.*.self_attn.q_proj": "colwise", "model.layers.*.mlp.down_proj": "rowwise",
             "lm_head": "colwise_gather_output"}
     assert plan_style(name, plan) == style
+
+
+def test_greedy_goes_through_the_split_head_unless_switched_off():
+    head = VocabParallelHead(8, 4, bias=False)
+    head.vocab = 7
+    model = SimpleNamespace(get_output_embeddings=lambda: head)
+    assert split_head(model) is head
+    head.split_greedy = False  # shard.split_greedy=false: the logits are gathered, as before
+    assert split_head(model) is None
+    head.split_greedy, head.vocab = True, (1 << 24) + 1  # indices a float32 cannot hold exactly
+    assert split_head(model) is None
+    assert split_head(SimpleNamespace(get_output_embeddings=lambda: torch.nn.Linear(8, 7))) is None
