@@ -65,7 +65,8 @@ ROWS = {
     "dp2xtp2_b32": (4, 32, DP + ["launcher.nproc_per_node=4", "shard.tp_size=2"] + FAST,
                     "2 replicas × TP2 (batch 32 per replica)"),
 }
-# a row written NAME+VARIANT runs NAME with the variant's overrides too (same-host A/B in one command)
+# a row written NAME+VARIANT (or NAME+A+B) runs NAME with the variants' overrides too (same-host A/B
+# in one command)
 VARIANTS = {
     "joined": (["generate.fast_fuse_projections=true"], "q/k/v and gate/up joined"),
     "prefill": (["generate.fast_compile_prefill=true"], "compiled prefill"),
@@ -75,13 +76,14 @@ VARIANTS = {
 
 
 def row_spec(name: str) -> tuple[int, int, list[str], str]:
-    """(GPUs, batch, overrides, what) of a row name, ``NAME`` or ``NAME+VARIANT``; KeyError if unknown."""
-    base, _, variant = name.partition("+")
+    """(GPUs, batch, overrides, what) of a row name, ``NAME`` or ``NAME+VARIANT[+VARIANT…]``; KeyError
+    if unknown."""
+    base, *variants = name.split("+")
     gpus, batch, overrides, what = ROWS[base]
-    if not variant:
-        return gpus, batch, overrides, what
-    extra, how = VARIANTS[variant]
-    return gpus, batch, overrides + extra, f"{what}, {how}"
+    for variant in variants:
+        extra, how = VARIANTS[variant]
+        overrides, what = overrides + extra, f"{what}, {how}"
+    return gpus, batch, overrides, what
 
 
 def one_gpu_batch(name: str) -> str | None:

@@ -63,6 +63,8 @@ def test_a_row_variant_adds_its_overrides_and_a_one_gpu_variant_is_the_base():
     assert (gpus, batch) == (2, 32) and overrides[-1] == "generate.fast_fuse_projections=true"
     assert what.endswith("q/k/v and gate/up joined") and "generate.fast_fuse_projections=true" not in gpu_table.row_spec("tp2_b32")[2]
     assert not gpu_table.known_row("tp2_b32+nope") and not gpu_table.known_row("tp3_b32")
+    assert gpu_table.row_spec("tp2_b1+joined+gather")[2][-2:] == ["generate.fast_fuse_projections=true",
+                                                                   "shard.split_greedy=false"]
     text = gpu_table.table(result({"name": "one_gpu_b32+joined", "tok_s": 100.0}, {"name": "one_gpu_b32", "tok_s": 90.0},
                                   {"name": "tp2_b32+joined", "tok_s": 140.0}))
     assert line(text, "one_gpu_b32")[5] == "0.90" and line(text, "tp2_b32+joined")[5] == "1.40"
