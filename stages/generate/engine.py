@@ -19,9 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from stages.generate import joined_projections
 from stages.generate.clock import StepClock
-from stages.generate.joined_projections import MergeRepeatedOps
+from stages.generate.joined_projections import MergeRepeatedOps, join as join_projections
 from stages.attention.gqa_decode import NAME as GQA_DECODE_ATTENTION, GqaDecodeAttention
 from stages.shard import agreed_tuning
 from stages.shard.tp_layers import split_head
@@ -87,7 +86,7 @@ class FastDecoder:
         self.coordinate_descent = coordinate_descent
         # q/k/v and gate/up as one matmul each in compiled code (eager calls run them apart, as before)
         self.fuse_projections = fuse_projections
-        self.joined = joined_projections.join(model) if fuse_projections else []
+        self.joined = join_projections(model) if fuse_projections else []
         self.merge = MergeRepeatedOps() if self.joined else None
         # The prefill is one forward per generation; eager it launches every kernel from Python.
         # Compiled (no CUDA graph: prompt lengths vary, dynamic shapes after the first recompile)
