@@ -72,6 +72,8 @@ VARIANTS = {
     "prefill": (["generate.fast_compile_prefill=true"], "compiled prefill"),
     "cublas": (NO_CD, "cuBLAS matmuls"),
     "gather": (["shard.split_greedy=false"], "greedy over gathered logits"),
+    # inductor also tunes the matmuls (Triton templates against cuBLAS): for the split-K kernels at batch 32
+    "autotune": (["generate.fast_compile_mode=max-autotune"], "max-autotune"),
 }
 
 
