@@ -74,7 +74,8 @@ class VocabParallelHead(torch.nn.Linear):
         full-vocabulary mask) excluded: each rank's best, then one all-reduce of a few bytes per row
         instead of gathering every logit (8 MiB per step at batch 32 for a 128k vocabulary)."""
         if local.shape[-1] == 0:  # an uneven split can leave the last rank no columns
-            value, index = local.new_full(local.shape[:-1], float("-inf")), local.new_zeros(local.shape[:-1], dtype=torch.long)
+            rows = local.shape[:-1]
+            value, index = local.new_full(rows, float("-inf")), local.new_zeros(rows, dtype=torch.long)
         else:
             local = local.masked_fill(banned[self.first:self.first + local.shape[-1]], float("-inf"))
             value, index = local.max(-1)

@@ -70,6 +70,8 @@ def _greedy_checks(head: VocabParallelHead, x: torch.Tensor, w_head: torch.Tenso
     tied = torch.tensor([[1.0, 5, 2, 5, 5, 0, 5], [0, 1, 0, 1, 3, 3, 0]])  # row 0: ranks tie; row 1: rank 1 ties
     slice_ = tied[:, :4] if rank == 0 else tied[:, 4:]
     assert head.greedy(slice_, none).tolist() == [1, 4]
+    no_columns = local if rank == 0 else local[:, :0]  # an uneven split may leave a rank nothing
+    assert torch.equal(head.greedy(no_columns, none), full[:, :4].argmax(-1))
     compiled = torch.compile(head.greedy, fullgraph=True)
     assert torch.equal(compiled(local, banned), head.greedy(local, banned))
 
