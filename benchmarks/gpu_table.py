@@ -90,8 +90,8 @@ def row_spec(name: str) -> tuple[int, int, list[str], str]:
 
 def one_gpu_batch(name: str) -> str | None:
     """The batch of a one-GPU row (any variant), as text; None for other rows."""
-    base = name.partition("+")[0]
-    return base.removeprefix("one_gpu_b") if base.startswith("one_gpu_b") and base[9:].isdigit() else None
+    batch = name.partition("+")[0].removeprefix("one_gpu_b")
+    return batch if batch.isdigit() else None
 
 
 def job(name: str, out: Path, timeout: int, extra: list[str], devices: list[int]) -> dict:

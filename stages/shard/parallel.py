@@ -172,6 +172,12 @@ def take_over(ctx: RunContext, c: Any, group: Any, rank: int, world: int,
     return out
 
 
+def add_taken(taken: dict[str, Any], metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """What a TP take-over reported, into the stage's metrics (numbers) and tags (text)."""
+    metrics.update({k: v for k, v in taken.items() if not isinstance(v, str)})
+    tags.update({k: v for k, v in taken.items() if isinstance(v, str)})
+
+
 class TensorParallel(BaseStage):
     name: ClassVar[str] = "shard"
     Config: ClassVar[type] = TensorParallelConfig
@@ -206,8 +212,7 @@ class TensorParallel(BaseStage):
             import torch.distributed as dist
 
             taken = take_over(ctx, self.cfg, dist.group.WORLD, ctx.dist.rank, ctx.dist.world_size)
-            metrics.update({k: v for k, v in taken.items() if not isinstance(v, str)})
-            tags.update({k: v for k, v in taken.items() if isinstance(v, str)})
+            add_taken(taken, metrics, tags)
         else:
             import torch.distributed as dist
 
@@ -252,8 +257,7 @@ class DataParallel(BaseStage):
         if tp > 1:
             ctx.facts.tensor_parallel = tp  # generate's roofline: each rank holds 1/tp of its replica
             taken = self._our_layers(ctx, tp) if self.cfg.runtime == "optipipe" else self._dtensor_layers(ctx, tp)
-            metrics.update({k: v for k, v in taken.items() if not isinstance(v, str)})
-            tags.update({k: v for k, v in taken.items() if isinstance(v, str)})
+            add_taken(taken, metrics, tags)
         return StageResult(metrics={**metrics, "replicas": float(replicas), "tp_size": float(tp)}, tags=tags,
                            summary=f"data parallel: {replicas} replica(s)" + (
                                f" × TP{tp}, {tags['shard.runtime']} layers, all-reduce: {tags['shard.collective']}"
