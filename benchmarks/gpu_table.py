@@ -72,6 +72,7 @@ VARIANTS = {
     "prefill": (["generate.fast_compile_prefill=true"], "compiled prefill"),
     "cublas": (NO_CD, "cuBLAS matmuls"),
     "gather": (["shard.split_greedy=false"], "greedy over gathered logits"),
+    "unfusednorm": (["shard.fuse_norm=false"], "all-reduce, add and RMSNorm as separate kernels"),
     # inductor also tunes the matmuls (Triton templates against cuBLAS): for the split-K kernels at batch 32
     "autotune": (["generate.fast_compile_mode=max-autotune"], "max-autotune"),
 }
@@ -86,6 +87,12 @@ def row_spec(name: str) -> tuple[int, int, list[str], str]:
         extra, how = VARIANTS[variant]
         overrides, what = overrides + extra, f"{what}, {how}"
     return gpus, batch, overrides, what
+
+
+def collective(tags: dict[str, str]) -> str:
+    """The all-reduce column: the collective, and whether the add + RMSNorm after it ran fused."""
+    fused = tags.get("generate.all_reduce_norm", "off")
+    return tags.get("shard.collective", "") + (f" + norm ({fused})" if fused != "off" else "")
 
 
 def one_gpu_batch(name: str) -> str | None:
@@ -130,7 +137,7 @@ def read_run(row: dict, out: Path) -> dict:
     m, tags = runs[0].data.metrics, runs[0].data.tags
     row.update(status=runs[0].info.status, tok_s=m.get("generate/decode_tokens_per_s"), mbu=m.get("generate/mbu"),
                ttft_ms=m.get("generate/ttft_ms_p50"), itl_ms_p50=m.get("generate/itl_ms_p50"),
-               peak_gib=m.get("generate/memory_peak_allocated_gib"), collective=tags.get("shard.collective", ""),
+               peak_gib=m.get("generate/memory_peak_allocated_gib"), collective=collective(tags),
                error=tags.get("optipipe.error", "")[:300],
                # where a job's seconds go (load, compile inside the warm-up, timed runs): JSON only
                seconds={k: round(v, 1) for k, v in m.items() if k.endswith(("stage_seconds", "warmup_seconds"))})

@@ -72,6 +72,7 @@ class TpLayerSettings:
     split_greedy: bool = True  # generate=fast greedy: each rank's best token, then a tiny all-reduce (no logits gathered)
     one_shot_max_kib: int = 1024  # larger messages (prefill) take the process group's all-reduce
     agreed_tuning: bool = True  # ranks tune the decode step's kernels together and pick the same configurations
+    fuse_norm: bool = True  # generate=fast: all-reduce + residual add + RMSNorm as one kernel in the decode step
 
 
 @dataclass

@@ -22,7 +22,8 @@ import torch
 from stages.generate.clock import StepClock
 from stages.generate.joined_projections import MergeRepeatedOps, join as join_projections
 from stages.attention.gqa_decode import NAME as GQA_DECODE_ATTENTION, GqaDecodeAttention
-from stages.shard import agreed_tuning
+from stages.shard import agreed_tuning, all_reduce_norm
+from stages.shard.all_reduce_norm import FuseAllReduceNorm
 from stages.shard.tp_layers import split_head
 
 
@@ -53,10 +54,11 @@ def choose(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
 
 
-def step_compile_options(mode: str, coordinate_descent: bool, merge: MergeRepeatedOps | None = None) -> dict[str, Any]:
+def step_compile_options(mode: str, coordinate_descent: bool, merge: MergeRepeatedOps | None = None,
+                         fuse: FuseAllReduceNorm | None = None) -> dict[str, Any]:
     """inductor options for the decode step: ``mode``'s own, plus coordinate-descent tuning when asked
     (with inductor's caches off while tensor-parallel ranks agree on it: stages/shard/agreed_tuning.py),
-    and the pass that merges joined projections when given.
+    the pass that merges joined projections and the one that fuses all-reduce + add + RMSNorm when given.
 
     At batch 1 every projection is a matrix-vector product (M = 1). cuBLAS runs those below the
     memory bandwidth they could reach; with coordinate-descent tuning on, inductor rewrites an M = 1
@@ -68,6 +70,8 @@ def step_compile_options(mode: str, coordinate_descent: bool, merge: MergeRepeat
     options = dict(list_mode_options(mode))
     if merge is not None:  # joined projections: one matmul per group (stages/generate/joined_projections.py)
         options["post_grad_custom_pre_pass"] = merge
+    if fuse is not None:  # tensor parallel: stages/shard/all_reduce_norm.py (no all-reduce: nothing to do)
+        options["post_grad_custom_post_pass"] = fuse
     if coordinate_descent:
         options["coordinate_descent_tuning"] = True
         if agreed_tuning.active():
@@ -131,7 +135,9 @@ class FastDecoder:
             if self.compile_mode is None:
                 self._step = self._decode_step
             else:
-                options = step_compile_options(self.compile_mode, self.coordinate_descent, self.merge)
+                options = step_compile_options(self.compile_mode, self.coordinate_descent, self.merge,
+                                               FuseAllReduceNorm())
+                all_reduce_norm.RUNS.clear()  # from here on: how this step's fused ops ran (the tag)
                 self._step = agreed_tuning.scoped(torch.compile(self._decode_step, fullgraph=True, dynamic=False,
                                                                 options=options))
         return self._step
@@ -184,6 +190,14 @@ class FastDecoder:
         if self.sampling.do_sample:
             return "sampled"
         return "vocab_parallel_argmax" if self.split_head is not None else "argmax"
+
+    def all_reduce_norm(self) -> str:
+        """How the compiled step's all-reduces met the residual add and RMSNorm after them (for the
+        run's tags): one_shot_kernel (one fused kernel), unfused (the fused op computed them one
+        after another: no peer memory), or off (no fused op ran: no TP, eager, shard.fuse_norm=false)."""
+        if self.compile_mode is None or not all_reduce_norm.RUNS:
+            return "off"
+        return "+".join(sorted(all_reduce_norm.RUNS))
 
     def kernel_tuning(self) -> str:
         """How the decode step's kernels were chosen (for the run's tags)."""

@@ -121,7 +121,8 @@ class FastEngine:
     def tags(self, model: Any) -> dict[str, str]:
         decoder = self.decoder(model)  # what the decode steps attended with (the model's own, or ours for GQA)
         return {"generate.decode_attention": decoder.decode_attention(), "generate.kernel_tuning": decoder.kernel_tuning(),
-                "generate.fused_projections": decoder.fused_projections(), "generate.token_choice": decoder.token_choice()}
+                "generate.fused_projections": decoder.fused_projections(), "generate.token_choice": decoder.token_choice(),
+                "generate.all_reduce_norm": decoder.all_reduce_norm()}
 
 
 BUILT_IN: dict[str, type] = {"transformers": TransformersEngine, "fast": FastEngine}

@@ -23,14 +23,18 @@ from typing import Any
 import torch
 
 ONE_SHOT = "symm_mem_one_shot"
+PUSH_COPIES = 3  # the fused kernel's receive areas rotate over 3 copies (stages/shard/all_reduce_norm.py)
+# an empty slot of a receive area holds -0.0 of the messages' dtype (senders never send -0.0): its bits
+EMPTY_BITS = {torch.bfloat16: (torch.int16, -(1 << 15)), torch.float16: (torch.int16, -(1 << 15)),
+              torch.float32: (torch.int32, -(1 << 31))}
 MODES = ("auto", "symm_mem", "process_group")
-_REDUCERS: dict[str, "AllReduce"] = {}  # the op finds its reducer by name (a string is graph-constant)
+REDUCERS: dict[str, "AllReduce"] = {}  # the op finds its reducer by name (a string is graph-constant)
 
 
 @torch.library.custom_op("optipipe::tp_all_reduce", mutates_args=())
 def tp_all_reduce(x: torch.Tensor, reducer: str) -> torch.Tensor:
     """Sum of ``x`` over the reducer's group, as a new tensor (same on every rank)."""
-    return _REDUCERS[reducer].run(x)
+    return REDUCERS[reducer].run(x)
 
 
 @tp_all_reduce.register_fake
@@ -42,7 +46,7 @@ def _(x: torch.Tensor, reducer: str) -> torch.Tensor:
 def tp_gather_columns(y: torch.Tensor, reducer: str, width: int) -> torch.Tensor:
     """Every rank's ``y`` side by side, cut to ``width`` columns: a vocabulary-parallel head's full
     logits (each rank holds ``ceil(width / world)`` columns, the last rank fewer)."""
-    return _REDUCERS[reducer].gather_columns(y, width)
+    return REDUCERS[reducer].gather_columns(y, width)
 
 
 @tp_gather_columns.register_fake
@@ -54,7 +58,7 @@ def _(y: torch.Tensor, reducer: str, width: int) -> torch.Tensor:
 def tp_argmax(value: torch.Tensor, index: torch.Tensor, reducer: str) -> torch.Tensor:
     """Per row, the ``index`` whose ``value`` is largest over the group's ranks (the lowest rank's on
     a tie); ``value`` float32 and ``index`` int64, one per row."""
-    return _REDUCERS[reducer].argmax(value, index)
+    return REDUCERS[reducer].argmax(value, index)
 
 
 @tp_argmax.register_fake
@@ -84,18 +88,25 @@ class AllReduce:
     process group's all-reduce. ``mode``: auto (symmetric memory where possible) | symm_mem (refuse
     to fall back) | process_group (NCCL/gloo always)."""
 
-    def __init__(self, group: Any, device: torch.device, mode: str = "auto", max_bytes: int = 1 << 20) -> None:
+    def __init__(self, group: Any, device: torch.device, mode: str = "auto", max_bytes: int = 1 << 20,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
         import torch.distributed as dist
 
         if mode not in MODES:
             raise ValueError(f"unknown all-reduce mode {mode!r}")
         self.group, self.max_bytes = group, max_bytes
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.fallback = str(dist.get_backend(group))
         self.why_not_symm = symm_mem_problem(group, device) if mode != "process_group" else "asked for"
         if mode == "symm_mem" and self.why_not_symm:
             raise RuntimeError(f"symmetric-memory all-reduce is not possible here: {self.why_not_symm}")
         self.buffer: torch.Tensor | None = None
+        self.peer_buffers: torch.Tensor | None = None  # every rank's buffer address, as this process maps it
         self.calls = 0
+        self.fuse_norm = True  # FuseAllReduceNorm may fold the add + RMSNorm after this reducer's sums
+        self.push_width: int | None = None  # the fused kernel's row width (one per reducer: its areas' layout)
+        self.push_dtype = dtype  # the fused kernel's messages (the model's dtype): its empty-slot mark
+        self.push_calls: torch.Tensor | None = None  # per row: the fused kernel's calls so far (picks the copy)
         if self.why_not_symm is None:
             try:
                 self.buffer = self._exchange_buffer(device)
@@ -103,8 +114,8 @@ class AllReduce:
                 if mode == "symm_mem":
                     raise
                 self.why_not_symm = f"symmetric memory failed to set up: {str(e).splitlines()[0][:200]}"
-        self.name = f"r{len(_REDUCERS)}"
-        _REDUCERS[self.name] = self
+        self.name = f"r{len(REDUCERS)}"
+        REDUCERS[self.name] = self
 
     @property
     def kind(self) -> str:
@@ -113,12 +124,24 @@ class AllReduce:
 
     def _exchange_buffer(self, device: torch.device) -> torch.Tensor:
         """Two halves of ``max_bytes`` that all ranks can read, exchanged now (a collective: never
-        during a capture). Consecutive reductions use alternate halves, so a rank that runs ahead
-        never writes where a slower peer may still be reading the previous message."""
+        during a capture), then the fused kernel's receive areas: ``PUSH_COPIES`` × ranks ×
+        ``max_bytes``, all empty (stages/shard/all_reduce_norm.py). Consecutive reductions use
+        alternate halves, so a rank that runs ahead never writes where a slower peer may still be
+        reading the previous message."""
+        import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
-        buffer = symm_mem.empty(2 * self.max_bytes, dtype=torch.uint8, device=device)
-        symm_mem.rendezvous(buffer, self.group.group_name)
+        areas = PUSH_COPIES * self.world * self.max_bytes
+        buffer = symm_mem.empty(2 * self.max_bytes + areas, dtype=torch.uint8, device=device)
+        bits, empty = EMPTY_BITS.get(self.push_dtype, EMPTY_BITS[torch.bfloat16])
+        buffer[2 * self.max_bytes:].view(bits).fill_(empty)
+        torch.cuda.synchronize(device)
+        handle = symm_mem.rendezvous(buffer, self.group.group_name)
+        self.push_calls = torch.zeros(self.max_bytes // 2, dtype=torch.int32, device=device)  # ≥ rows of any message
+        dist.barrier(group=self.group)  # every rank's areas are empty before any rank may send
+        # each rank's tensor lies at the same offset in its allocation (symmetric)
+        offset = buffer.data_ptr() - handle.buffer_ptrs[handle.rank]
+        self.peer_buffers = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
         return buffer
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,12 +150,19 @@ class AllReduce:
     def _slot(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """A view of the shared buffer for one message, or None when the message must take the
         process group (no buffer, or too large). Consecutive messages use alternate halves."""
-        nbytes = math.prod(shape) * dtype.itemsize
+        start = self.slot_offset(math.prod(shape) * dtype.itemsize)
+        if start is None:
+            return None
+        return self.buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+
+    def slot_offset(self, nbytes: int) -> int | None:
+        """Where in the shared buffer the next message of ``nbytes`` goes (None: it must take the
+        process group). Consecutive messages use alternate halves."""
         if self.buffer is None or nbytes > self.max_bytes:
             return None
         start = (self.calls % 2) * self.max_bytes
         self.calls += 1
-        return self.buffer[start:start + nbytes].view(dtype).view(shape)
+        return start
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -159,7 +189,6 @@ class AllReduce:
         summed = self.run(blocks)
         full = summed.permute(1, 0, 2).reshape(rows.shape[0], world * chunk)[:, :width].contiguous()
         return full.reshape(*y.shape[:-1], width)
-
 
     def argmax(self, value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Every rank's (value, index) pairs meet in one small all-reduce: rank r's go to block r of

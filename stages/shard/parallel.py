@@ -153,7 +153,9 @@ def take_over(ctx: RunContext, c: Any, group: Any, rank: int, world: int,
     import torch
 
     device = torch.device(ctx.dist.device)
-    reduce = AllReduce(group, device, c.all_reduce, c.one_shot_max_kib * 1024)
+    reduce = AllReduce(group, device, c.all_reduce, c.one_shot_max_kib * 1024,
+                       getattr(ctx.model, "dtype", torch.bfloat16))  # the fused kernel's messages
+    reduce.fuse_norm = c.fuse_norm
     if not self_test(reduce, device, rank, world):
         raise StageError("shard", f"the {reduce.kind} all-reduce returned a wrong sum on rank {ctx.dist.rank}",
                          "shard.all_reduce=process_group")

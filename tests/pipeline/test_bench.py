@@ -100,6 +100,8 @@ def test_kernel_names_fall_into_categories():
     assert category("triton_red_fused__unsafe_view_mm_mul_silu_t_tp_all_reduce_view_9") == "matmul"
     assert category("triton_poi_fused_add_tp_all_reduce_3") == "other"
     assert category("void (anonymous namespace)::one_shot_all_reduce_kernel<c10::BFloat16, 16, 2>") == "communication"
+    # the fused all-reduce + add + RMSNorm kernel (stages/shard/all_reduce_norm.py) is mostly the exchange
+    assert category("push_all_reduce_add_rms_norm") == "communication"
     assert category("triton_poi_fused__to_copy_bmm_cat_cos_index_copy_mm_mul_neg") == "other"  # pointwise: no matmul
     assert category("triton_poi_fused__to_copy_add_arange_bmm_cat_cos_index_copy_mul_neg_sin_slice") == "other"
     assert category("triton_tem_fused_mm_0") == category("aten::mm") == "matmul"  # max-autotune's templates

@@ -115,6 +115,8 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     # the ranks tune the decode step together (stages/shard/agreed_tuning.py)
     assert (tags["shard.kernel_tuning"], tags["generate.kernel_tuning"]) == (
         "agreed_over_ranks", "coordinate_descent_agreed_over_ranks")
+    # all-reduce + add + RMSNorm became one op in the compiled step; without peer memory it runs unfused
+    assert (tags["generate.all_reduce_norm"], hf_run.data.tags["generate.all_reduce_norm"]) == ("unfused", "off")
     assert tp_run.data.metrics["shard/local_tp_layers"] > 0 and tp_run.data.metrics["shard/dtensor_parameters_left"] == 0
     # both ranks run the same tokens: throughput is one replica's, not the sum of two
     m = tp_run.data.metrics
@@ -349,7 +351,8 @@ def test_ranks_combine_as_the_measuring_stage_declares():
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_tensor_parallel_over_gpus_gives_the_one_gpu_text(tmp_path, ranks):
     """On 2 (and 4) GPUs with peer access: our layers with the one-shot symmetric-memory all-reduce
-    (symm_mem: no silent fallback) inside the CUDA graph give the one-GPU text, batch 1 and 4."""
+    (symm_mem: no silent fallback) and the fused all-reduce + add + RMSNorm kernel inside the CUDA
+    graph give the one-GPU text, batch 1 and 4."""
     import torch
 
     if torch.cuda.device_count() < ranks:
@@ -368,5 +371,7 @@ def test_tensor_parallel_over_gpus_gives_the_one_gpu_text(tmp_path, ranks):
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     tp_runs = [r for r in runs if r.data.tags.get("choice.shard") == "tensor_parallel"]
     assert {r.data.tags["shard.collective"] for r in tp_runs} == {"symm_mem_one_shot"}
+    # every all-reduce + residual add + RMSNorm of the decode step ran as the one pushing kernel
+    assert {r.data.tags["generate.all_reduce_norm"] for r in tp_runs} == {"push_kernel"}
     # coordinate-descent tuning ran on both ranks with agreed times and still gave the one-GPU text
     assert {r.data.tags["generate.kernel_tuning"] for r in tp_runs} == {"coordinate_descent_agreed_over_ranks"}
