@@ -68,3 +68,11 @@ def test_a_row_variant_adds_its_overrides_and_a_one_gpu_variant_is_the_base():
     text = gpu_table.table(result({"name": "one_gpu_b32+joined", "tok_s": 100.0}, {"name": "one_gpu_b32", "tok_s": 90.0},
                                   {"name": "tp2_b32+joined", "tok_s": 140.0}))
     assert line(text, "one_gpu_b32")[5] == "0.90" and line(text, "tp2_b32+joined")[5] == "1.40"
+
+
+def test_the_all_reduce_column_says_whether_the_norm_ran_fused():
+    assert gpu_table.collective({"shard.collective": "symm_mem_one_shot", "generate.all_reduce_norm": "push_kernel"}) == (
+        "symm_mem_one_shot + norm (push_kernel)")
+    assert gpu_table.collective({"shard.collective": "gloo", "generate.all_reduce_norm": "off"}) == "gloo"
+    assert gpu_table.collective({}) == ""  # one GPU: no collective
+    assert gpu_table.row_spec("tp2_b32+unfusednorm")[2][-1] == "shard.fuse_norm=false"

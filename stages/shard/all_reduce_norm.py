@@ -220,7 +220,7 @@ def _triton_kernel() -> Any:
         dtype = x_ptr.dtype.element_ty
         bits = tl.int32 if WIDE else tl.int16  # an integer as wide as dtype, to compare with EMPTY
         x = tl.load(x_ptr + row * N + cols, mask=inside, other=0.0)
-        x = tl.where(x == 0.0, tl.zeros_like(x), x)  # -0.0 marks an empty slot: send +0.0
+        x = tl.where(x.to(bits, bitcast=True) == EMPTY, tl.zeros_like(x), x)  # -0.0 marks an empty slot: send +0.0
         # this row into area (copy, RANK) of every rank
         at = (copy * WORLD + RANK) * area_elems + row * N + cols
         for peer in tl.static_range(WORLD):
@@ -241,7 +241,7 @@ def _triton_kernel() -> Any:
         residual = tl.load(res_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
         h = (residual + acc.to(dtype).to(tl.float32)).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * N + cols, h, mask=inside)
-        c = h.to(tl.float32)
+        c = tl.where(inside, h.to(tl.float32), 0.0)  # lanes past the row's end stay out of the mean
         normed = (c * tl.rsqrt(tl.sum(c * c, axis=0) / N + eps)).to(h_ptr.dtype.element_ty)
         w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * N + cols, (w * normed.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=inside)

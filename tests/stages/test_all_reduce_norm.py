@@ -6,7 +6,11 @@ runs it inside the engine and compares the text with one GPU's."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +112,14 @@ def test_patterns_that_are_not_an_rms_norm_stay_apart(group):
             got = torch.compile(fn, fullgraph=True, options=options)(x, residual, weight)
         torch.testing.assert_close(got, fn(x, residual, weight))
         assert fuse.fused == 0, fn.__name__
+
+
+@pytest.mark.parametrize("world, dtype", [(2, "bfloat16"), (4, "float32")])
+def test_the_pushing_kernel_in_tritons_interpreter(world, dtype):
+    """The kernel's protocol (push to every rank, wait for every peer's row, rotate and empty the
+    receive areas) with threads as ranks, several calls in a row: push_kernel_interpreted.py."""
+    pytest.importorskip("triton")
+    script = Path(__file__).with_name("push_kernel_interpreted.py")
+    done = subprocess.run([sys.executable, str(script), str(world), dtype], capture_output=True, text=True,
+                          timeout=400, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
