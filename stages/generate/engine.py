@@ -193,8 +193,9 @@ class FastDecoder:
 
     def all_reduce_norm(self) -> str:
         """How the compiled step's all-reduces met the residual add and RMSNorm after them (for the
-        run's tags): one_shot_kernel (one fused kernel), unfused (the fused op computed them one
-        after another: no peer memory), or off (no fused op ran: no TP, eager, shard.fuse_norm=false)."""
+        run's tags): push_kernel (one fused kernel, stages/shard/all_reduce_norm.py), unfused (the fused
+        op computed them one after another: no peer memory), or off (no fused op ran: no TP, eager,
+        shard.fuse_norm=false)."""
         if self.compile_mode is None or not all_reduce_norm.RUNS:
             return "off"
         return "+".join(sorted(all_reduce_norm.RUNS))

@@ -150,19 +150,12 @@ class AllReduce:
     def _slot(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """A view of the shared buffer for one message, or None when the message must take the
         process group (no buffer, or too large). Consecutive messages use alternate halves."""
-        start = self.slot_offset(math.prod(shape) * dtype.itemsize)
-        if start is None:
-            return None
-        return self.buffer[start:start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-
-    def slot_offset(self, nbytes: int) -> int | None:
-        """Where in the shared buffer the next message of ``nbytes`` goes (None: it must take the
-        process group). Consecutive messages use alternate halves."""
+        nbytes = math.prod(shape) * dtype.itemsize
         if self.buffer is None or nbytes > self.max_bytes:
             return None
         start = (self.calls % 2) * self.max_bytes
         self.calls += 1
-        return start
+        return self.buffer[start:start + nbytes].view(dtype).view(shape)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist

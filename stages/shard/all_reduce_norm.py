@@ -101,7 +101,7 @@ def _match(ar: torch.fx.Node) -> dict[str, Any] | None:
         return None
     mean = _only_user(square, aten.mean.dim)
     keepdim = mean.args[2] if mean is not None and len(mean.args) > 2 else mean is not None and mean.kwargs.get("keepdim")
-    if mean is None or list(mean.args[1]) not in ([-1], [h.dim() - 1]) or not keepdim:
+    if mean is None or list(mean.args[1]) not in ([-1], [h.dim() - 1]) or not keepdim or mean.kwargs.get("dtype"):
         return None
     plus_eps = _only_user(mean, aten.add.Tensor)
     if plus_eps is None or not isinstance(plus_eps.args[1], (int, float)):
