@@ -1,8 +1,9 @@
 """The all-reduce + residual add + RMSNorm fusion (stages/shard/all_reduce_norm.py) on a CPU: the
 graph pass finds every such pattern of a Llama under our TP layers (and nothing else), the fused
 op's unfused path computes what the model computes, and ``shard.fuse_norm=false`` leaves the graph
-alone. The kernel itself needs GPUs with peer memory: the GPU test in tests/pipeline/test_distributed.py
-runs it inside the engine and compares the text with one GPU's."""
+alone; and the kernel itself, in Triton's interpreter with processes as ranks
+(push_kernel_interpreted.py). On GPUs, the GPU test in tests/pipeline/test_distributed.py runs it
+inside the engine and compares the text with one GPU's."""
 
 from __future__ import annotations
 
