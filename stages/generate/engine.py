@@ -23,7 +23,6 @@ from stages.generate.clock import StepClock
 from stages.generate.joined_projections import MergeRepeatedOps, join as join_projections
 from stages.attention.gqa_decode import NAME as GQA_DECODE_ATTENTION, GqaDecodeAttention
 from stages.shard import agreed_tuning, all_reduce_norm
-from stages.shard.all_reduce_norm import FuseAllReduceNorm
 from stages.shard.tp_layers import split_head
 
 
@@ -55,7 +54,7 @@ def choose(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 
 def step_compile_options(mode: str, coordinate_descent: bool, merge: MergeRepeatedOps | None = None,
-                         fuse: FuseAllReduceNorm | None = None) -> dict[str, Any]:
+                         fuse: all_reduce_norm.FuseAllReduceNorm | None = None) -> dict[str, Any]:
     """inductor options for the decode step: ``mode``'s own, plus coordinate-descent tuning when asked
     (with inductor's caches off while tensor-parallel ranks agree on it: stages/shard/agreed_tuning.py),
     the pass that merges joined projections and the one that fuses all-reduce + add + RMSNorm when given.
@@ -136,7 +135,7 @@ class FastDecoder:
                 self._step = self._decode_step
             else:
                 options = step_compile_options(self.compile_mode, self.coordinate_descent, self.merge,
-                                               FuseAllReduceNorm())
+                                               all_reduce_norm.FuseAllReduceNorm())
                 all_reduce_norm.RUNS.clear()  # from here on: how this step's fused ops ran (the tag)
                 self._step = agreed_tuning.scoped(torch.compile(self._decode_step, fullgraph=True, dynamic=False,
                                                                 options=options))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from stages.shard.all_reduce import EMPTY_BITS, PUSH_COPIES, REDUCERS
+from stages.shard.all_reduce import EMPTY_BITS, PUSH_COPIES, REDUCERS, AllReduce
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -100,8 +100,10 @@ def _match(ar: torch.fx.Node) -> dict[str, Any] | None:
     if square is None or square.args[1] != 2:
         return None
     mean = _only_user(square, aten.mean.dim)
-    keepdim = mean.args[2] if mean is not None and len(mean.args) > 2 else mean is not None and mean.kwargs.get("keepdim")
-    if mean is None or list(mean.args[1]) not in ([-1], [h.dim() - 1]) or not keepdim or mean.kwargs.get("dtype"):
+    if mean is None:
+        return None
+    keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim")
+    if list(mean.args[1]) not in ([-1], [h.dim() - 1]) or not keepdim or mean.kwargs.get("dtype"):
         return None
     plus_eps = _only_user(mean, aten.add.Tensor)
     if plus_eps is None or not isinstance(plus_eps.args[1], (int, float)):
@@ -152,7 +154,7 @@ RUNS: dict[str, int] = {}
 _MAX_WIDTH = 16384  # one program holds a row in registers
 
 
-def _kernel_fits(reduce: Any, x: torch.Tensor, residual: torch.Tensor, upcast: bool) -> bool:
+def _kernel_fits(reduce: AllReduce, x: torch.Tensor, residual: torch.Tensor, upcast: bool) -> bool:
     """Whether the fused kernel can take this message (else the unfused ops run)."""
     width = x.shape[-1]
     if reduce.buffer is None or not x.is_cuda or residual.dtype != x.dtype:
@@ -209,9 +211,10 @@ def _triton_kernel() -> Any:
         return None
 
     @triton.jit
-    def push_all_reduce_add_rms_norm(x_ptr, res_ptr, w_ptr, h_ptr, y_ptr, peers_ptr, areas, area_elems, calls_ptr, eps,
-                          N: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, COPIES: tl.constexpr,
-                          EMPTY: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    def push_all_reduce_add_rms_norm(x_ptr, res_ptr, w_ptr, h_ptr, y_ptr, peers_ptr, areas, area_elems,
+                                     calls_ptr, eps, N: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                                     COPIES: tl.constexpr, EMPTY: tl.constexpr, WIDE: tl.constexpr,
+                                     BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < N
