@@ -90,7 +90,13 @@ def plan_tensor_parallel(stage: str, plan: LoadPlan, tp_size: Optional[int]) -> 
         plan.set(stage, "tp_plan", "auto")
         plan.set(stage, "tp_size", tp_size or "every process")
         return
-    for key, value in tp_load_kwargs(tp_size or dist.get_world_size()).items():
+    tp = tp_size or dist.get_world_size()
+    if tp == 1:
+        # transformers ignores a TP plan over one rank and leaves the model where it loads (the CPU):
+        # the one rank holds the whole model on its device, as a one-GPU job does
+        plan.set(stage, "device_map", {"": plan.device})
+        return
+    for key, value in tp_load_kwargs(tp).items():
         plan.set(stage, key, value)
 
 
@@ -210,7 +216,9 @@ class TensorParallel(BaseStage):
         metrics = check_sharded(self.name, ctx.model, tp)  # transformers sharded the weights at load
         ctx.facts.tensor_parallel = tp  # generate's roofline: each rank holds 1/tp of the KV cache
         tags = {"shard.mode": "tensor_parallel", "shard.devices": ctx.dist.device, "shard.runtime": "transformers"}
-        if self.cfg.runtime == "optipipe":
+        if tp == 1:  # the 1-process job of a sweep over processes: the whole model, nothing to reduce
+            tags.update({"shard.runtime": "none", "shard.collective": "none (one process)"})
+        elif self.cfg.runtime == "optipipe":
             import torch.distributed as dist
 
             taken = take_over(ctx, self.cfg, dist.group.WORLD, ctx.dist.rank, ctx.dist.world_size)
@@ -223,6 +231,7 @@ class TensorParallel(BaseStage):
                            summary=f"tensor parallel ×{tp}: {metrics.get('sharded_parameters', 0):.0f} of "
                                    f"{metrics.get('parameters_total', 0):.0f} weights sharded (rank 0 shown), "
                                    f"{tags['shard.runtime']} layers, all-reduce: {tags['shard.collective']}")
+
 
 class DataParallel(BaseStage):
     name: ClassVar[str] = "shard"

@@ -48,3 +48,27 @@ def test_pipeline_placement_rules():
         return  # several GPUs: placement over them is meaningful, no warning
     resolved = resolve(composed("model=tiny_random", "shard=pipeline"))
     assert any(w.key == "shard" and "one device" in w.message for w in resolved.warnings)
+
+
+def test_tensor_parallel_over_one_process_holds_the_whole_model_on_its_device(tmp_path):
+    """The 1-process job of a sweep over processes (experiment=multi_gpu_scaling): transformers ignores
+    a TP plan over one rank and would leave the model on the CPU, where a GPU job's NCCL all-reduce
+    then fails. The rank loads the whole model onto its device instead and reduces nothing."""
+    import torch.distributed as dist
+
+    from pipeline.contract import DistInfo
+    from pipeline.runner import make_plan, open_context
+    from stages.shard.tp_layers import RowParallelLinear
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        resolved = resolve(composed("model=tiny_random", "shard=tensor_parallel", "launcher=torchrun",
+                                    "launcher.nproc_per_node=1", "tracker=none"))
+        plan = make_plan(resolved)
+        assert plan.kwargs["device_map"] == {"": plan.device} and "distributed_config" not in plan.kwargs
+        ctx = open_context(resolved, plan, tmp_path, DistInfo(device=plan.device))
+        result = resolved.stages["shard"].apply(ctx)
+    finally:
+        dist.destroy_process_group()
+    assert result.tags["shard.collective"] == "none (one process)" and result.metrics["tp_size"] == 1
+    assert not any(isinstance(m, RowParallelLinear) for m in ctx.model.modules())  # nothing taken over
