@@ -139,6 +139,13 @@ def short_labels(rows: list[Row]) -> list[str]:
             for ts, r in zip(tokens, rows)]
 
 
+def plot_label(label: str) -> str:
+    """A short label as a plot shows it: one override per line, whole. Cutting it to a width dropped
+    the value that tells jobs apart (``launcher.nproc_per_node=1`` from ``=4`` in a scaling sweep)."""
+    varied, reused, _ = label.partition(" (reused)")
+    return "\n".join(varied.split()) + reused
+
+
 def _cell(v: float) -> str:
     return "" if math.isnan(v) else (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
 
@@ -174,13 +181,13 @@ def plots(rows: list[Row], folder: Path) -> list[Path]:
     out = []
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = {"pass": ("o", "tab:green"), "fail": ("x", "tab:red"), "not set": ("s", "tab:blue")}
-    labels = dict(zip((r.run_id for r in rows), short_labels(rows)))
+    labels = dict(zip((r.run_id for r in rows), map(plot_label, short_labels(rows))))
     for gate, (marker, color) in markers.items():
         pts = [r for r in rows if r.gate == gate and r.status == "FINISHED"]
         ax.scatter([r.value("peak_memory_gib") for r in pts], [r.value("tokens_per_s") for r in pts],
                    marker=marker, color=color, label=f"gate {gate}", s=60)
         for r in pts:
-            ax.annotate(labels[r.run_id][:40], (r.value("peak_memory_gib"), r.value("tokens_per_s")), fontsize=7)
+            ax.annotate(labels[r.run_id], (r.value("peak_memory_gib"), r.value("tokens_per_s")), fontsize=7)
     front = pareto(rows)
     if front:
         ax.plot([r.value("peak_memory_gib") for r in front], [r.value("tokens_per_s") for r in front],
@@ -191,8 +198,9 @@ def plots(rows: list[Row], folder: Path) -> list[Path]:
     out.append(_save(plt, fig, ax, folder / "throughput_vs_memory.png"))
 
     done = [r for r in rows if r.status == "FINISHED"]
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(done) + 2))
-    names = [labels[r.run_id][:50] for r in done]
+    lines = max((labels[r.run_id].count("\n") + 1 for r in done), default=1)
+    fig, ax = plt.subplots(figsize=(8, (0.3 + 0.2 * lines) * len(done) + 2))
+    names = [labels[r.run_id] for r in done]
     y = range(len(done))
     latency = "itl_ms" if any("itl_ms_p50" in r.values for r in done) else "batch_latency_ms"  # decoder or encoder
     ax.barh([i + 0.2 for i in y], [r.value(f"{latency}_p90") for r in done], height=0.4, label="p90")

@@ -24,6 +24,17 @@ def test_pareto_front_and_best_respect_the_gate():
     assert report.short_labels([fake("a", 1, 1), fake("b", 1, 1)]) == ["x=a", "x=b"]
 
 
+def test_plot_labels_keep_every_varied_override_whole():
+    """A scaling sweep's jobs differ in the last characters of a long label: a plot must show them."""
+    rows = [report.Row(f"{shard}{n}", f"shard={shard} launcher.nproc_per_node={n} generate.batch_size=32",
+                       "FINISHED", "not set", {}) for shard, n in (("tensor_parallel", 4), ("data_parallel", 1),
+                                                                   ("data_parallel", 4))]
+    labels = [report.plot_label(label) for label in report.short_labels(rows)]
+    assert labels == ["shard=tensor_parallel\nlauncher.nproc_per_node=4", "shard=data_parallel\nlauncher.nproc_per_node=1",
+                      "shard=data_parallel\nlauncher.nproc_per_node=4"]
+    assert report.plot_label("quantize=nf4 (reused)") == "quantize=nf4 (reused)"
+
+
 def test_four_job_sweep_summary_and_report_agree(tmp_path, capsys):
     proc = run_cli("-m", *TINY, "quantize=none,nf4", "generate.batch_size=1,2", "evaluate=perplexity",
                    cwd=tmp_path, check=0)
