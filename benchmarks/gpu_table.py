@@ -63,7 +63,7 @@ ROWS = {
     "tp4_b32": (4, 32, TP4 + FAST, "TP4, our layers + all-reduce"),
     "dp4_b32": (4, 32, DP + ["launcher.nproc_per_node=4"] + FAST, "data parallel ×4 (batch 32 per replica)"),
     "dp2xtp2_b32": (4, 32, DP + ["launcher.nproc_per_node=4", "shard.tp_size=2"] + FAST,
-                    "2 replicas × TP2 (batch 32 per replica)"),
+                    "2 replicas × TP2, our layers + all-reduce (batch 32 per replica)"),
 }
 # a row written NAME+VARIANT (or NAME+A+B) runs NAME with the variants' overrides too (same-host A/B
 # in one command)
@@ -147,19 +147,56 @@ def read_run(row: dict, out: Path) -> dict:
     return row
 
 
+GPTFAST_LIMIT_S = 300  # one anchor run: its cold compile takes 2–4 minutes
+GPTFAST_EXIT_GRACE_S = 15.0  # how long a run that printed its result may take to exit before it is ended
+GPTFAST_RESULT = "{'impl': 'gpt-fast'"
+
+
+def anchor_output(cmd: list[str], env: dict[str, str]) -> str:
+    """What the anchor printed. Its tensor-parallel ranks may never exit after printing their result:
+    once the result is out they get ``GPTFAST_EXIT_GRACE_S``, then their process group is ended (not the
+    whole ``GPTFAST_LIMIT_S`` of device time)."""
+    import signal
+    import threading
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own group, apart from ours
+    lines: list[str] = []
+    result_at: list[float] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(GPTFAST_RESULT) and not result_at:
+                result_at.append(time.time())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    start = time.time()
+    while proc.poll() is None:
+        late = result_at and time.time() - result_at[0] > GPTFAST_EXIT_GRACE_S
+        if late or time.time() - start > GPTFAST_LIMIT_S:
+            # SIGTERM: torchrun then ends its ranks, which run in sessions of their own; SIGKILL if it hangs
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    reader.join(timeout=5)
+    return "".join(lines)
+
+
 def gptfast_rows(folder: Path, out: Path) -> Iterator[list[dict]]:
-    """gpt-fast's own one GPU, then TP2, each run's rows as it ends (its first compile takes minutes;
-    its ranks may not exit)."""
-    env = {**os.environ, "GPTFAST": str(folder), "OUT": str(out)}
+    """gpt-fast's own one GPU, then TP2, each run's rows as it ends."""
+    env = {**os.environ, "GPTFAST": str(folder), "OUT": str(out), "CUDA_VISIBLE_DEVICES": "0,1"}
     for tp, cmd in ((1, [sys.executable, str(folder / "gptfast_anchor.py"), "1"]),
                     (2, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                          str(folder / "gptfast_anchor.py"), "1"])):
-        try:
-            text = subprocess.run(["timeout", "-k", "5", "300", *cmd], env={**env, "CUDA_VISIBLE_DEVICES": "0,1"},
-                                  capture_output=True, text=True, timeout=320).stdout
-        except subprocess.TimeoutExpired as e:
-            text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        found = [ast.literal_eval(line) for line in text.splitlines() if line.startswith("{'impl': 'gpt-fast'")]
+        text = anchor_output(cmd, env)
+        found = [ast.literal_eval(line) for line in text.splitlines() if line.startswith(GPTFAST_RESULT)]
         (out / f"gptfast_tp{tp}.log").write_text(text)
         yield [{"name": f"gptfast_tp{tp}_b1", "tok_s": r["decode_tok_s"], "gpus": tp, "batch": 1} for r in found]
 

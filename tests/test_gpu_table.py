@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import subprocess
+
 import pytest
 
 from tests.conftest import ROOT
@@ -36,6 +38,25 @@ def test_joined_results_take_the_first_one_gpu_row_as_base_and_mark_a_killed_job
 def test_results_of_other_hosts_are_not_joined():
     with pytest.raises(SystemExit, match="one host"):
         gpu_table.merged([result(), result(device="H100 + H100")])
+
+
+def test_gptfast_runs_that_never_exit_are_ended_soon_after_their_result(tmp_path, monkeypatch):
+    """gpt-fast's TP ranks may hang at exit after printing: the run is ended after a grace period (and
+    its torchrun ranks with it), not at the 300 s limit, and its row is kept."""
+    import time
+
+    anchor = tmp_path / "anchor"
+    anchor.mkdir()
+    (anchor / "gptfast_anchor.py").write_text(
+        "import os, time\nif os.environ.get('LOCAL_RANK', '0') == '0':\n"
+        "    print({'impl': 'gpt-fast', 'decode_tok_s': 99.5}, flush=True)\ntime.sleep(600)\n")
+    monkeypatch.setattr(gpu_table, "GPTFAST_EXIT_GRACE_S", 1.0)
+    start = time.time()
+    rows = [row for found in gpu_table.gptfast_rows(anchor, tmp_path) for row in found]
+    assert [(r["name"], r["tok_s"]) for r in rows] == [("gptfast_tp1_b1", 99.5), ("gptfast_tp2_b1", 99.5)]
+    assert time.time() - start < 90
+    left = subprocess.run(["pgrep", "-f", str(anchor)], capture_output=True, text=True).stdout.split()
+    assert left == []  # torchrun's ranks were ended too
 
 
 def test_gptfast_rows_are_kept_as_each_run_ends(tmp_path, monkeypatch):
