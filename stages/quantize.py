@@ -8,11 +8,12 @@ fail the run if a requested quantization quantized nothing.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from pipeline import measure
+from pipeline.environment import gpu_compute_capabilities
 from pipeline.contract import (WORST, BaseStage, LoadPlan, NoSettings, Problem, QuantizeTraits, RunContext,
                                StageError, StageResult, across, warning)
 from stages.settings import BitsAndBytesSettings, TorchAoSettings
@@ -161,13 +162,33 @@ def linear_input_sizes(spec: Any) -> list[int]:
     return [arch[k] for k in ("hidden_size", "intermediate_size") if isinstance(arch.get(k), int)]
 
 
+TORCHAO_WEIGHTS = ("int4", "int8", "fp8")
+FP8_MIN_CAPABILITY = 8.9  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
+
+
+def fp8_problems(device: str, capabilities: Callable[[], list[float] | None]) -> list[Problem]:
+    """fp8 needs CUDA GPUs of compute capability ≥ 8.9; ``capabilities`` (each visible GPU's, read
+    without initialising CUDA) is asked only for a CUDA job; None: unknown, left to torchao's check."""
+    if not device.startswith("cuda"):
+        return [Problem("quantize", f"fp8 matmuls need a GPU of compute capability ≥ {FP8_MIN_CAPABILITY} "
+                        f"(H100, H200, L4, RTX 4090…); this job runs on {device}",
+                        "quantize=int8_torchao (runs on a CPU too), or load.device=cuda on such a GPU")]
+    caps = capabilities()
+    if caps and min(caps) < FP8_MIN_CAPABILITY:
+        return [Problem("quantize", f"fp8 matmuls need compute capability ≥ {FP8_MIN_CAPABILITY}; this "
+                        f"host's GPUs have {', '.join(map(str, caps))}", "quantize=int8_torchao or quantize=int4_torchao")]
+    return []
+
+
 class TorchAo(BaseStage):
-    """torchao weight-only quantization: dequantized inside the matmul, and compileable — so it
-    composes with convert=compile / generate=fast, which bitsandbytes cannot.
+    """torchao quantization, compileable — so it composes with convert=compile / generate=fast, which
+    bitsandbytes cannot. int4 and int8 are weight-only (dequantized inside the matmul); fp8 scales
+    weights per output row and each activation row as it comes, and multiplies on FP8 tensor cores.
 
     int4 on CUDA uses the tinygemm layout (``tile_packed_to_4d``, bf16 activations); on CPU torchao
     has no int4 matmul, so the same group-wise int4 grid is stored as int8 (``IntxWeightOnly``):
-    identical numerics, for quality measurements, without the speed.
+    identical numerics, for quality measurements, without the speed. fp8 runs on GPUs of compute
+    capability 8.9 and above only (torchao refuses others), so the rules refuse the rest before load.
     """
 
     name: ClassVar[str] = "quantize"
@@ -179,18 +200,24 @@ class TorchAo(BaseStage):
         if importlib.util.find_spec("torchao") is None:
             out.append(Problem("quantize", "torchao is not installed",
                                "pip install 'optipipe[quantize]' (or quantize=none)"))
-        if c.weights not in ("int4", "int8"):
-            out.append(Problem("quantize.weights", f"torchao weight-only does int4 or int8, not "
-                               f"{c.weights!r}", "quantize=int4_torchao / quantize=int8_torchao"))
+        if c.weights not in TORCHAO_WEIGHTS:
+            out.append(Problem("quantize.weights", f"torchao quantizes weights to {', '.join(TORCHAO_WEIGHTS)}, "
+                               f"not {c.weights!r}", "quantize=int4_torchao / int8_torchao / fp8"))
         if c.weights == "int4" and c.group_size is not None and c.group_size not in TORCHAO_GROUPS:
             out.append(Problem("quantize.group_size", f"group size {c.group_size} is not one of "
                                f"{TORCHAO_GROUPS}", "quantize.group_size=128"))
         out += self._shape_rules(root)
         load = root.stages["load"]
-        if c.weights == "int4" and load.device().startswith("cuda") and load.torch_dtype_name() != "bfloat16":
-            out.append(Problem("load.dtype", "torchao's int4 CUDA kernel (tinygemm) takes bfloat16 "
-                               f"activations; the model loads as {load.torch_dtype_name()}",
-                               "load.dtype=bfloat16"))
+        # tinygemm (int4 on CUDA) takes bfloat16 activations; fp8's row-wise scaled matmul returns them
+        if c.weights in ("int4", "fp8") and load.device().startswith("cuda") and load.torch_dtype_name() != "bfloat16":
+            kernel = "int4 CUDA kernel (tinygemm)" if c.weights == "int4" else "fp8 row-wise scaled matmul"
+            out.append(Problem("load.dtype", f"torchao's {kernel} takes bfloat16 activations; the model loads "
+                               f"as {load.torch_dtype_name()}", "load.dtype=bfloat16"))
+        if c.weights == "fp8":
+            out += fp8_problems(load.device(), gpu_compute_capabilities)
+            if c.include_embeddings:  # a lookup has no matmul to run in float8
+                out.append(Problem("quantize.include_embeddings", "fp8 quantizes the Linear layers only",
+                                   "quantize.include_embeddings=false"))
         return out
 
     def _shape_rules(self, root: Any) -> list[Problem]:
@@ -217,6 +244,12 @@ class TorchAo(BaseStage):
 
         if self.cfg.weights == "int8":
             return Int8WeightOnlyConfig()
+        if self.cfg.weights == "fp8":
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+            # per-row scales for weights and activations: finer than one scale per tensor, and what
+            # the FP8 row-wise scaled matmul takes
+            return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
         if device.startswith("cuda"):
             return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
         from torchao.quantization import IntxWeightOnlyConfig, PerGroup

@@ -99,8 +99,42 @@ def test_torchao_rules():
         resolve(composed("model=tiny_random", "tracker=none", "quantize=int4_torchao",
                          "quantize.group_size=100"))
     assert "quantize.group_size" in {p.key for p in info.value.problems}
-    with pytest.raises(ConfigProblems, match="int4 or int8"):
+    with pytest.raises(ConfigProblems, match="int4, int8, fp8"):
         resolve(composed("model=tiny_random", "tracker=none", "quantize=int8_torchao", "quantize.weights=int3"))
+
+
+def test_fp8_is_refused_on_a_cpu_and_on_gpus_without_fp8_tensor_cores():
+    from stages import quantize
+
+    with pytest.raises(ConfigProblems) as info:  # this machine: the CPU
+        resolve(composed("model=tiny_random", "tracker=none", "quantize=fp8", "load.device=cpu"))
+    (problem,) = info.value.problems
+    assert problem.key == "quantize" and "runs on cpu" in problem.message and "quantize=int8_torchao" in problem.fix
+    # on CUDA the capabilities come from nvidia-smi (the validating process must not initialise CUDA)
+    assert quantize.fp8_problems("cuda:0", lambda: [9.0, 9.0]) == []  # H100/H200
+    assert quantize.fp8_problems("cuda:0", lambda: [8.9]) == []  # L4, RTX 4090
+    (a100,) = quantize.fp8_problems("cuda:0", lambda: [9.0, 8.0])  # one A100 among them: refused
+    assert "8.0" in a100.message and "int4_torchao" in a100.fix
+    assert quantize.fp8_problems("cuda", lambda: None) == []  # unknown: torchao's own check decides
+
+
+def test_fp8_on_an_fp8_gpu_asks_for_bfloat16_and_torchao_row_wise_float8(monkeypatch):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    from pipeline.validate import build
+    from stages import quantize
+
+    monkeypatch.setattr(quantize, "gpu_compute_capabilities", lambda: [9.0])
+    resolved = build(composed("model=tiny_random", "tracker=none", "quantize=fp8", "load.device=cuda",
+                              "load.dtype=float16"))
+    stage = resolved.stages["quantize"]
+    assert [(p.key, p.fix) for p in stage.problems(resolved)] == [("load.dtype", "load.dtype=bfloat16")]
+    resolved = build(composed("model=tiny_random", "tracker=none", "quantize=fp8", "load.device=cuda",
+                              "load.dtype=bfloat16", "quantize.include_embeddings=true"))
+    assert [p.key for p in resolved.stages["quantize"].problems(resolved)] == ["quantize.include_embeddings"]
+    config = stage.torchao_config("cuda:0", 128)
+    assert isinstance(config, Float8DynamicActivationFloat8WeightConfig)
+    assert isinstance(config.granularity, PerRow) or all(isinstance(g, PerRow) for g in config.granularity)
 
 
 @pytest.mark.slow
