@@ -174,7 +174,7 @@ def anchor_output(cmd: list[str], env: dict[str, str]) -> str:
     reader.start()
     start = time.time()
     while proc.poll() is None:
-        late = result_at and time.time() - result_at[0] > GPTFAST_EXIT_GRACE_S
+        late = bool(result_at) and time.time() - result_at[0] > GPTFAST_EXIT_GRACE_S
         if late or time.time() - start > GPTFAST_LIMIT_S:
             # SIGTERM: torchrun then ends its ranks, which run in sessions of their own; SIGKILL if it hangs
             os.killpg(proc.pid, signal.SIGTERM)

@@ -13,9 +13,9 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from pipeline import measure
-from pipeline.environment import gpu_compute_capabilities
 from pipeline.contract import (WORST, BaseStage, LoadPlan, NoSettings, Problem, QuantizeTraits, RunContext,
                                StageError, StageResult, across, warning)
+from pipeline.environment import gpu_compute_capabilities
 from stages.settings import BitsAndBytesSettings, TorchAoSettings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -176,7 +176,8 @@ def fp8_problems(device: str, capabilities: Callable[[], list[float] | None]) ->
     caps = capabilities()
     if caps and min(caps) < FP8_MIN_CAPABILITY:
         return [Problem("quantize", f"fp8 matmuls need compute capability ≥ {FP8_MIN_CAPABILITY}; this "
-                        f"host's GPUs have {', '.join(map(str, caps))}", "quantize=int8_torchao or quantize=int4_torchao")]
+                        f"host's GPUs have {', '.join(map(str, caps))}",
+                        "quantize=int8_torchao or quantize=int4_torchao")]
     return []
 
 

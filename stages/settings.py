@@ -37,7 +37,8 @@ class BitsAndBytesSettings:
 
 @dataclass
 class TorchAoSettings:
-    weights: str = "int4"  # int4 (group-wise, asymmetric) | int8 (per output row) | fp8 (weights and activations, per row)
+    # int4 (group-wise, asymmetric) | int8 (per output row) | fp8 (weights and activations, per row)
+    weights: str = "int4"
     group_size: Optional[int] = None  # int4: weights sharing one scale; None: the largest of 128/64/32 that fits
     include_embeddings: bool = False  # quantize the input embedding and output head too
 

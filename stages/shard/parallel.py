@@ -227,10 +227,12 @@ class TensorParallel(BaseStage):
             import torch.distributed as dist
 
             tags["shard.collective"] = f"{dist.get_backend()} (transformers)"
-        return StageResult(metrics={**metrics, "tp_size": float(tp)}, tags=tags,
-                           summary=f"tensor parallel ×{tp}: {metrics.get('sharded_parameters', 0):.0f} of "
-                                   f"{metrics.get('parameters_total', 0):.0f} weights sharded (rank 0 shown), "
-                                   f"{tags['shard.runtime']} layers, all-reduce: {tags['shard.collective']}")
+        summary = "tensor parallel ×1: the whole model on this process's device, nothing to reduce"
+        if tp > 1:
+            summary = (f"tensor parallel ×{tp}: {metrics.get('sharded_parameters', 0):.0f} of "
+                       f"{metrics.get('parameters_total', 0):.0f} weights sharded (rank 0 shown), "
+                       f"{tags['shard.runtime']} layers, all-reduce: {tags['shard.collective']}")
+        return StageResult(metrics={**metrics, "tp_size": float(tp)}, tags=tags, summary=summary)
 
 
 class DataParallel(BaseStage):
