@@ -350,6 +350,25 @@ def test_ranks_combine_as_the_measuring_stage_declares():
 
 
 @pytest.mark.gpu
+def test_tensor_parallel_over_one_gpu_process_runs_the_whole_model_on_the_gpu(tmp_path):
+    """The one-process job of a scaling sweep: transformers ignores a TP plan of one rank, so without
+    our placement the model stayed on the CPU and the NCCL all-reduce failed on its tensors."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    common = (*TINY, "generate.max_new_tokens=16", "generate.benchmark=true", "generate=fast", "load.dtype=float32")
+    generate_in_process(tmp_path / "one", *common)
+    run_cli(*common, "launcher=torchrun", "launcher.nproc_per_node=1", "shard=tensor_parallel",
+            f"hydra.run.dir={tmp_path}/tp1", cwd=tmp_path, check=0, timeout=600)
+    one = [s["output"] for s in samples(tmp_path / "one", "generate_samples.jsonl")]
+    assert [s["output"] for s in samples(tmp_path / "tp1", "generate_samples.jsonl")] == one
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    tags = next(r for r in runs if r.data.tags.get("choice.shard") == "tensor_parallel").data.tags
+    assert tags["shard.collective"] == "none (one process)" and tags["shard.devices"].startswith("cuda")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_tensor_parallel_over_gpus_gives_the_one_gpu_text(tmp_path, ranks):
     """On 2 (and 4) GPUs with peer access: our layers with the one-shot symmetric-memory all-reduce
