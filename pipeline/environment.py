@@ -51,18 +51,6 @@ def gpu_count() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-def gpu_compute_capabilities() -> list[float] | None:
-    """Compute capability of each visible GPU (9.0 for H100/H200) without initialising CUDA in this
-    process (nvidia-smi); None when nvidia-smi is missing or cannot say."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        caps = [float(x) for x in out.stdout.split()] if out.returncode == 0 else []
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    return caps or None
-
-
 def describe() -> dict[str, Any]:
     import torch
 

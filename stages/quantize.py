@@ -15,7 +15,7 @@ import torch
 from pipeline import measure
 from pipeline.contract import (WORST, BaseStage, LoadPlan, NoSettings, Problem, QuantizeTraits, RunContext,
                                StageError, StageResult, across, warning)
-from pipeline.environment import gpu_compute_capabilities
+from stages import gpus
 from stages.settings import BitsAndBytesSettings, TorchAoSettings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -215,7 +215,7 @@ class TorchAo(BaseStage):
             out.append(Problem("load.dtype", f"torchao's {kernel} takes bfloat16 activations; the model loads "
                                f"as {load.torch_dtype_name()}", "load.dtype=bfloat16"))
         if c.weights == "fp8":
-            out += fp8_problems(load.device(), gpu_compute_capabilities)
+            out += fp8_problems(load.device(), gpus.compute_capabilities)
             if c.include_embeddings:  # a lookup has no matmul to run in float8
                 out.append(Problem("quantize.include_embeddings", "fp8 quantizes the Linear layers only",
                                    "quantize.include_embeddings=false"))

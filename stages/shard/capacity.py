@@ -1,26 +1,11 @@
 """Will a data-parallel replica fit one GPU? Weight bytes from the config, GPU memory from
-nvidia-smi (the parent process that validates must not initialise CUDA)."""
+nvidia-smi (stages/gpus.py)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from typing import Any, Optional
 
 from pipeline.contract import Problem
-
-
-def gpu_memory_bytes() -> Optional[int]:
-    """Smallest total memory of the visible GPUs, read through nvidia-smi (the parent process must
-    not initialise CUDA); None when unknown."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-        return min(int(float(x)) for x in out.split()) * 2**20
-    except (subprocess.SubprocessError, ValueError, OSError):
-        return None
 
 
 def parameter_bytes(root: Any) -> Optional[float]:

@@ -16,9 +16,10 @@ from typing import Any, ClassVar, Optional
 
 from pipeline.contract import (BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult,
                                quantize_traits)
+from stages import gpus
 from stages.shard import agreed_tuning
 from stages.shard.all_reduce import MODES as ALL_REDUCE_MODES, AllReduce, self_test
-from stages.shard.capacity import fits_one_gpu, gpu_memory_bytes, parameter_bytes
+from stages.shard.capacity import fits_one_gpu, parameter_bytes
 from stages.shard.replica_tp import base_plan, replica_ranks, shard_replica, unsupported_entries, whole_plan
 from stages.shard.tp_layers import localize
 from stages.settings import TensorParallelConfig, DataParallelConfig
@@ -253,7 +254,7 @@ class DataParallel(BaseStage):
         if tp > 1:
             out += tp_layer_problems(self.cfg, root) + tp_model_rules(root, tp) + replica_tp_rules(root)
         if root.stages["load"].device().startswith("cuda"):  # each rank loads its replica whole first
-            problem = fits_one_gpu(parameter_bytes(root), gpu_memory_bytes())
+            problem = fits_one_gpu(parameter_bytes(root), gpus.memory_bytes())
             out += [problem] if problem else []
         return out
 

@@ -124,7 +124,7 @@ def test_fp8_on_an_fp8_gpu_asks_for_bfloat16_and_torchao_row_wise_float8(monkeyp
     from pipeline.validate import build
     from stages import quantize
 
-    monkeypatch.setattr(quantize, "gpu_compute_capabilities", lambda: [9.0])
+    monkeypatch.setattr(quantize.gpus, "compute_capabilities", lambda: [9.0])
     resolved = build(composed("model=tiny_random", "tracker=none", "quantize=fp8", "load.device=cuda",
                               "load.dtype=float16"))
     stage = resolved.stages["quantize"]
