@@ -103,6 +103,7 @@ class LoadPlan:
 
     model: Any = None  # the ModelSpec being loaded
     device: str = "cpu"  # where the load stage decided the model runs
+    processes: int = 1  # processes of the job (torchrun), so a plan can be described before they exist
     kwargs: dict[str, Any] = field(default_factory=dict)
     contributed_by: dict[str, str] = field(default_factory=dict)  # kwarg → stage name, for the plan print
 

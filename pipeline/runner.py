@@ -45,7 +45,7 @@ def write_results(output_dir: Path, outcome: RunOutcome, run_id: str | None,
 
 def make_plan(resolved: Resolved) -> LoadPlan:
     """Every stage adds its ``from_pretrained`` kwargs; nothing is read from disk yet."""
-    plan = LoadPlan(model=resolved.model)
+    plan = LoadPlan(model=resolved.model, processes=resolved.launcher.processes)
     for stage in resolved.stages.values():
         stage.plan(plan)
     return plan

@@ -87,11 +87,11 @@ def plan_tensor_parallel(stage: str, plan: LoadPlan, tp_size: Optional[int]) -> 
     described; a rank builds them once the process group exists."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    tp = tp_size or (dist.get_world_size() if dist.is_initialized() else plan.processes)
+    if tp > 1 and not dist.is_initialized():
         plan.set(stage, "tp_plan", "auto")
-        plan.set(stage, "tp_size", tp_size or "every process")
+        plan.set(stage, "tp_size", tp)
         return
-    tp = tp_size or dist.get_world_size()
     if tp == 1:
         # transformers ignores a TP plan over one rank and leaves the model where it loads (the CPU):
         # the one rank holds the whole model on its device, as a one-GPU job does

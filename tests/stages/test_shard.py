@@ -60,10 +60,16 @@ def test_tensor_parallel_over_one_process_holds_the_whole_model_on_its_device(tm
     from pipeline.runner import make_plan, open_context
     from stages.shard.tp_layers import RowParallelLinear
 
+    def tp(processes: int):
+        return resolve(composed("model=tiny_random", "shard=tensor_parallel", "launcher=torchrun",
+                                f"launcher.nproc_per_node={processes}", "tracker=none"))
+
+    # the parent (a dry run prints this plan) describes what the ranks will do
+    assert make_plan(tp(1)).kwargs["device_map"] == {"": "cpu"}
+    assert {k: make_plan(tp(2)).kwargs[k] for k in ("tp_plan", "tp_size")} == {"tp_plan": "auto", "tp_size": 2}
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        resolved = resolve(composed("model=tiny_random", "shard=tensor_parallel", "launcher=torchrun",
-                                    "launcher.nproc_per_node=1", "tracker=none"))
+        resolved = tp(1)
         plan = make_plan(resolved)
         assert plan.kwargs["device_map"] == {"": plan.device} and "distributed_config" not in plan.kwargs
         ctx = open_context(resolved, plan, tmp_path, DistInfo(device=plan.device))
