@@ -214,6 +214,13 @@ class TorchAo(BaseStage):
             kernel = "int4 CUDA kernel (tinygemm)" if c.weights == "int4" else "fp8 row-wise scaled matmul"
             out.append(Problem("load.dtype", f"torchao's {kernel} takes bfloat16 activations; the model loads "
                                f"as {load.torch_dtype_name()}", "load.dtype=bfloat16"))
+        batch = getattr(root.stages["generate"].cfg, "batch_size", 1)
+        if c.weights == "int4" and load.device().startswith("cuda") and batch > 1:
+            # tinygemm multiplies one activation row at a time well, many badly (BENCHMARKS.md, one GPU)
+            out.append(warning("quantize", f"int4 on CUDA runs tinygemm, made for one row: on an H200 it decoded "
+                               f"1.38× bf16 at batch 1 but 0.44× at batch 32, with a 2 s TTFT (batch "
+                               f"{batch} asked; sizes between unmeasured)",
+                               "generate.batch_size=1, or quantize=int8_torchao / quantize=none for batches"))
         if c.weights == "fp8":
             out += fp8_problems(load.device(), gpus.compute_capabilities)
             if c.include_embeddings:  # a lookup has no matmul to run in float8

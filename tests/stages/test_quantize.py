@@ -103,6 +103,19 @@ def test_torchao_rules():
         resolve(composed("model=tiny_random", "tracker=none", "quantize=int8_torchao", "quantize.weights=int3"))
 
 
+def test_int4_on_cuda_warns_that_batches_decode_slower_than_bf16():
+    from pipeline.validate import build
+
+    def warnings(batch: int, device: str) -> list[str]:
+        resolved = build(composed("model=tiny_random", "tracker=none", "quantize=int4_torchao", "generate=fast",
+                                  f"load.device={device}", "load.dtype=bfloat16", f"generate.batch_size={batch}"))
+        return [p.message for p in resolved.stages["quantize"].problems(resolved) if p.severity == "warning"]
+
+    assert warnings(1, "cuda") == [] and warnings(32, "cpu") == []  # one row; CPU has no tinygemm
+    (message,) = warnings(32, "cuda")
+    assert "0.44× at batch 32" in message and "batch 32 asked" in message
+
+
 def test_fp8_is_refused_on_a_cpu_and_on_gpus_without_fp8_tensor_cores():
     from stages import quantize
 
