@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from stages.gpus import query as nvidia_smi_query
+
 PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "hydra-core", "omegaconf",
             "mlflow-skinny", "mlflow", "safetensors", "gguf", "torchao", "numpy", "optipipe")
 
@@ -34,21 +36,13 @@ def git_commit() -> str | None:
 
 
 def nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    values = nvidia_smi_query("driver_version")
+    return values[0] if values else None
 
 
 def gpu_count() -> int:
     """Visible GPUs without initialising CUDA in this process (nvidia-smi)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    return len(nvidia_smi_query("name") or [])
 
 
 def describe() -> dict[str, Any]:

@@ -17,7 +17,7 @@ def query(field: str) -> Optional[list[str]]:
                              capture_output=True, text=True, timeout=20, check=True).stdout
     except (subprocess.SubprocessError, OSError):
         return None
-    return out.split() or None
+    return [line.strip() for line in out.splitlines() if line.strip()] or None  # a value may hold spaces
 
 
 def memory_bytes() -> Optional[int]:
