@@ -163,6 +163,9 @@ def linear_input_sizes(spec: Any) -> list[int]:
 
 
 TORCHAO_WEIGHTS = ("int4", "int8", "fp8")
+# what each weight format can do with the activations: int4/int8 are weight-only kernels; fp8 either
+# dequantizes its weights inside a bf16 matmul (none) or quantizes activations too (dynamic)
+TORCHAO_ACTIVATIONS = {"int4": ("none",), "int8": ("none",), "fp8": ("dynamic", "none")}
 FP8_MIN_CAPABILITY = 8.9  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
 
 
@@ -172,24 +175,27 @@ def fp8_problems(device: str, capabilities: Callable[[], list[float] | None]) ->
     if not device.startswith("cuda"):
         return [Problem("quantize", f"fp8 matmuls need a GPU of compute capability ≥ {FP8_MIN_CAPABILITY} "
                         f"(H100, H200, L4, RTX 4090…); this job runs on {device}",
-                        "quantize=int8_torchao (runs on a CPU too), or load.device=cuda on such a GPU")]
+                        "quantize=fp8_weight_only (float8 weights, bf16 matmuls: runs on a CPU too), or "
+                        "load.device=cuda on such a GPU")]
     caps = capabilities()
     if caps and min(caps) < FP8_MIN_CAPABILITY:
         return [Problem("quantize", f"fp8 matmuls need compute capability ≥ {FP8_MIN_CAPABILITY}; this "
                         f"host's GPUs have {', '.join(map(str, caps))}",
-                        "quantize=int8_torchao or quantize=int4_torchao")]
+                        "quantize=fp8_weight_only, quantize=int8_torchao or quantize=int4_torchao")]
     return []
 
 
 class TorchAo(BaseStage):
     """torchao quantization, compileable — so it composes with convert=compile / generate=fast, which
     bitsandbytes cannot. int4 and int8 are weight-only (dequantized inside the matmul); fp8 scales
-    weights per output row and each activation row as it comes, and multiplies on FP8 tensor cores.
+    weights per output row and is weight-only too (``activations=none``) or also scales each activation
+    row as it comes and multiplies on FP8 tensor cores (``activations=dynamic``).
 
     int4 on CUDA uses the tinygemm layout (``tile_packed_to_4d``, bf16 activations); on CPU torchao
     has no int4 matmul, so the same group-wise int4 grid is stored as int8 (``IntxWeightOnly``):
     identical numerics, for quality measurements, without the speed. fp8 runs on GPUs of compute
-    capability 8.9 and above only (torchao refuses others), so the rules refuse the rest before load.
+    capability 8.9 and above only (torchao refuses others), so the rules refuse the rest before load;
+    weight-only fp8 runs anywhere.
     """
 
     name: ClassVar[str] = "quantize"
@@ -207,10 +213,16 @@ class TorchAo(BaseStage):
         if c.weights == "int4" and c.group_size is not None and c.group_size not in TORCHAO_GROUPS:
             out.append(Problem("quantize.group_size", f"group size {c.group_size} is not one of "
                                f"{TORCHAO_GROUPS}", "quantize.group_size=128"))
+        allowed = TORCHAO_ACTIVATIONS.get(c.weights, ("none",))
+        if c.activations not in allowed:
+            out.append(Problem("quantize.activations", f"torchao {c.weights} takes activations "
+                               f"{' or '.join(allowed)}, not {c.activations!r}",
+                               f"quantize.activations={allowed[0]}" + (" (or quantize=fp8)" if c.weights != "fp8" else "")))
         out += self._shape_rules(root)
+        dynamic_fp8 = c.weights == "fp8" and c.activations == "dynamic"
         load = root.stages["load"]
         # tinygemm (int4 on CUDA) takes bfloat16 activations; fp8's row-wise scaled matmul returns them
-        if c.weights in ("int4", "fp8") and load.device().startswith("cuda") and load.torch_dtype_name() != "bfloat16":
+        if (c.weights == "int4" or dynamic_fp8) and load.device().startswith("cuda") and load.torch_dtype_name() != "bfloat16":
             kernel = "int4 CUDA kernel (tinygemm)" if c.weights == "int4" else "fp8 row-wise scaled matmul"
             out.append(Problem("load.dtype", f"torchao's {kernel} takes bfloat16 activations; the model loads "
                                f"as {load.torch_dtype_name()}", "load.dtype=bfloat16"))
@@ -221,11 +233,11 @@ class TorchAo(BaseStage):
                                f"1.38× bf16 at batch 1 but 0.44× at batch 32, with a 2 s TTFT (batch "
                                f"{batch} asked; sizes between unmeasured)",
                                "generate.batch_size=1, or quantize=int8_torchao / quantize=none for batches"))
-        if c.weights == "fp8":
+        if dynamic_fp8:
             out += fp8_problems(load.device(), gpus.compute_capabilities)
-            if c.include_embeddings:  # a lookup has no matmul to run in float8
-                out.append(Problem("quantize.include_embeddings", "fp8 quantizes the Linear layers only",
-                                   "quantize.include_embeddings=false"))
+        if c.weights == "fp8" and c.include_embeddings:  # a lookup has no matmul to run in float8
+            out.append(Problem("quantize.include_embeddings", "fp8 quantizes the Linear layers only",
+                               "quantize.include_embeddings=false"))
         return out
 
     def _shape_rules(self, root: Any) -> list[Problem]:
@@ -253,11 +265,13 @@ class TorchAo(BaseStage):
         if self.cfg.weights == "int8":
             return Int8WeightOnlyConfig()
         if self.cfg.weights == "fp8":
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
 
             # per-row scales for weights and activations: finer than one scale per tensor, and what
             # the FP8 row-wise scaled matmul takes
-            return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+            if self.cfg.activations == "dynamic":
+                return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+            return Float8WeightOnlyConfig(granularity=PerRow())
         if device.startswith("cuda"):
             return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
         from torchao.quantization import IntxWeightOnlyConfig, PerGroup
@@ -293,9 +307,13 @@ class TorchAo(BaseStage):
         return StageResult(
             metrics=sizes, across_ranks=SIZES_ACROSS_RANKS,
             tags={"quantize.method": f"torchao_{self.cfg.weights}", "quantize.format": str(kinds),
+                  "quantize.activations": self.cfg.activations,
                   "quantize.group_size": str(getattr(self, "chosen_group", None))},
-            summary=f"torchao {self.cfg.weights} weight-only: {quantized} layers ({', '.join(kinds)}), "
-                    f"{left} left, {before / 2**30:.2f} → {after / 2**30:.2f} GiB")
+            summary=f"torchao {self.cfg.weights} {self.activation_words()}: {quantized} layers "
+                    f"({', '.join(kinds)}), {left} left, {before / 2**30:.2f} → {after / 2**30:.2f} GiB")
+
+    def activation_words(self) -> str:
+        return "weights + dynamic activations" if self.cfg.activations == "dynamic" else "weight-only"
 
     def describe(self) -> str:
-        return f"TorchAo({self.cfg.weights})"
+        return f"TorchAo({self.cfg.weights}{', dynamic activations' if self.cfg.activations == 'dynamic' else ''})"

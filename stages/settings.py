@@ -37,8 +37,11 @@ class BitsAndBytesSettings:
 
 @dataclass
 class TorchAoSettings:
-    # int4 (group-wise, asymmetric) | int8 (per output row) | fp8 (weights and activations, per row)
+    # int4 (group-wise, asymmetric) | int8 (per output row) | fp8 (e4m3, per output row)
     weights: str = "int4"
+    # none: weight-only (dequantized inside the matmul) | dynamic: activations quantized per row as they
+    # come, float8 matmuls (fp8 only)
+    activations: str = "none"
     group_size: Optional[int] = None  # int4: weights sharing one scale; None: the largest of 128/64/32 that fits
     include_embeddings: bool = False  # quantize the input embedding and output head too
 
@@ -112,7 +115,9 @@ class GenerateConfig:
     fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
     fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
     fast_coordinate_descent: bool = True  # fast engine: inductor tunes the step's kernels (M=1 matmuls as reductions)
-    fast_fuse_projections: bool = False  # fast engine: q/k/v and gate/up each one matmul in compiled steps (weights joined, no copy)
+    # fast engine: q/k/v and gate/up each one matmul in compiled steps (weights joined, no copy);
+    # null: whenever the step compiles and the weights are plain tensors (not quantized)
+    fast_fuse_projections: Optional[bool] = None
     profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
 
 

@@ -196,16 +196,18 @@ def test_int4_torchao_uses_the_cuda_kernel_and_compiles(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp8_torchao_quantizes_weights_to_float8_and_compiles(tmp_path):
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("fp8 needs compute capability 8.9 or above")
+@pytest.mark.parametrize("option,activations", [("fp8", "dynamic"), ("fp8_weight_only", "none")])
+def test_fp8_torchao_quantizes_weights_to_float8_and_compiles(tmp_path, option, activations):
+    if option == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 matmuls need compute capability 8.9 or above")
     overrides = ("tracker=none", "model=tiny_random", "+model.config_overrides.hidden_size=256",
-                 "+model.config_overrides.intermediate_size=512", "load.dtype=bfloat16", "quantize=fp8",
+                 "+model.config_overrides.intermediate_size=512", "load.dtype=bfloat16", f"quantize={option}",
                  "generate=fast", "generate.max_new_tokens=8", "generate.warmup=1", "generate.repeats=2")
     resolved = resolve(composed(*overrides))
     ctx = open_context(resolved, make_plan(resolved), tmp_path)
     quantized = resolved.stages["quantize"].apply(ctx)
     assert quantized.tags["quantize.method"] == "torchao_fp8" and quantized.metrics["quantized_layers"] == 2 * 7
+    assert quantized.tags["quantize.activations"] == activations
     assert type(ctx.model.model.layers[0].mlp.up_proj.weight).__name__ == "Float8Tensor"
     assert quantized.metrics["compression"] > 1.5  # one byte per weight and a scale per row; embedding, head bf16
     for name in ("convert", "shard"):

@@ -72,8 +72,10 @@ def test_real_smollm2_quantizes_and_still_answers(tmp_path, option, max_gib):
     assert "Paris" in ctx.tokenizer.decode(out[0][ids["input_ids"].shape[1]:])
 
 
-# int4 on CPU is the same group-wise grid stored unpacked in int8 (torchao has no CPU int4 matmul)
-TORCHAO = {"int8_torchao": ("Int8Tensor", 1.6), "int4_torchao": ("IntxUnpackedToInt8Tensor", 1.5)}
+# int4 on CPU is the same group-wise grid stored unpacked in int8 (torchao has no CPU int4 matmul);
+# weight-only fp8 runs on a CPU as it does on a GPU (float8 weights dequantized inside a bf16 matmul)
+TORCHAO = {"int8_torchao": ("Int8Tensor", 1.6), "int4_torchao": ("IntxUnpackedToInt8Tensor", 1.5),
+           "fp8_weight_only": ("Float8Tensor", 1.6)}
 
 
 @pytest.mark.parametrize("option", sorted(TORCHAO))
@@ -87,6 +89,7 @@ def test_torchao_options_quantize_and_compile_with_the_fast_engine(tmp_path, opt
     assert type(ctx.model.model.layers[0].mlp.up_proj.weight).__name__ == weight_class
     assert result.metrics["quantized_layers"] == 2 * 7
     assert result.metrics["compression"] > min_compression  # the embedding and head stay bf16
+    assert result.tags["quantize.activations"] == "none"
     for name in ("convert", "shard"):
         resolve(composed("tracker=none", *overrides)).stages[name].apply(ctx)
     gen = resolve(composed("tracker=none", *overrides)).stages["generate"]
@@ -101,6 +104,12 @@ def test_torchao_rules():
     assert "quantize.group_size" in {p.key for p in info.value.problems}
     with pytest.raises(ConfigProblems, match="int4, int8, fp8"):
         resolve(composed("model=tiny_random", "tracker=none", "quantize=int8_torchao", "quantize.weights=int3"))
+    with pytest.raises(ConfigProblems) as info:  # int8 has no kernel that quantizes activations
+        resolve(composed("model=tiny_random", "tracker=none", "quantize=int8_torchao", "quantize.activations=dynamic"))
+    (problem,) = info.value.problems
+    assert problem.key == "quantize.activations" and problem.fix.startswith("quantize.activations=none")
+    with pytest.raises(ConfigProblems, match="dynamic or none"):
+        resolve(composed("model=tiny_random", "tracker=none", "quantize=fp8", "quantize.activations=static"))
 
 
 def test_int4_on_cuda_warns_that_batches_decode_slower_than_bf16():
@@ -122,7 +131,8 @@ def test_fp8_is_refused_on_a_cpu_and_on_gpus_without_fp8_tensor_cores():
     with pytest.raises(ConfigProblems) as info:  # this machine: the CPU
         resolve(composed("model=tiny_random", "tracker=none", "quantize=fp8", "load.device=cpu"))
     (problem,) = info.value.problems
-    assert problem.key == "quantize" and "runs on cpu" in problem.message and "quantize=int8_torchao" in problem.fix
+    assert problem.key == "quantize" and "runs on cpu" in problem.message and "quantize=fp8_weight_only" in problem.fix
+    resolve(composed("model=tiny_random", "tracker=none", "quantize=fp8_weight_only", "load.device=cpu"))  # runs
     # on CUDA the capabilities come from nvidia-smi (the validating process must not initialise CUDA)
     assert quantize.fp8_problems("cuda:0", lambda: [9.0, 9.0]) == []  # H100/H200
     assert quantize.fp8_problems("cuda:0", lambda: [8.9]) == []  # L4, RTX 4090
@@ -132,7 +142,7 @@ def test_fp8_is_refused_on_a_cpu_and_on_gpus_without_fp8_tensor_cores():
 
 
 def test_fp8_on_an_fp8_gpu_asks_for_bfloat16_and_torchao_row_wise_float8(monkeypatch):
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
 
     from pipeline.validate import build
     from stages import quantize
@@ -148,6 +158,12 @@ def test_fp8_on_an_fp8_gpu_asks_for_bfloat16_and_torchao_row_wise_float8(monkeyp
     config = stage.torchao_config("cuda:0", 128)
     assert isinstance(config, Float8DynamicActivationFloat8WeightConfig)
     assert isinstance(config.granularity, PerRow) or all(isinstance(g, PerRow) for g in config.granularity)
+    assert stage.describe() == "TorchAo(fp8, dynamic activations)"
+    weight_only = build(composed("model=tiny_random", "tracker=none", "quantize=fp8_weight_only", "load.device=cuda",
+                                 "load.dtype=float16"))  # no float8 matmul: any dtype, no capability rule
+    stage = weight_only.stages["quantize"]
+    assert stage.problems(weight_only) == [] and stage.describe() == "TorchAo(fp8)"
+    assert isinstance(stage.torchao_config("cuda:0", 128), Float8WeightOnlyConfig)
 
 
 @pytest.mark.slow
