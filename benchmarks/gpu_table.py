@@ -69,6 +69,7 @@ ROWS = {
 # in one command)
 VARIANTS = {
     "joined": (["generate.fast_fuse_projections=true"], "q/k/v and gate/up joined"),
+    "apart": (["generate.fast_fuse_projections=false"], "q/k/v and gate/up apart"),
     "prefill": (["generate.fast_compile_prefill=true"], "compiled prefill"),
     "cublas": (NO_CD, "cuBLAS matmuls"),
     "gather": (["shard.split_greedy=false"], "greedy over gathered logits"),

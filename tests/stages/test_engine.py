@@ -88,6 +88,22 @@ def test_joined_projections_run_one_matmul_per_group_with_generates_tokens(tiny_
     assert torch.equal(plain(model, ids, mask, 6, eos=[]), expected)  # eager calls after the join: unchanged
 
 
+def test_projections_join_by_default_only_where_a_compiled_step_has_plain_weights(tiny_model):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from stages.generate.engines import FastEngine
+    from stages.settings import GenerateConfig
+
+    def joins(model, **settings) -> bool:
+        return FastEngine(GenerateConfig(engine="fast", **settings)).joins_projections(model)
+
+    assert joins(tiny_model)  # unset: compiled step, plain weights
+    assert not joins(tiny_model, fast_compile_mode=None) and not joins(tiny_model, fast_fuse_projections=False)
+    quantized = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    quantize_(quantized, Int8WeightOnlyConfig())
+    assert not joins(quantized) and joins(quantized, fast_fuse_projections=True)  # asked for: the rule warns
+
+
 def test_stops_when_every_row_finished(tiny_model):
     ids, mask = left_padded_batch(tiny_model.config.vocab_size)
     first = plain(tiny_model, ids, mask, 1, eos=[])[:, -1].tolist()
