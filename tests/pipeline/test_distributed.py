@@ -92,7 +92,7 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     common = (*TINY, "generate.max_new_tokens=8", "generate.benchmark=true", "generate.batch_size=2",
               "generate=fast", "generate.warmup=1")
     generate_in_process(tmp_path / "one", *common)
-    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "generate.profile=true", "generate.fast_fuse_projections=true",
+    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "generate.profile=true",
             f"hydra.run.dir={tmp_path}/tp", cwd=tmp_path, check=0, timeout=600)
     # shard.runtime=transformers: its DTensor layers and collectives stay available as the baseline
     run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "shard.runtime=transformers",
@@ -109,9 +109,11 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     tags = tp_run.data.tags
     assert (tags["shard.runtime"], tags["shard.collective"], tags["shard.head"]) == ("optipipe", "gloo", "vocab_parallel")
     assert "not CUDA" in tags["shard.collective_why"]
-    # greedy through the split head (no logits gathered), q/k/v and gate/up of each rank's slice joined
+    # greedy through the split head (no logits gathered), q/k/v and gate/up of each rank's slice joined by
+    # default; DTensor weights (transformers' layers) are not plain tensors, so those stay apart
     assert (tags["generate.token_choice"], tags["generate.fused_projections"]) == (
         "vocab_parallel_argmax", "joined q_proj+k_proj+v_proj, gate_proj+up_proj")
+    assert hf_run.data.tags["generate.fused_projections"] == "off"
     # the ranks tune the decode step together (stages/shard/agreed_tuning.py)
     assert (tags["shard.kernel_tuning"], tags["generate.kernel_tuning"]) == (
         "agreed_over_ranks", "coordinate_descent_agreed_over_ranks")
