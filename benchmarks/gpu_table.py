@@ -140,6 +140,8 @@ def read_run(row: dict, out: Path) -> dict:
                ttft_ms=m.get("generate/ttft_ms_p50"), itl_ms_p50=m.get("generate/itl_ms_p50"),
                peak_gib=m.get("generate/memory_peak_allocated_gib"), collective=collective(tags),
                error=tags.get("optipipe.error", "")[:300],
+               # graphs compiled during the timed runs (a compiled prefill's new shapes count): JSON only
+               recompiles_timed=m.get("generate/recompiles_timed"),
                # where a job's seconds go (load, compile inside the warm-up, timed runs): JSON only
                seconds={k: round(v, 1) for k, v in m.items() if k.endswith(("stage_seconds", "warmup_seconds"))})
     samples = sorted((out / "runs" / row["name"]).glob("generate_samples*.jsonl"))

@@ -97,3 +97,19 @@ def test_the_all_reduce_column_says_whether_the_norm_ran_fused():
     assert gpu_table.collective({"shard.collective": "gloo", "generate.all_reduce_norm": "off"}) == "gloo"
     assert gpu_table.collective({}) == ""  # one GPU: no collective
     assert gpu_table.row_spec("tp2_b32+unfusednorm")[2][-1] == "shard.fuse_norm=false"
+
+
+def test_a_row_reads_its_job_back_from_the_store_with_the_timed_recompiles(tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'gpu_table.db'}")  # no global tracking state
+    run = client.create_run(client.create_experiment("gpu-table"), run_name="one_gpu_b1+prefill")
+    metrics = {"generate/decode_tokens_per_s": 202.2, "generate/ttft_ms_p50": 14.1, "generate/recompiles_timed": 1.0,
+               "load/stage_seconds": 12.34}
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id)
+    row = gpu_table.read_run({"name": "one_gpu_b1+prefill"}, tmp_path)
+    assert (row["status"], row["tok_s"], row["ttft_ms"]) == ("FINISHED", 202.2, 14.1)
+    assert row["recompiles_timed"] == 1.0 and row["seconds"] == {"load/stage_seconds": 12.3}
+    assert gpu_table.read_run({"name": "tp2_b1"}, tmp_path) == {"name": "tp2_b1"}  # no such job: as it was
