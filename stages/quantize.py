@@ -316,4 +316,4 @@ class TorchAo(BaseStage):
         return "weights + dynamic activations" if self.cfg.activations == "dynamic" else "weight-only"
 
     def describe(self) -> str:
-        return f"TorchAo({self.cfg.weights}{', dynamic activations' if self.cfg.activations == 'dynamic' else ''})"
+        return f"TorchAo({self.cfg.weights}, {self.activation_words()})"

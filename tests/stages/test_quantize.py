@@ -158,11 +158,12 @@ def test_fp8_on_an_fp8_gpu_asks_for_bfloat16_and_torchao_row_wise_float8(monkeyp
     config = stage.torchao_config("cuda:0", 128)
     assert isinstance(config, Float8DynamicActivationFloat8WeightConfig)
     assert isinstance(config.granularity, PerRow) or all(isinstance(g, PerRow) for g in config.granularity)
-    assert stage.describe() == "TorchAo(fp8, dynamic activations)"
+    assert stage.describe() == "TorchAo(fp8, weights + dynamic activations)"
+    monkeypatch.setattr(quantize.gpus, "compute_capabilities", lambda: [8.0])  # an A100
     weight_only = build(composed("model=tiny_random", "tracker=none", "quantize=fp8_weight_only", "load.device=cuda",
                                  "load.dtype=float16"))  # no float8 matmul: any dtype, no capability rule
     stage = weight_only.stages["quantize"]
-    assert stage.problems(weight_only) == [] and stage.describe() == "TorchAo(fp8)"
+    assert stage.problems(weight_only) == [] and stage.describe() == "TorchAo(fp8, weight-only)"
     assert isinstance(stage.torchao_config("cuda:0", 128), Float8WeightOnlyConfig)
 
 
