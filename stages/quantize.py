@@ -267,8 +267,8 @@ class TorchAo(BaseStage):
         if self.cfg.weights == "fp8":
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
 
-            # per-row scales for weights and activations: finer than one scale per tensor, and what
-            # the FP8 row-wise scaled matmul takes
+            # per-row scales (the weights', and with dynamic activations each activation row's): finer
+            # than one scale per tensor, and what the FP8 row-wise scaled matmul takes
             if self.cfg.activations == "dynamic":
                 return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
             return Float8WeightOnlyConfig(granularity=PerRow())
