@@ -197,6 +197,7 @@ class QuantizeTraits:
     quantizes: bool = False  # the weights change at all
     compileable: bool = True  # torch.compile can trace its matmul kernels (convert.compile, generate=fast)
     tp_shardable: bool = True  # transformers' tensor-parallel plan can shard its weights
+    joinable: bool = True  # its weights are plain tensors that generate=fast can join (q/k/v, gate/up)
     kernel: str = "dense"  # what runs its matmuls, for messages
 
 

@@ -15,8 +15,8 @@ import torch
 from pipeline import measure
 from pipeline.contract import (WORST, BaseStage, LoadPlan, NoSettings, Problem, QuantizeTraits, RunContext,
                                StageError, StageResult, across, warning)
-from stages import gpus
-from stages.settings import BitsAndBytesSettings, TorchAoSettings
+from stages import float8_rows, gpus
+from stages.settings import BitsAndBytesSettings, Float8RowsSettings, TorchAoSettings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -69,7 +69,7 @@ class BitsAndBytes(BaseStage):
     Config: ClassVar[type] = BitsAndBytesSettings
     # packed weights that are not DTensors, and kernels torch.compile cannot trace
     traits: ClassVar[QuantizeTraits] = QuantizeTraits(quantizes=True, compileable=False, tp_shardable=False,
-                                                      kernel="bitsandbytes")
+                                                      joinable=False, kernel="bitsandbytes")
 
     def problems(self, root: Any) -> list[Problem]:
         c, out = self.cfg, []
@@ -163,9 +163,10 @@ def linear_input_sizes(spec: Any) -> list[int]:
 
 
 TORCHAO_WEIGHTS = ("int4", "int8", "fp8")
-# what each weight format can do with the activations: int4/int8 are weight-only kernels; fp8 either
-# dequantizes its weights inside a bf16 matmul (none) or quantizes activations too (dynamic)
-TORCHAO_ACTIVATIONS = {"int4": ("none",), "int8": ("none",), "fp8": ("dynamic", "none")}
+# what each weight format does with the activations: int4/int8 are weight-only kernels; fp8 quantizes
+# them too (dynamic). Weight-only float8 is quantize=fp8_weight_only (Float8WeightOnly below): torchao's
+# own dequantized whole weights before the matmul in the compiled step, 10-30× slower (its docstring).
+TORCHAO_ACTIVATIONS = {"int4": ("none",), "int8": ("none",), "fp8": ("dynamic",)}
 FP8_MIN_CAPABILITY = 8.9  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
 
 
@@ -188,19 +189,17 @@ def fp8_problems(device: str, capabilities: Callable[[], list[float] | None]) ->
 class TorchAo(BaseStage):
     """torchao quantization, compileable — so it composes with convert=compile / generate=fast, which
     bitsandbytes cannot. int4 and int8 are weight-only (dequantized inside the matmul); fp8 scales
-    weights per output row and is weight-only too (``activations=none``) or also scales each activation
-    row as it comes and multiplies on FP8 tensor cores (``activations=dynamic``).
+    weights per output row, scales each activation row as it comes and multiplies on FP8 tensor cores.
 
     int4 on CUDA uses the tinygemm layout (``tile_packed_to_4d``, bf16 activations); on CPU torchao
     has no int4 matmul, so the same group-wise int4 grid is stored as int8 (``IntxWeightOnly``):
     identical numerics, for quality measurements, without the speed. fp8 runs on GPUs of compute
-    capability 8.9 and above only (torchao refuses others), so the rules refuse the rest before load;
-    weight-only fp8 runs anywhere.
+    capability 8.9 and above only (torchao refuses others), so the rules refuse the rest before load.
     """
 
     name: ClassVar[str] = "quantize"
     Config: ClassVar[type] = TorchAoSettings
-    traits: ClassVar[QuantizeTraits] = QuantizeTraits(quantizes=True, kernel="torchao")
+    traits: ClassVar[QuantizeTraits] = QuantizeTraits(quantizes=True, joinable=False, kernel="torchao")
 
     def problems(self, root: Any) -> list[Problem]:
         c, out = self.cfg, []
@@ -217,7 +216,8 @@ class TorchAo(BaseStage):
         if c.activations not in allowed:
             out.append(Problem("quantize.activations", f"torchao {c.weights} takes activations "
                                f"{' or '.join(allowed)}, not {c.activations!r}",
-                               f"quantize.activations={allowed[0]}" + (" (or quantize=fp8)" if c.weights != "fp8" else "")))
+                               f"quantize.activations={allowed[0]}" + (" (or quantize=fp8)" if c.weights != "fp8"
+                                                                        else " (or quantize=fp8_weight_only)")))
         out += self._shape_rules(root)
         dynamic_fp8 = c.weights == "fp8" and c.activations == "dynamic"
         load = root.stages["load"]
@@ -265,13 +265,11 @@ class TorchAo(BaseStage):
         if self.cfg.weights == "int8":
             return Int8WeightOnlyConfig()
         if self.cfg.weights == "fp8":
-            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-            # per-row scales (the weights', and with dynamic activations each activation row's): finer
-            # than one scale per tensor, and what the FP8 row-wise scaled matmul takes
-            if self.cfg.activations == "dynamic":
-                return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-            return Float8WeightOnlyConfig(granularity=PerRow())
+            # per-row scales (the weights', and each activation row's): finer than one scale per
+            # tensor, and what the FP8 row-wise scaled matmul takes
+            return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
         if device.startswith("cuda"):
             return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
         from torchao.quantization import IntxWeightOnlyConfig, PerGroup
@@ -317,3 +315,58 @@ class TorchAo(BaseStage):
 
     def describe(self) -> str:
         return f"TorchAo({self.cfg.weights}, {self.activation_words()})"
+
+
+class Float8WeightOnly(BaseStage):
+    """float8 (e4m3) weights, one float32 scale per output row, activations left in the model's dtype:
+    our own plain-tensor layers (stages/float8_rows.py), converted after the load. In the compiled
+    decode step of ``generate=fast`` a one-row matmul reads each weight as one byte, fused with its
+    dequantization; the joined q/k/v and gate/up projections join these weights too. Runs anywhere
+    (a CPU included), so its quality can be measured without a float8 GPU."""
+
+    name: ClassVar[str] = "quantize"
+    Config: ClassVar[type] = Float8RowsSettings
+    # plain tensors: compiled and joined like dense ones; not DTensors, so no tensor-parallel plan
+    traits: ClassVar[QuantizeTraits] = QuantizeTraits(quantizes=True, tp_shardable=False, kernel="float8 rows")
+
+    def problems(self, root: Any) -> list[Problem]:
+        generate = root.stages["generate"].cfg
+        engine, compiled = getattr(generate, "engine", None), getattr(generate, "fast_compile_mode", None)
+        if root.stages["load"].device().startswith("cuda") and not (engine == "fast" and compiled):
+            # eager, every matmul converts its whole weight to the activation dtype first
+            return [warning("quantize", "float8 rows are fast only in the compiled decode step of "
+                            "generate=fast; here every matmul first converts its whole weight",
+                            "generate=fast (or quantize=none)")]
+        return []
+
+    def apply(self, ctx: RunContext) -> StageResult:
+        model = ctx.model
+        dense = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        head = self.head_state(model)
+        quantized = float8_rows.convert(model, include_head=head == "float8")
+        if quantized == 0:
+            raise StageError(self.name, "asked for float8 weights but the model has no torch.nn.Linear layer",
+                             "quantize=none")
+        left = count_linear(model)
+        sizes = size_metrics(model, quantized, left, dense)
+        before, after = sizes["dense_weight_bytes"], sizes["weight_bytes"]
+        return StageResult(
+            metrics=sizes, across_ranks=SIZES_ACROSS_RANKS,
+            tags={"quantize.method": "float8_rows", "quantize.format": f"{{'Float8RowsLinear': {quantized}}}",
+                  "quantize.activations": "none", "quantize.head": head},
+            summary=f"float8 rows, weight-only: {quantized} layers, {left} left (head {head}), "
+                    f"{before / 2**30:.2f} → {after / 2**30:.2f} GiB")
+
+    def head_state(self, model: Any) -> str:
+        """float8, or why the output head stays dense."""
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            return "absent"
+        if not self.cfg.include_head:
+            return "dense (quantize.include_head=false)"
+        if embedding is not None and head.weight is embedding.weight:
+            return "dense (tied to the input embedding)"
+        return "float8"
+
+    def describe(self) -> str:
+        return "Float8WeightOnly(float8 rows, weight-only)"

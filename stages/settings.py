@@ -47,6 +47,13 @@ class TorchAoSettings:
 
 
 @dataclass
+class Float8RowsSettings:
+    # quantize the output head too (an untied one: a head tied to the input embedding stays dense,
+    # since a float8 copy would add bytes, not save them)
+    include_head: bool = True
+
+
+@dataclass
 class AttentionConfig:
     implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | flex_attention | optipipe_gqa_decode | my_pkg.KIND
     sdpa_backends: list[str] = field(default_factory=list)  # pin: flash, efficient, math, cudnn ([]: PyTorch picks)
@@ -118,6 +125,10 @@ class GenerateConfig:
     # fast engine: q/k/v and gate/up each one matmul in compiled steps (weights joined, no copy);
     # null: whenever the step compiles and the weights are plain tensors (not quantized)
     fast_fuse_projections: Optional[bool] = None
+    # fast engine: inductor's realize_opcount_threshold in the decode step. A pointwise expression of
+    # more ops than this is computed once into a buffer instead of inside each consumer; a one-row
+    # matmul, as a reduction, would recompute it for every output row. null: inductor's own (30)
+    fast_realize_opcount: Optional[int] = 4
     profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
 
 
@@ -170,5 +181,5 @@ class EvaluateConfig:
 
 
 # registered with Hydra by conf/__init__.py (nested ones travel inside their parent)
-ALL: list[type] = [LoadConfig, BitsAndBytesSettings, TorchAoSettings, AttentionConfig, PipelinePlacementConfig,
-                   TensorParallelConfig, DataParallelConfig, GenerateConfig, EncodeConfig, EvaluateConfig]
+ALL: list[type] = [LoadConfig, BitsAndBytesSettings, TorchAoSettings, Float8RowsSettings, AttentionConfig,
+                   PipelinePlacementConfig, TensorParallelConfig, DataParallelConfig, GenerateConfig, EncodeConfig, EvaluateConfig]

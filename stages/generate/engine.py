@@ -54,10 +54,18 @@ def choose(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 
 def step_compile_options(mode: str, coordinate_descent: bool, merge: MergeRepeatedOps | None = None,
-                         fuse: all_reduce_norm.FuseAllReduceNorm | None = None) -> dict[str, Any]:
+                         fuse: all_reduce_norm.FuseAllReduceNorm | None = None,
+                         realize_opcount: int | None = None) -> dict[str, Any]:
     """inductor options for the decode step: ``mode``'s own, plus coordinate-descent tuning when asked
     (with inductor's caches off while tensor-parallel ranks agree on it: stages/shard/agreed_tuning.py),
-    the pass that merges joined projections and the one that fuses all-reduce + add + RMSNorm when given.
+    the pass that merges joined projections and the one that fuses all-reduce + add + RMSNorm when given,
+    and inductor's threshold for computing a pointwise expression once rather than in its consumers.
+
+    That threshold matters at batch 1: each matmul is a reduction kernel per output row, and a
+    producer inlined into it (SwiGLU's silu(gate)·up before down_proj) is recomputed for every row.
+    Lowered from inductor's 30 ops to 4, the decode step ran 208.0 tok/s where it had run 188.7 and
+    189.4 (bf16, Llama-3-8B shape, an H200; float8 rows 246.5 where they had run 212.2), at batch 32
+    5414.8 vs 5326.2; at 2 (more small kernels) 197.8 and 209.9. BENCHMARKS.md has the runs.
 
     At batch 1 every projection is a matrix-vector product (M = 1). cuBLAS runs those below the
     memory bandwidth they could reach; with coordinate-descent tuning on, inductor rewrites an M = 1
@@ -71,6 +79,8 @@ def step_compile_options(mode: str, coordinate_descent: bool, merge: MergeRepeat
         options["post_grad_custom_pre_pass"] = merge
     if fuse is not None:  # tensor parallel: stages/shard/all_reduce_norm.py (no all-reduce: nothing to do)
         options["post_grad_custom_post_pass"] = fuse
+    if realize_opcount is not None:
+        options["realize_opcount_threshold"] = realize_opcount
     if coordinate_descent:
         options["coordinate_descent_tuning"] = True
         if agreed_tuning.active():
@@ -84,9 +94,10 @@ class FastDecoder:
     def __init__(self, model: Any, compile_mode: str | None = "reduce-overhead",
                  stop_check_every: int = 16, sampling: Sampling | None = None,
                  gqa_attention: bool = True, compile_prefill: bool = False,
-                 coordinate_descent: bool = True, fuse_projections: bool = False) -> None:
+                 coordinate_descent: bool = True, fuse_projections: bool = False,
+                 realize_opcount: int | None = None) -> None:
         self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
-        self.coordinate_descent = coordinate_descent
+        self.coordinate_descent, self.realize_opcount = coordinate_descent, realize_opcount
         # q/k/v and gate/up as one matmul each in compiled code (eager calls run them apart, as before)
         self.fuse_projections = fuse_projections
         self.joined = join_projections(model) if fuse_projections else []
@@ -135,7 +146,7 @@ class FastDecoder:
                 self._step = self._decode_step
             else:
                 options = step_compile_options(self.compile_mode, self.coordinate_descent, self.merge,
-                                               all_reduce_norm.FuseAllReduceNorm())
+                                               all_reduce_norm.FuseAllReduceNorm(), self.realize_opcount)
                 all_reduce_norm.RUNS.clear()  # from here on: how this step's fused ops ran (the tag)
                 self._step = agreed_tuning.scoped(torch.compile(self._decode_step, fullgraph=True, dynamic=False,
                                                                 options=options))
@@ -198,6 +209,12 @@ class FastDecoder:
         if self.compile_mode is None or not all_reduce_norm.RUNS:
             return "off"
         return "+".join(sorted(all_reduce_norm.RUNS))
+
+    def realize_threshold(self) -> str:
+        """inductor's realize threshold in the compiled step (for the run's tags)."""
+        if self.compile_mode is None:
+            return "eager"
+        return "inductor default" if self.realize_opcount is None else str(self.realize_opcount)
 
     def kernel_tuning(self) -> str:
         """How the decode step's kernels were chosen (for the run's tags)."""

@@ -81,12 +81,15 @@ class FastEngine:
             out.append(Problem("generate.fast_fuse_projections", "projections are fused by compiling the "
                                "decode step, and generate.fast_compile_mode=null runs it eager",
                                "generate.fast_fuse_projections=false, or a generate.fast_compile_mode"))
+        if c.fast_realize_opcount is not None and c.fast_realize_opcount < 1:
+            out.append(Problem("generate.fast_realize_opcount", f"{c.fast_realize_opcount} is not a number of ops",
+                               "generate.fast_realize_opcount=4, or null for inductor's own threshold"))
         if convert_traits(root).prepares_generate:
             out.append(Problem("convert", "generate=fast brings its own static cache and compiled "
                                "decode step; convert.static_cache/compile apply to transformers "
                                "generate only", "convert=sdpa (or generate.engine=transformers)"))
         traits = quantize_traits(root)
-        if c.fast_fuse_projections and traits.quantizes:
+        if c.fast_fuse_projections and not traits.joinable:
             out.append(warning("generate.fast_fuse_projections", f"{traits.kernel} weights are not plain tensors, "
                                "so q/k/v and gate/up cannot be joined: they stay apart",
                                "generate.fast_fuse_projections=false, or quantize=none"))
@@ -111,7 +114,8 @@ class FastEngine:
         if found is None:
             sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)
             found = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention,
-                                c.fast_compile_prefill, c.fast_coordinate_descent, self.joins_projections(model))
+                                c.fast_compile_prefill, c.fast_coordinate_descent, self.joins_projections(model),
+                                c.fast_realize_opcount)
             model._optipipe_fast_decoder = found
         return found
 
@@ -131,7 +135,7 @@ class FastEngine:
         decoder = self.decoder(model)  # what the decode steps attended with (the model's own, or ours for GQA)
         return {"generate.decode_attention": decoder.decode_attention(), "generate.kernel_tuning": decoder.kernel_tuning(),
                 "generate.fused_projections": decoder.fused_projections(), "generate.token_choice": decoder.token_choice(),
-                "generate.all_reduce_norm": decoder.all_reduce_norm()}
+                "generate.all_reduce_norm": decoder.all_reduce_norm(), "generate.realize_opcount": decoder.realize_threshold()}
 
 
 BUILT_IN: dict[str, type] = {"transformers": TransformersEngine, "fast": FastEngine}

@@ -14,6 +14,9 @@ How, without touching any model's code:
 - ``MergeRepeatedOps`` (an inductor post-grad pass, given in the step's compile options) keeps one
   of each repeated pure op, so one joined matmul remains.
 
+Float8 rows (quantize=fp8_weight_only, stages/float8_rows.py) join the same way: their float8 rows
+and row scales are concatenated, and the dequantizing ops repeated with the matmul merge with it.
+
 inductor's freezing joins such matmuls too, but it copies the weights into constants, in torch 2.11
 joins only weights of equal shape (gate/up, not q/k/v), and at batch 1 made the step slower.
 """
@@ -24,6 +27,8 @@ from typing import Any
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from stages import float8_rows
 
 # sibling projections that read one input (Llama, Mistral, Qwen2/3, Gemma, Phi-3's unpacked kin)
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -41,10 +46,27 @@ class JoinedSlice(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
+class JoinedFloat8Slice(float8_rows.Float8RowsLinear):
+    """Rows ``lo:hi`` of a joined float8-rows projection: ``weight`` and ``weight_scale`` are views."""
+
+    lo: int
+    hi: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # repeated across the group; MergeRepeatedOps keeps one
+            return float8_rows.linear(x, self.joined_weight, self.joined_scale, self.joined_bias)[..., self.lo:self.hi]
+        return float8_rows.linear(x, self.weight, self.weight_scale, self.bias)
+
+
+# the layer classes that join, each with the class its slices become
+SLICE_OF = {torch.nn.Linear: JoinedSlice, float8_rows.Float8RowsLinear: JoinedFloat8Slice}
+
+
 def _joinable(modules: list[Any]) -> bool:
-    """Plain linear layers with plain weights (not quantized tensors, not DTensors) of one input
-    width, dtype and device, all with a bias or none."""
-    if not all(type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor for m in modules):
+    """Linear layers of one kind (plain, or float8 rows) with plain weights (not quantized tensor
+    subclasses, not DTensors) of one input width, dtype and device, all with a bias or none."""
+    kinds = {type(m) for m in modules}
+    if len(kinds) != 1 or kinds.pop() not in SLICE_OF or not all(type(m.weight.data) is torch.Tensor for m in modules):
         return False
     first = modules[0].weight
     return (all(m.weight.shape[1] == first.shape[1] and m.weight.dtype == first.dtype
@@ -52,20 +74,22 @@ def _joinable(modules: list[Any]) -> bool:
             and len({m.bias is None for m in modules}) == 1)
 
 
-def _join(modules: list[torch.nn.Linear]) -> None:
-    weight = torch.cat([m.weight.detach() for m in modules])
-    bias = None if modules[0].bias is None else torch.cat([m.bias.detach() for m in modules])
+def _join(modules: list[Any]) -> None:
+    """Concatenate the group's rows (weight, float8 rows' scales, bias) once; each layer becomes a slice."""
+    slice_class = SLICE_OF[type(modules[0])]
+    names = ["weight"] + (["weight_scale"] if slice_class is JoinedFloat8Slice else [])
+    names += [] if modules[0].bias is None else ["bias"]
+    joined = {name: torch.cat([getattr(m, name).detach() for m in modules]) for name in names}
     lo = 0
     for m in modules:
         hi = lo + m.weight.shape[0]
-        m.__class__ = JoinedSlice
+        m.__class__ = slice_class
         m.lo, m.hi = lo, hi
-        # buffers, so dynamo treats them as the model's own static tensors (a CUDA graph never copies them)
-        m.register_buffer("joined_weight", weight, persistent=False)
-        m.register_buffer("joined_bias", bias, persistent=False)
-        m.weight = torch.nn.Parameter(weight[lo:hi], requires_grad=False)
-        if bias is not None:
-            m.bias = torch.nn.Parameter(bias[lo:hi], requires_grad=False)
+        for name in ("weight", "weight_scale", "bias"):
+            # buffers, so dynamo treats them as the model's own static tensors (a CUDA graph never copies them)
+            m.register_buffer(f"joined_{name.removeprefix('weight_')}", joined.get(name), persistent=False)
+            if name in joined:
+                setattr(m, name, torch.nn.Parameter(joined[name][lo:hi], requires_grad=False))
         lo = hi
 
 
@@ -77,7 +101,7 @@ def join(model: Any) -> list[str]:
         children = dict(parent.named_children())
         for group in GROUPS:
             modules = [children.get(name) for name in group]
-            if all(isinstance(m, JoinedSlice) for m in modules):
+            if all(isinstance(m, (JoinedSlice, JoinedFloat8Slice)) for m in modules):
                 joined.add("+".join(group))
             elif all(m is not None for m in modules) and _joinable(modules):
                 _join(modules)
@@ -87,9 +111,11 @@ def join(model: Any) -> list[str]:
 
 def _pure_ops() -> frozenset:
     aten = torch.ops.aten
+    # float8 rows: each repeated matmul comes with its weight's conversion and the row scale's multiply
     return frozenset((aten.mm.default, aten.addmm.default, aten.bmm.default, aten.permute.default,
                       aten.t.default, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-                      aten.expand.default))
+                      aten.expand.default, aten.mul.Tensor, aten._to_copy.default,
+                      torch.ops.prims.convert_element_type.default))
 
 
 def _key(value: Any) -> Any:
@@ -122,4 +148,4 @@ class MergeRepeatedOps(CustomGraphPass):
                 graph.erase_node(node)
 
     def uuid(self) -> str:  # the same pass on every call: inductor's cache may reuse what it compiled
-        return "optipipe.MergeRepeatedOps.1"
+        return "optipipe.MergeRepeatedOps.2"
