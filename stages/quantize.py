@@ -332,11 +332,19 @@ class Float8WeightOnly(BaseStage):
     def problems(self, root: Any) -> list[Problem]:
         generate = root.stages["generate"].cfg
         engine, compiled = getattr(generate, "engine", None), getattr(generate, "fast_compile_mode", None)
-        if root.stages["load"].device().startswith("cuda") and not (engine == "fast" and compiled):
+        batch = getattr(generate, "batch_size", 1)
+        if not root.stages["load"].device().startswith("cuda"):
+            return []
+        if not (engine == "fast" and compiled):
             # eager, every matmul converts its whole weight to the activation dtype first
             return [warning("quantize", "float8 rows are fast only in the compiled decode step of "
                             "generate=fast; here every matmul first converts its whole weight",
                             "generate=fast (or quantize=none)")]
+        if batch > 1:  # several rows: a dense matmul after converting the weight (BENCHMARKS.md, one GPU)
+            return [warning("quantize", f"float8 rows read one byte per weight in one-row matmuls only: on an "
+                            f"H200 they decoded 1.20× bf16 at batch 1 but 0.48× at batch 32 (batch {batch} "
+                            "asked; sizes between unmeasured)",
+                            "generate.batch_size=1, or quantize=fp8 / quantize=none for batches")]
         return []
 
     def apply(self, ctx: RunContext) -> StageResult:

@@ -157,6 +157,7 @@ def test_decode_step_options_keep_the_mode_and_add_tuning_when_asked():
                                                              "coordinate_descent_tuning": True}
     assert step_compile_options("reduce-overhead", False) == {"triton.cudagraphs": True}
     assert step_compile_options("default", False) == {}
+    assert step_compile_options("default", False, realize_opcount=4) == {"realize_opcount_threshold": 4}
     assert step_compile_options("max-autotune", False)["coordinate_descent_tuning"]  # the mode's own
     tiny = torch.nn.Linear(2, 2)
     assert FastDecoder(tiny, compile_mode=None).kernel_tuning() == "eager"
@@ -166,9 +167,10 @@ def test_decode_step_options_keep_the_mode_and_add_tuning_when_asked():
 def test_fast_engine_rules():
     with pytest.raises(ConfigProblems) as e:
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "convert=compile",
-                         "generate.fast_compile_mode=turbo", "generate.stop_check_every=0"))
+                         "generate.fast_compile_mode=turbo", "generate.stop_check_every=0",
+                         "generate.fast_realize_opcount=0"))
     keys = {p.key for p in e.value.problems}
-    assert {"convert", "generate.fast_compile_mode", "generate.stop_check_every"} <= keys
+    assert {"convert", "generate.fast_compile_mode", "generate.stop_check_every", "generate.fast_realize_opcount"} <= keys
     with pytest.raises(ConfigProblems, match="fast_fuse_projections"):
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_fuse_projections=true",
                          "generate.fast_compile_mode=null"))
@@ -179,6 +181,9 @@ def test_fast_engine_rules():
     quantized = resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=int8_torchao",
                                  "generate.fast_fuse_projections=true"))  # allowed, with a warning: nothing joins
     assert [w.key for w in quantized.warnings] == ["generate.fast_fuse_projections"]
+    rows = resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=fp8_weight_only",
+                            "generate.fast_fuse_projections=true", "generate.fast_realize_opcount=null"))
+    assert rows.warnings == []  # float8 rows are plain tensors: they join
     assert FastDecoder(torch.nn.Linear(2, 2), fuse_projections=True).fused_projections().startswith("off (asked for")
 
 
@@ -212,8 +217,8 @@ def test_int4_torchao_uses_the_cuda_kernel_and_compiles(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("option,activations", [("fp8", "dynamic"), ("fp8_weight_only", "none")])
-def test_fp8_torchao_quantizes_weights_to_float8_and_compiles(tmp_path, option, activations):
+@pytest.mark.parametrize("option,method", [("fp8", "torchao_fp8"), ("fp8_weight_only", "float8_rows")])
+def test_fp8_quantizes_weights_to_float8_and_compiles(tmp_path, option, method):
     if option == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 matmuls need compute capability 8.9 or above")
     overrides = ("tracker=none", "model=tiny_random", "+model.config_overrides.hidden_size=256",
@@ -222,10 +227,14 @@ def test_fp8_torchao_quantizes_weights_to_float8_and_compiles(tmp_path, option, 
     resolved = resolve(composed(*overrides))
     ctx = open_context(resolved, make_plan(resolved), tmp_path)
     quantized = resolved.stages["quantize"].apply(ctx)
-    assert quantized.tags["quantize.method"] == "torchao_fp8" and quantized.metrics["quantized_layers"] == 2 * 7
-    assert quantized.tags["quantize.activations"] == activations
-    assert type(ctx.model.model.layers[0].mlp.up_proj.weight).__name__ == "Float8Tensor"
-    assert quantized.metrics["compression"] > 1.5  # one byte per weight and a scale per row; embedding, head bf16
+    assert quantized.tags["quantize.method"] == method
+    up = ctx.model.model.layers[0].mlp.up_proj.weight
+    if option == "fp8":  # torchao: the head stays bf16; activations quantized as they come
+        assert quantized.metrics["quantized_layers"] == 2 * 7 and type(up).__name__ == "Float8Tensor"
+        assert quantized.tags["quantize.activations"] == "dynamic"
+    else:  # float8 rows: plain float8 tensors, the head too
+        assert quantized.metrics["quantized_layers"] == 2 * 7 + 1 and up.dtype == torch.float8_e4m3fn
+    assert quantized.metrics["compression"] > 1.5  # one byte per weight and a scale per row
     for name in ("convert", "shard"):
         resolved.stages[name].apply(ctx)
     metrics = resolved.stages["generate"].apply(ctx).metrics

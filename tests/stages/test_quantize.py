@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline.contract import ConfigProblems, StageError
 from pipeline.runner import make_plan, open_context
@@ -72,10 +73,8 @@ def test_real_smollm2_quantizes_and_still_answers(tmp_path, option, max_gib):
     assert "Paris" in ctx.tokenizer.decode(out[0][ids["input_ids"].shape[1]:])
 
 
-# int4 on CPU is the same group-wise grid stored unpacked in int8 (torchao has no CPU int4 matmul);
-# weight-only fp8 runs on a CPU as it does on a GPU (float8 weights dequantized inside a bf16 matmul)
-TORCHAO = {"int8_torchao": ("Int8Tensor", 1.6), "int4_torchao": ("IntxUnpackedToInt8Tensor", 1.5),
-           "fp8_weight_only": ("Float8Tensor", 1.6)}
+# int4 on CPU is the same group-wise grid stored unpacked in int8 (torchao has no CPU int4 matmul)
+TORCHAO = {"int8_torchao": ("Int8Tensor", 1.6), "int4_torchao": ("IntxUnpackedToInt8Tensor", 1.5)}
 
 
 @pytest.mark.parametrize("option", sorted(TORCHAO))
@@ -108,8 +107,11 @@ def test_torchao_rules():
         resolve(composed("model=tiny_random", "tracker=none", "quantize=int8_torchao", "quantize.activations=dynamic"))
     (problem,) = info.value.problems
     assert problem.key == "quantize.activations" and problem.fix.startswith("quantize.activations=none")
-    with pytest.raises(ConfigProblems, match="dynamic or none"):
+    with pytest.raises(ConfigProblems, match="takes activations dynamic, not 'static'"):
         resolve(composed("model=tiny_random", "tracker=none", "quantize=fp8", "quantize.activations=static"))
+    with pytest.raises(ConfigProblems) as info:  # torchao's weight-only float8 is not offered: ours is
+        resolve(composed("model=tiny_random", "tracker=none", "quantize=fp8", "quantize.activations=none"))
+    assert "quantize=fp8_weight_only" in info.value.problems[0].fix
 
 
 def test_int4_on_cuda_warns_that_batches_decode_slower_than_bf16():
@@ -142,7 +144,7 @@ def test_fp8_is_refused_on_a_cpu_and_on_gpus_without_fp8_tensor_cores():
 
 
 def test_fp8_on_an_fp8_gpu_asks_for_bfloat16_and_torchao_row_wise_float8(monkeypatch):
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
     from pipeline.validate import build
     from stages import quantize
@@ -159,12 +161,50 @@ def test_fp8_on_an_fp8_gpu_asks_for_bfloat16_and_torchao_row_wise_float8(monkeyp
     assert isinstance(config, Float8DynamicActivationFloat8WeightConfig)
     assert isinstance(config.granularity, PerRow) or all(isinstance(g, PerRow) for g in config.granularity)
     assert stage.describe() == "TorchAo(fp8, weights + dynamic activations)"
-    monkeypatch.setattr(quantize.gpus, "compute_capabilities", lambda: [8.0])  # an A100
-    weight_only = build(composed("model=tiny_random", "tracker=none", "quantize=fp8_weight_only", "load.device=cuda",
-                                 "load.dtype=float16"))  # no float8 matmul: any dtype, no capability rule
-    stage = weight_only.stages["quantize"]
-    assert stage.problems(weight_only) == [] and stage.describe() == "TorchAo(fp8, weight-only)"
-    assert isinstance(stage.torchao_config("cuda:0", 128), Float8WeightOnlyConfig)
+
+
+def test_float8_rows_warn_where_they_are_not_fast(monkeypatch):
+    """No float8 matmul: any GPU, any dtype; fast in the compiled one-row decode step only."""
+    from pipeline.validate import build
+    from stages import quantize
+
+    monkeypatch.setattr(quantize.gpus, "compute_capabilities", lambda: [8.0])  # an A100: no capability rule
+
+    def warnings(*overrides: str) -> list[str]:
+        resolved = build(composed("model=tiny_random", "tracker=none", "quantize=fp8_weight_only",
+                                  "load.dtype=float16", *overrides))
+        stage = resolved.stages["quantize"]
+        assert stage.describe() == "Float8WeightOnly(float8 rows, weight-only)"
+        return [p.message for p in stage.problems(resolved) if p.severity == "warning"]
+
+    assert warnings("load.device=cuda", "generate=fast") == [] and warnings("load.device=cpu") == []
+    (eager,) = warnings("load.device=cuda")  # transformers' generate: every matmul converts its weight
+    assert "compiled decode step of generate=fast" in eager
+    assert warnings("load.device=cuda", "generate=fast", "generate.fast_compile_mode=null") == [eager]
+    (batch,) = warnings("load.device=cuda", "generate=fast", "generate.batch_size=32")
+    assert "0.48× at batch 32" in batch and "batch 32 asked" in batch
+
+
+def test_float8_rows_quantize_every_linear_and_join_in_the_fast_engine(tmp_path):
+    overrides = ("model=tiny_random", "+model.config_overrides.hidden_size=256",
+                 "+model.config_overrides.intermediate_size=512", "load.dtype=bfloat16", "quantize=fp8_weight_only",
+                 "generate=fast", "generate.fast_compile_mode=default", "generate.max_new_tokens=6",
+                 "generate.warmup=1", "generate.repeats=1")
+    ctx, result = quantized(tmp_path, *overrides)
+    layer = ctx.model.model.layers[0]
+    assert type(layer.mlp.up_proj).__name__ == "Float8RowsLinear" and layer.mlp.up_proj.weight.dtype == torch.float8_e4m3fn
+    assert result.metrics["quantized_layers"] == 2 * 7 + 1  # the untied head too
+    assert result.metrics["unquantized_linear_layers"] == 0
+    assert result.metrics["compression"] > 1.6  # one byte per weight, a float32 scale per row; embedding bf16
+    assert (result.tags["quantize.method"], result.tags["quantize.activations"], result.tags["quantize.head"]) == (
+        "float8_rows", "none", "float8")
+    resolved = resolve(composed("tracker=none", *overrides))
+    for name in ("convert", "shard"):
+        resolved.stages[name].apply(ctx)
+    generated = resolved.stages["generate"].apply(ctx)
+    assert generated.metrics["new_tokens"] == 6 and generated.metrics["recompiles_timed"] == 0
+    assert generated.tags["generate.fused_projections"] == "joined q_proj+k_proj+v_proj, gate_proj+up_proj"
+    assert generated.tags["generate.realize_opcount"] == "4"
 
 
 @pytest.mark.slow
