@@ -362,7 +362,7 @@ class Float8WeightOnly(BaseStage):
             metrics=sizes, across_ranks=SIZES_ACROSS_RANKS,
             tags={"quantize.method": "float8_rows", "quantize.format": f"{{'Float8RowsLinear': {quantized}}}",
                   "quantize.activations": "none", "quantize.head": head},
-            summary=f"float8 rows, weight-only: {quantized} layers, {left} left (head {head}), "
+            summary=f"float8 rows, weight-only: {quantized} layers, {left} left (head: {head}), "
                     f"{before / 2**30:.2f} → {after / 2**30:.2f} GiB")
 
     def head_state(self, model: Any) -> str:
@@ -371,9 +371,9 @@ class Float8WeightOnly(BaseStage):
         if not isinstance(head, torch.nn.Linear):
             return "absent"
         if not self.cfg.include_head:
-            return "dense (quantize.include_head=false)"
+            return "dense: quantize.include_head=false"
         if embedding is not None and head.weight is embedding.weight:
-            return "dense (tied to the input embedding)"
+            return "dense: tied to the input embedding"
         return "float8"
 
     def describe(self) -> str:

@@ -49,7 +49,7 @@ def test_convert_replaces_linear_layers_and_leaves_a_tied_head_dense(tiny_dir):
     from stages.settings import Float8RowsSettings
 
     stage = Float8WeightOnly(Float8RowsSettings())
-    assert stage.head_state(tied) == "dense (tied to the input embedding)"
+    assert stage.head_state(tied) == "dense: tied to the input embedding"
     assert float8_rows.convert(tied, include_head=False) == 7 and type(tied.lm_head) is torch.nn.Linear
     assert Float8WeightOnly(Float8RowsSettings(include_head=False)).head_state(tiny_model) == "absent"  # converted
 
