@@ -8,9 +8,10 @@ Why our own 30 lines rather than torchao's weight-only float8: both store the sa
 torchao's dequantizes the whole weight (``q · s``, transposed) before a matmul, and compiled, that
 kept inductor from fusing it into the batch-1 matrix-vector kernel for some shapes: on an H200
 (torch 2.11, torchao 0.18) its `down_proj` and `lm_head` products took 467 µs and 4.1 ms where this
-form took 19 µs and 119 µs. Written as ``linear(x, q.to(bf16)) · s`` with plain tensors, inductor
-turns a one-row product into one reduction kernel that reads each float8 weight once (coordinate-descent
-tuning's matrix-vector rewrite), and the joined q/k/v and gate/up projections join these weights too.
+form took 21 µs and 119 µs (benchmarks/fp8_linear_bench.py). Written as ``linear(x, q.to(bf16)) · s``
+with plain tensors, inductor turns a one-row product into one reduction kernel that reads each float8
+weight once (coordinate-descent tuning's matrix-vector rewrite), and the joined q/k/v and gate/up
+projections join these weights too.
 
 Eager calls, and compiled ones with several rows (prefill, batched decode), convert the weight to
 the activation dtype before a dense matmul: correct everywhere, fast only for one row per step.
