@@ -63,9 +63,9 @@ def step_compile_options(mode: str, coordinate_descent: bool, merge: MergeRepeat
 
     That threshold matters at batch 1: each matmul is a reduction kernel per output row, and a
     producer inlined into it (SwiGLU's silu(gate)·up before down_proj) is recomputed for every row.
-    Lowered from inductor's 30 ops to 4, the decode step ran 208.0 tok/s where it had run 188.7 and
-    189.4 (bf16, Llama-3-8B shape, an H200; float8 rows 246.5 where they had run 212.2), at batch 32
-    5414.8 vs 5326.2; at 2 (more small kernels) 197.8 and 209.9. BENCHMARKS.md has the runs.
+    Lowered from inductor's 30 ops to 4: bf16 batch 1 decoded 212.8 tok/s against 185.6 (Llama-3-8B
+    shape, two H200s of one host at once), batch 32 5414.8 against 5326.2; at 2, more small kernels
+    made it slower than at 4 (BENCHMARKS.md, "float8 rows, inductor's realize threshold").
 
     At batch 1 every projection is a matrix-vector product (M = 1). cuBLAS runs those below the
     memory bandwidth they could reach; with coordinate-descent tuning on, inductor rewrites an M = 1

@@ -52,7 +52,7 @@ def tp_model_rules(root: Any, tp: int) -> list[Problem]:
     traits = quantize_traits(root)
     if not traits.tp_shardable:
         out.append(Problem("quantize", f"{traits.kernel} layers cannot be sharded by transformers' "
-                           "tensor parallel (their packed weights are not DTensors)",
+                           "tensor parallel (their quantized weights are not DTensors)",
                            "quantize=none, or shard=data_parallel (one replica per GPU)"))
     arch, model_type, config_class = model_config_class(root)
     if arch is None:  # shapes unknown without a download: transformers will say at load time
