@@ -25,14 +25,20 @@ def _version(name: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The commit of the optipipe source tree, when it runs from a git checkout."""
+    """The commit of the optipipe source tree, when it runs from a git checkout; ``+modified`` after it
+    when tracked files differ from that commit (the run's code is then not the commit's)."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=5)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                 capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    commit = out.stdout.strip() if out.returncode == 0 else ""
+    if not commit:
+        return None
+    return commit + ("+modified" if changed.returncode == 0 and changed.stdout.strip() else "")
 
 
 def nvidia_driver() -> str | None:
