@@ -160,7 +160,9 @@ def test_smollm2_sdpa_agrees_with_its_eager_reference(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_int8_changes_quality_measurably_but_boundedly(tmp_path):
-    stage, ctx = evaluated(tmp_path, "model=smollm2_135m", "quantize=int8", *SHORTER, shared_cache=True)
+    # LLM.int8 is slow on a CPU: a shorter corpus (~400 tokens) still shows a bounded, measurable change
+    stage, ctx = evaluated(tmp_path, "model=smollm2_135m", "quantize=int8", "evaluate.corpus.max_chars=1500",
+                           "evaluate.new_tokens=8", shared_cache=True)
     m = stage.apply(ctx).metrics
     assert 0.01 < abs(m["perplexity_increase_pct"]) < 50
     assert 0.5 < m["top1_agreement"] < 1.0 and m["kl_mean"] > 1e-4
