@@ -165,7 +165,8 @@ def linear_input_sizes(spec: Any) -> list[int]:
 TORCHAO_WEIGHTS = ("int4", "int8", "fp8")
 # what each weight format does with the activations: int4/int8 are weight-only kernels; fp8 quantizes
 # them too (dynamic). Weight-only float8 is quantize=fp8_weight_only (Float8WeightOnly below): torchao's
-# own dequantized whole weights before the matmul in the compiled step, 10-30× slower (its docstring).
+# own dequantized whole weights before some matmuls in the compiled step (stages/float8_rows.py says
+# by how much).
 TORCHAO_ACTIVATIONS = {"int4": ("none",), "int8": ("none",), "fp8": ("dynamic",)}
 FP8_MIN_CAPABILITY = 8.9  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
 

@@ -60,6 +60,8 @@ class JoinedFloat8Slice(float8_rows.Float8RowsLinear):
 
 # the layer classes that join, each with the class its slices become
 SLICE_OF = {torch.nn.Linear: JoinedSlice, float8_rows.Float8RowsLinear: JoinedFloat8Slice}
+# each joined tensor's buffer, read by the slices' compiled forward (None where the layers have none)
+JOINED_BUFFERS = {"weight": "joined_weight", "weight_scale": "joined_scale", "bias": "joined_bias"}
 
 
 def _joinable(modules: list[Any]) -> bool:
@@ -85,9 +87,9 @@ def _join(modules: list[Any]) -> None:
         hi = lo + m.weight.shape[0]
         m.__class__ = slice_class
         m.lo, m.hi = lo, hi
-        for name in ("weight", "weight_scale", "bias"):
+        for name, buffer in JOINED_BUFFERS.items():
             # buffers, so dynamo treats them as the model's own static tensors (a CUDA graph never copies them)
-            m.register_buffer(f"joined_{name.removeprefix('weight_')}", joined.get(name), persistent=False)
+            m.register_buffer(buffer, joined.get(name), persistent=False)
             if name in joined:
                 setattr(m, name, torch.nn.Parameter(joined[name][lo:hi], requires_grad=False))
         lo = hi
