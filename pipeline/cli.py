@@ -138,7 +138,7 @@ def run_job(cfg: DictConfig) -> float | None:
         return None
     job = job_info(cfg, resolved, output_dir)
     if resolved.launcher.kind == "torchrun":
-        outcome = launch.launch_job(resolved, output_dir, tracker, job, int(hc.job.num) if in_sweep else 0)
+        outcome = launch.launch_job(resolved, output_dir, tracker, job)
     else:
         outcome = execute(resolved, plan, output_dir, tracker, job)
     lost = getattr(tracker, "lost", None)

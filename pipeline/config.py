@@ -63,7 +63,7 @@ class LauncherSettings:
     collective_timeout_s: float = 300.0  # a rank stuck in a collective this long fails the group
     max_seconds: Optional[float] = None  # the whole group is ended after this long (None: no limit)
     devices: Optional[list[int]] = None  # CUDA_VISIBLE_DEVICES of this job (None: inherit)
-    split_devices: bool = False  # sweep: job k takes the k-th group of nproc_per_node visible GPUs
+    split_devices: bool = False  # sweep jobs side by side: each leases nproc_per_node free GPUs (pipeline/gpu_lease.py)
 
     @property
     def processes(self) -> int:

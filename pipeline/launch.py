@@ -17,7 +17,9 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from omegaconf import DictConfig
 
@@ -25,6 +27,7 @@ from pipeline.config import LauncherSettings
 from pipeline.contract import CONFIG_ENV, RUN_ENV, Placement, StageResult, handed_over
 from pipeline.distributed import ERROR_FILE, URI_ENV
 from pipeline.environment import gpu_count
+from pipeline.gpu_lease import gpu_lease
 
 OUTCOME_FILE = "outcome.json"  # rank 0 writes the aggregated stage results here
 GRACE_S = 15.0  # after SIGTERM, how long ranks get to exit before SIGKILL
@@ -36,17 +39,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def visible_devices(settings: LauncherSettings, job_num: int) -> str | None:
-    """CUDA_VISIBLE_DEVICES for this job: given, or the job's own group of GPUs in a sweep."""
+@contextmanager
+def job_devices(settings: LauncherSettings) -> Iterator[str | None]:
+    """CUDA_VISIBLE_DEVICES for this job while it runs: given, a group of GPUs leased for it in a
+    sweep whose jobs run side by side (``split_devices``: see pipeline.gpu_lease), or None (inherit)."""
     if settings.devices:
-        return ",".join(str(d) for d in settings.devices)
-    if not settings.split_devices:
-        return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(gpu_count())]
-    groups = max(len(ids) // settings.nproc_per_node, 1)
-    start = (job_num % groups) * settings.nproc_per_node
-    return ",".join(ids[start:start + settings.nproc_per_node])
+        yield ",".join(str(d) for d in settings.devices)
+    elif not settings.split_devices:
+        yield None
+    else:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(gpu_count())]
+        with gpu_lease(ids, settings.nproc_per_node) as group:
+            yield ",".join(group)
 
 
 def torchrun_command(settings: LauncherSettings, output_dir: Path) -> list[str]:
@@ -104,23 +109,32 @@ def raise_terminated(signum, frame) -> None:
 
 
 def run_group(cfg: DictConfig, settings: LauncherSettings, output_dir: Path, run_id: str | None,
-              tracker_uri: str | None, job_num: int) -> tuple[str, str | None]:
+              tracker_uri: str | None) -> tuple[str, str | None]:
     """(status, error) of the whole group; every rank runs the validated ``cfg``."""
     for stale in output_dir.glob(ERROR_FILE.format(rank="*")):
         stale.unlink()
     (output_dir / OUTCOME_FILE).unlink(missing_ok=True)
     env = {**os.environ, RUN_ENV: run_id or "untracked", URI_ENV: tracker_uri or "", CONFIG_ENV: handed_over(cfg)}
-    devices = visible_devices(settings, job_num)
-    if devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = devices
+    # SIGTERM (a scheduler's cancel, `timeout`), also while waiting for GPUs, ends the run KILLED and
+    # must not orphan the group in its own session
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        with job_devices(settings) as devices:
+            if devices is not None:
+                env["CUDA_VISIBLE_DEVICES"] = devices
+            return _run_torchrun(settings, output_dir, env, devices)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_torchrun(settings: LauncherSettings, output_dir: Path, env: dict[str, str],
+                  devices: str | None) -> tuple[str, str | None]:
     cmd = torchrun_command(settings, output_dir)
     print(f"optipipe: torchrun ×{settings.nproc_per_node * settings.nnodes}"
           + (f" on GPUs {devices}" if devices else ""), flush=True)
     parent = os.getpid()
     # Ctrl-C reaches us, not the ranks; if we die (even by SIGKILL), torchrun gets SIGTERM and stops them
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(parent))
-    # SIGTERM (a scheduler's cancel, `timeout`) must not orphan the group in its own session
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         code = proc.wait(timeout=settings.max_seconds)
     except subprocess.TimeoutExpired:
@@ -129,8 +143,6 @@ def run_group(cfg: DictConfig, settings: LauncherSettings, output_dir: Path, run
     except KeyboardInterrupt:
         stop_group(proc)
         raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if code == 0:
         return "FINISHED", None
     return "FAILED", rank_errors(output_dir) or f"torchrun exited with code {code}; the ranks' output is above"
@@ -155,7 +167,7 @@ def read_outcome(output_dir: Path) -> dict[str, StageResult]:
             for name, d in json.loads(path.read_text()).items()}
 
 
-def launch_job(resolved, output_dir: Path, tracker, job, job_num: int):
+def launch_job(resolved, output_dir: Path, tracker, job):
     """The parent's whole job: start the run, run the group, end the run with its outcome."""
     from pipeline.runner import RunOutcome, finish_run
 
@@ -163,7 +175,7 @@ def launch_job(resolved, output_dir: Path, tracker, job, job_num: int):
     try:
         tracker.start(job)  # inside: a Ctrl-C while the run is being created still ends it KILLED
         status, error = run_group(resolved.cfg, resolved.launcher, output_dir, getattr(tracker, "run_id", None),
-                                  getattr(tracker, "uri", None), job_num)
+                                  getattr(tracker, "uri", None))
     except KeyboardInterrupt:
         finish_run(tracker, "KILLED", "interrupted (Ctrl-C)")
         raise

@@ -171,7 +171,8 @@ def csv_text(rows: list[Row]) -> str:
 
 
 def plots(rows: list[Row], folder: Path) -> list[Path]:
-    """Throughput against peak memory (marker: gate, line: Pareto front) and latency percentiles."""
+    """Throughput against peak memory (marker: gate, line: Pareto front), latency percentiles and,
+    in a sweep over processes, the speed-up against processes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,7 +209,36 @@ def plots(rows: list[Row], folder: Path) -> list[Path]:
     ax.set_yticks(list(y), names, fontsize=7)
     ax.set_xlabel("inter-token latency (ms)" if latency == "itl_ms" else "batch latency (ms)")
     out.append(_save(plt, fig, ax, folder / "latency_percentiles.png"))
+    if any("x_one_process" in r.values for r in rows):
+        out.append(scaling_plot(plt, rows, folder / "scaling.png"))
     return out
+
+
+def scaling_lines(rows: list[Row]) -> dict[str, list[tuple[int, float]]]:
+    """(processes, x_one_process) points, one line per way of spreading (``shard=``) and whatever
+    else the sweep varied besides processes."""
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for row, label in zip(rows, short_labels(rows)):
+        n = processes(row)
+        if n is not None and "x_one_process" in row.values:
+            rest = " ".join(t for t in label.split() if not t.startswith(PROCESSES)) or "all"
+            lines.setdefault(rest, []).append((n, row.value("x_one_process")))
+    return {name: sorted(pts) for name, pts in sorted(lines.items())}
+
+
+def scaling_plot(plt, rows: list[Row], path: Path) -> Path:
+    """A sweep over processes: each line's speed-up against processes; the diagonal is linear."""
+    lines = scaling_lines(rows)
+    counts = sorted({n for pts in lines.values() for n, _ in pts})
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([1, counts[-1]], [1, counts[-1]], ":", color="gray", label="linear")
+    for name, pts in lines.items():
+        ax.plot([n for n, _ in pts], [x for _, x in pts], "o-", label=name)
+    ax.set_xlabel("processes (GPUs)")
+    ax.set_ylabel("decode tokens/s over the one-process job")
+    ax.set_xticks(counts)
+    ax.set_title("scaling")
+    return _save(plt, fig, ax, path)
 
 
 def _save(plt, fig, ax, path: Path) -> Path:

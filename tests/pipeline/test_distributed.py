@@ -4,7 +4,10 @@ data-parallel splits, tensor parallel on CPU, failing and hanging ranks, and eve
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +17,8 @@ import pytest
 from pipeline.config import LauncherSettings
 from pipeline.contract import ConfigProblems
 from pipeline.distributed import aggregate
-from pipeline.launch import visible_devices
+from pipeline.gpu_lease import aligned_groups, gpu_lease
+from pipeline.launch import job_devices
 from pipeline.validate import resolve
 from stages.shard.parallel import fits_one_gpu
 from tests.conftest import (OUTSIDE_OUTPUTS, ROOT, TINY, composed, default_sigint, generate_in_process,
@@ -330,11 +334,47 @@ def test_data_parallel_refuses_a_model_larger_than_one_gpu():
     assert fits_one_gpu(param_bytes=None, gpu_bytes=int(12 * 2**30)) is None  # unknown: not refused
 
 
-def test_sweep_jobs_take_disjoint_gpus(monkeypatch):
+def test_sweep_jobs_lease_disjoint_gpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIPIPE_GPU_LOCKS", str(tmp_path))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    settings = LauncherSettings(kind="torchrun", nproc_per_node=2, split_devices=True)
-    assert [visible_devices(settings, k) for k in range(3)] == ["0,1", "2,3", "0,1"]
-    assert visible_devices(LauncherSettings(kind="torchrun", devices=[5, 6]), 0) == "5,6"
+    pair = LauncherSettings(kind="torchrun", nproc_per_node=2, split_devices=True)
+    single = LauncherSettings(kind="torchrun", nproc_per_node=1, split_devices=True)
+    with job_devices(pair) as first, job_devices(pair) as second:
+        assert (first, second) == ("0,1", "2,3")
+    with job_devices(single) as one, job_devices(pair) as other:  # mixed sizes never share a GPU
+        assert (one, other) == ("0", "2,3")
+    with job_devices(pair) as again:  # both leases ended with their jobs
+        assert again == "0,1"
+    with job_devices(LauncherSettings(kind="torchrun", devices=[5, 6])) as given:
+        assert given == "5,6"
+    with job_devices(LauncherSettings(kind="torchrun", nproc_per_node=2)) as inherited:
+        assert inherited is None
+
+
+def test_a_job_waits_for_gpus_another_process_holds_until_it_dies(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIPIPE_GPU_LOCKS", str(tmp_path))
+    hold = ("import time\nfrom pipeline.gpu_lease import gpu_lease\n"
+            "with gpu_lease(['2'], 1):\n    print('held', flush=True)\n    time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        killer = threading.Timer(0.5, holder.kill)  # SIGKILL: the kernel drops its lock, no file to clean
+        killer.start()
+        said: list[str] = []
+        started = time.monotonic()
+        with gpu_lease(["0", "1", "2", "3"], 4, say=said.append, poll_s=0.05) as four:
+            waited = time.monotonic() - started
+        assert four == ["0", "1", "2", "3"] and waited >= 0.4
+        assert len(said) == 1 and "waiting for 4 free GPU(s) of 0,1,2,3" in said[0]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_gpu_groups_are_aligned():
+    assert aligned_groups(["0", "1", "2", "3"], 2) == [["0", "1"], ["2", "3"]]
+    assert aligned_groups(["0", "1", "2"], 2) == [["0", "1"]]
+    assert aligned_groups(["0", "1"], 4) == [["0", "1"]]  # more than there are: all of them
 
 
 def test_ranks_combine_as_the_measuring_stage_declares():

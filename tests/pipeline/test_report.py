@@ -68,7 +68,7 @@ def test_four_job_sweep_summary_and_report_agree(tmp_path, capsys):
     assert "no <!-- gpu:begin -->" in capsys.readouterr().out and not (tmp_path / "wrong").exists()  # nothing written
 
 
-def test_a_sweep_over_processes_is_compared_with_one_process():
+def test_a_sweep_over_processes_is_compared_with_one_process(tmp_path):
     def job(nproc, shard, batch, tok_s, status="FINISHED"):
         return report.Row(f"{shard}{nproc}b{batch}", f"shard={shard} launcher.nproc_per_node={nproc} "
                           f"generate.batch_size={batch}", status, "not set", {"tokens_per_s": tok_s})
@@ -81,6 +81,12 @@ def test_a_sweep_over_processes_is_compared_with_one_process():
     assert "x_one_process" in report.markdown(rows).splitlines()[0]
     flat = report.with_scaling([fake("a", 100, 1.0), fake("b", 200, 2.0)])  # not a sweep over processes
     assert "x_one_process" not in report.markdown(flat)
+    # one line per shard and batch; the failed job is no point
+    assert report.scaling_lines(rows) == {"shard=tp generate.batch_size=1": [(1, 1.0), (2, 1.5)],
+                                          "shard=dp generate.batch_size=32": [(1, 1.0), (4, 4.0)],
+                                          "shard=tp generate.batch_size=32": [(1, 0.99)]}
+    assert "scaling.png" in {p.name for p in report.plots(rows, tmp_path)}
+    assert "scaling.png" not in {p.name for p in report.plots(flat, tmp_path / "flat")}
 
 
 def test_a_section_is_replaced_only_where_its_markers_are(tmp_path):

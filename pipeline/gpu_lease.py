@@ -1,0 +1,76 @@
+"""launcher.split_devices: sweep jobs that run side by side (``hydra/launcher=joblib``) each take a
+group of GPUs no other job of this user on this host holds, and wait while none is free.
+
+A job's position in the sweep cannot pick its GPUs: a sweep over ``launcher.nproc_per_node=1,2,4``
+mixes group sizes, and job k's "k-th group" of one size overlaps another job's group of another
+size, so two timed jobs would share a GPU. Here a job locks one file per GPU (``fcntl.flock``,
+released by the kernel when the job's process ends, however it ends: no stale leases). Groups are
+aligned (``nproc_per_node`` consecutive GPUs starting at a multiple of it), so a 4-GPU job is not
+starved by 1-GPU jobs scattered over every aligned pair.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+POLL_S = 2.0
+
+
+def lock_folder() -> Path:
+    """One folder per user on this host (``OPTIPIPE_GPU_LOCKS`` overrides; tests use it)."""
+    given = os.environ.get("OPTIPIPE_GPU_LOCKS")
+    return Path(given) if given else Path(tempfile.gettempdir()) / f"optipipe-gpu-locks-{os.getuid()}"
+
+
+def aligned_groups(ids: list[str], size: int) -> list[list[str]]:
+    """``size`` consecutive GPUs from each multiple of ``size``; a size beyond the GPUs: all of them."""
+    if size >= len(ids):
+        return [ids]
+    return [ids[start:start + size] for start in range(0, len(ids) - size + 1, size)]
+
+
+def _try_group(folder: Path, group: list[str]) -> list[IO[str]] | None:
+    """Locks on every GPU of the group, or None (nothing held) if another job holds one."""
+    held: list[IO[str]] = []
+    for gpu in group:
+        f = open(folder / f"gpu-{gpu}.lock", "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            for h in held:
+                h.close()  # closing the file releases its lock
+            return None
+        held.append(f)
+    return held
+
+
+@contextmanager
+def gpu_lease(ids: list[str], size: int, say: Callable[[str], None] = print,
+              poll_s: float = POLL_S) -> Iterator[list[str]]:
+    """The first free aligned group of ``size`` GPUs among ``ids`` (CUDA_VISIBLE_DEVICES entries),
+    held until the block ends; waits (and says so once) while every group has a GPU in use."""
+    folder = lock_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = aligned_groups(ids, size)
+    waited = False
+    while True:
+        for group in groups:
+            held = _try_group(folder, group)
+            if held is not None:
+                try:
+                    yield group
+                finally:
+                    for h in held:
+                        h.close()
+                return
+        if not waited:
+            say(f"optipipe: waiting for {size} free GPU(s) of {','.join(ids)} (other jobs of this sweep hold them)")
+            waited = True
+        time.sleep(poll_s)
