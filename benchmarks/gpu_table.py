@@ -3,7 +3,7 @@ and data parallel over 2 (and 4) GPUs of one host, Llama-3-8B shape (random bf16
 128, 256 new tokens; each row an ordinary `optipipe` job logged to one MLflow store; ratios are
 against the one-GPU `generate=fast` row of the same batch measured by the same invocation.
 
-    python benchmarks/gpu_table.py --out DIR [--rows a,b,...] [--gptfast DIR] [--into BENCHMARKS.md]
+    python benchmarks/gpu_table.py --out DIR [--rows a,b,...] [--gptfast DIR [--gptfast-tp 4]] [--into BENCHMARKS.md]
     python benchmarks/gpu_table.py --render DIR/gpu_table.json [...] --into BENCHMARKS.md   (tables only)
     python benchmarks/gpu_table.py --sequential --rows one_gpu_b32,one_gpu_b32+joined,tp2_b32+joined   (A/B)
 
@@ -192,12 +192,13 @@ def anchor_output(cmd: list[str], env: dict[str, str]) -> str:
     return "".join(lines)
 
 
-def gptfast_rows(folder: Path, out: Path) -> Iterator[list[dict]]:
-    """gpt-fast's own one GPU, then TP2, each run's rows as it ends."""
-    env = {**os.environ, "GPTFAST": str(folder), "OUT": str(out), "CUDA_VISIBLE_DEVICES": "0,1"}
+def gptfast_rows(folder: Path, out: Path, tp_size: int = 2) -> Iterator[list[dict]]:
+    """gpt-fast's own one GPU, then its tensor parallel over ``tp_size`` GPUs, each run's rows as it ends."""
+    env = {**os.environ, "GPTFAST": str(folder), "OUT": str(out),
+           "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(tp_size))}
     for tp, cmd in ((1, [sys.executable, str(folder / "gptfast_anchor.py"), "1"]),
-                    (2, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                         str(folder / "gptfast_anchor.py"), "1"])):
+                    (tp_size, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp_size),
+                               str(folder / "gptfast_anchor.py"), "1"])):
         text = anchor_output(cmd, env)
         found = [ast.literal_eval(line) for line in text.splitlines() if line.startswith(GPTFAST_RESULT)]
         (out / f"gptfast_tp{tp}.log").write_text(text)
@@ -220,7 +221,7 @@ def need(name: str, gpus: int) -> int:
 
 
 def run(names: list[str], out: Path, timeout: int, gptfast: Path | None, extra: list[str], gpus: int,
-        sequential: bool = False) -> dict:
+        sequential: bool = False, gptfast_tp: int = 2) -> dict:
     """Start rows in order as GPUs free up (``sequential``: each alone on the host); collect each as it ends."""
     out.mkdir(parents=True, exist_ok=True)
     pending, running, free, rows = list(names), [], list(range(gpus)), []
@@ -239,7 +240,7 @@ def run(names: list[str], out: Path, timeout: int, gptfast: Path | None, extra: 
         (out / "gpu_table.json").write_text(json.dumps(result(rows), indent=1))  # kept if the rest is cut
         free = sorted(free + ended["devices"])
         print(f"ran {ended['name']} on GPUs {ended['devices']}", flush=True)
-    for found in gptfast_rows(gptfast, out) if gptfast is not None else ():
+    for found in gptfast_rows(gptfast, out, gptfast_tp) if gptfast is not None else ():
         rows += found
         (out / "gpu_table.json").write_text(json.dumps(result(rows), indent=1))
     return result(rows)
@@ -304,9 +305,11 @@ def table(result: dict) -> str:
                      f"{fmt(r.get('mbu'), 2)} | {fmt(r.get('ttft_ms'), 1)} | {r.get('collective', '')} | {same} | "
                      f"{r.get('job_seconds', '')} | {exit_note(r)} |")
     gf = {r["name"]: r["tok_s"] for r in rows if r["name"].startswith("gptfast")}
-    if {"gptfast_tp1_b1", "gptfast_tp2_b1"} <= gf.keys():
-        lines += ["", f"gpt-fast's own TP2 / its one GPU: {gf['gptfast_tp2_b1'] / gf['gptfast_tp1_b1']:.2f}× "
-                      f"({gf['gptfast_tp2_b1']:.1f} / {gf['gptfast_tp1_b1']:.1f} tok/s, top-k sampling as it ships)"]
+    for tp in (2, 4):
+        if {"gptfast_tp1_b1", f"gptfast_tp{tp}_b1"} <= gf.keys():
+            many, one = gf[f"gptfast_tp{tp}_b1"], gf["gptfast_tp1_b1"]
+            lines += ["", f"gpt-fast's own TP{tp} / its one GPU: {many / one:.2f}× "
+                          f"({many:.1f} / {one:.1f} tok/s, top-k sampling as it ships)"]
     return "\n".join(lines)
 
 
@@ -337,6 +340,8 @@ def main() -> None:
                          f"({', '.join(f'{k}: {v[1]}' for k, v in VARIANTS.items())})")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per job")
     ap.add_argument("--gptfast", type=Path, help="folder with gpt-fast's anchor (a copy of ../shared/anchors/gptfast)")
+    ap.add_argument("--gptfast-tp", type=int, choices=(2, 4), default=2,
+                    help="GPUs of gpt-fast's own tensor-parallel row (its one-GPU row always runs)")
     ap.add_argument("--sequential", action="store_true",
                     help="one row at a time (no neighbour compiling or loading beside a timed row)")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every job (e.g. a small model)")
@@ -361,8 +366,10 @@ def main() -> None:
         too_big = [n for n in args.rows.split(",") if need(n, gpus) > gpus]
         if too_big:
             raise SystemExit(f"rows {too_big} need more than the {gpus} GPUs of this host: leave them out of --rows")
+        if args.gptfast and args.gptfast_tp > gpus:
+            raise SystemExit(f"--gptfast-tp {args.gptfast_tp} needs more than the {gpus} GPUs of this host")
         results = [run(args.rows.split(","), args.out, args.timeout, args.gptfast, args.set, gpus,
-                        args.sequential)]
+                        args.sequential, args.gptfast_tp)]
         (args.out / "gpu_table.json").write_text(json.dumps(results[0], indent=1))
     text = "\n\n".join(table(r) for r in results)
     print(text)

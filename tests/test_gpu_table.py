@@ -74,7 +74,7 @@ def test_gptfast_rows_are_kept_as_each_run_ends(tmp_path, monkeypatch):
         if len(seen) == 1:  # before the TP2 run: the caller has the one-GPU row in hand
             assert found == [{"name": "gptfast_tp1_b1", "tok_s": 160.5, "gpus": 1, "batch": 1}]
     assert seen[1] == [] and (tmp_path / "gptfast_tp2.log").exists()
-    monkeypatch.setattr(gpu_table, "gptfast_rows", lambda folder, out: iter([[{"name": "gptfast_tp1_b1", "tok_s": 1.0}]]))
+    monkeypatch.setattr(gpu_table, "gptfast_rows", lambda folder, out, tp: iter([[{"name": "gptfast_tp1_b1", "tok_s": 1.0}]]))
     gpu_table.run([], tmp_path, 10, anchor, [], 1)
     assert json.loads((tmp_path / "gpu_table.json").read_text())["rows"][0]["name"] == "gptfast_tp1_b1"
 
@@ -89,6 +89,9 @@ def test_a_row_variant_adds_its_overrides_and_a_one_gpu_variant_is_the_base():
     text = gpu_table.table(result({"name": "one_gpu_b32+joined", "tok_s": 100.0}, {"name": "one_gpu_b32", "tok_s": 90.0},
                                   {"name": "tp2_b32+joined", "tok_s": 140.0}))
     assert line(text, "one_gpu_b32")[5] == "0.90" and line(text, "tp2_b32+joined")[5] == "1.40"
+    anchors = gpu_table.table(result({"name": "gptfast_tp1_b1", "tok_s": 100.0, "gpus": 1},
+                                     {"name": "gptfast_tp4_b1", "tok_s": 210.0, "gpus": 4}))
+    assert "gpt-fast's own TP4 / its one GPU: 2.10× (210.0 / 100.0 tok/s" in anchors and "TP2 /" not in anchors
 
 
 def test_the_all_reduce_column_says_whether_the_norm_ran_fused():
