@@ -4,9 +4,10 @@ group of GPUs no other job of this user on this host holds, and wait while none 
 A job's position in the sweep cannot pick its GPUs: a sweep over ``launcher.nproc_per_node=1,2,4``
 mixes group sizes, and job k's "k-th group" of one size overlaps another job's group of another
 size, so two timed jobs would share a GPU. Here a job locks one file per GPU (``fcntl.flock``,
-released by the kernel when the job's process ends, however it ends: no stale leases). Groups are
-aligned (``nproc_per_node`` consecutive GPUs starting at a multiple of it), so a 4-GPU job is not
-starved by 1-GPU jobs scattered over every aligned pair.
+released by the kernel when the job's process ends, however it ends: no stale leases). Jobs are
+served in turn (a queue lock), and groups are aligned (``nproc_per_node`` consecutive GPUs from a
+multiple of it), so a 4-GPU job is neither overtaken by later 1-GPU jobs nor kept out by 1-GPU jobs
+scattered over every pair.
 """
 
 from __future__ import annotations
@@ -58,19 +59,28 @@ def gpu_lease(ids: list[str], size: int, say: Callable[[str], None] = print,
     held until the block ends; waits (and says so once) while every group has a GPU in use."""
     folder = lock_folder()
     folder.mkdir(parents=True, exist_ok=True)
-    groups = aligned_groups(ids, size)
-    waited = False
-    while True:
-        for group in groups:
-            held = _try_group(folder, group)
-            if held is not None:
-                try:
-                    yield group
-                finally:
-                    for h in held:
-                        h.close()
-                return
-        if not waited:
-            say(f"optipipe: waiting for {size} free GPU(s) of {','.join(ids)} (other jobs of this sweep hold them)")
-            waited = True
-        time.sleep(poll_s)
+    held = _take_in_turn(folder, aligned_groups(ids, size), size, ",".join(ids), say, poll_s)
+    try:
+        yield held[0]
+    finally:
+        for f in held[1]:
+            f.close()
+
+
+def _take_in_turn(folder: Path, groups: list[list[str]], size: int, names: str, say: Callable[[str], None],
+                  poll_s: float) -> tuple[list[str], list[IO[str]]]:
+    """Jobs take GPUs one at a time, in the order they asked: the job at the head of the queue holds
+    the queue's lock until its group is free, so GPUs that free up meanwhile are not taken by a later,
+    smaller job (without a queue a 4-GPU job waits while 1-GPU jobs take every GPU that frees up)."""
+    with open(folder / "queue.lock", "a") as queue:
+        fcntl.flock(queue, fcntl.LOCK_EX)  # blocks behind earlier jobs; a signal still interrupts it
+        waited = False
+        while True:
+            for group in groups:
+                files = _try_group(folder, group)
+                if files is not None:
+                    return group, files  # closing the queue file lets the next job in
+            if not waited:
+                say(f"optipipe: waiting for {size} free GPU(s) of {names} (other jobs of this sweep hold them)")
+                waited = True
+            time.sleep(poll_s)
