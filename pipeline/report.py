@@ -262,7 +262,9 @@ def heading(client: Any, parent_run_id: str) -> str:
     jobs = jobs_of(client, parent, max_results=1)
     tags = jobs[0].data.tags if jobs else {}
     day = time.strftime("%Y-%m-%d", time.gmtime(parent.info.start_time / 1000))
-    command = f"optipipe -m {parent.data.params.get('sweep.overrides', '')}".strip()
+    params = parent.data.params
+    command = " ".join(["optipipe -m", params.get("sweep.hydra_overrides", ""), params.get("sweep.overrides", "")])
+    command = " ".join(command.split())
     return (f"`{command}` · {tags.get('cards', 'cards not recorded')} · {day} · "
             f"{tags.get('versions', 'versions not recorded')} · sweep {parent_run_id}")
 

@@ -43,6 +43,10 @@ class MlflowSweep(Callback):
                                                           SWEEP_SIGNATURE: sweep_signature(arguments),
                                                           **stale_runs.owner_tags()})
         client.log_param(run.info.run_id, "sweep.overrides", " ".join(sweep)[:6000])
+        # how the jobs ran (hydra/launcher=joblib hydra.launcher.n_jobs=4): part of the command a report repeats
+        launch = [o for o in config.hydra.overrides.hydra if not o.startswith("hydra.mode=")]
+        if launch:
+            client.log_param(run.info.run_id, "sweep.hydra_overrides", " ".join(redact_overrides(launch))[:6000])
         self.run_id = run.info.run_id
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         os.environ[PARENT_ENV] = self.run_id  # jobs (in-process or spawned later) nest under it

@@ -143,6 +143,13 @@ def test_four_parallel_jobs_lose_nothing_in_one_sqlite_store(tmp_path):
     counts = {len(r.data.metrics) for r in children}
     assert len(counts) == 1 and counts.pop() > 20  # every job logged every metric
     assert sorted(r.data.params["generate.batch_size"] for r in children) == ["1", "2", "3", "4"]
+    # the report's command repeats how the jobs ran, not only what they varied
+    from pipeline import report
+    from pipeline.tracking import _client
+
+    parent = next(r for r in runs if r.data.tags.get("optipipe.sweep") == "true")
+    command = report.heading(_client(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"), parent.info.run_id)
+    assert command.startswith("`optipipe -m hydra/launcher=joblib hydra.launcher.n_jobs=4 model=")
 
 
 CHROMIUM = "/usr/bin/chromium"
