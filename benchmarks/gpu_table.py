@@ -75,6 +75,7 @@ VARIANTS = {
     "gather": (["shard.split_greedy=false"], "greedy over gathered logits"),
     "unfusednorm": (["shard.fuse_norm=false"], "all-reduce, add and RMSNorm as separate kernels"),
     "realize30": (["generate.fast_realize_opcount=null"], "inductor's own realize threshold (30)"),
+    "splitkv": (["generate.fast_decode_attention=split_kv"], "our split decode-attention kernel"),
     # inductor also tunes the matmuls (Triton templates against cuBLAS): for the split-K kernels at batch 32
     "autotune": (["generate.fast_compile_mode=max-autotune"], "max-autotune"),
 }

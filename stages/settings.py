@@ -121,6 +121,9 @@ class GenerateConfig:
     stop_check_every: int = 16  # fast engine: tokens between its "every row finished?" checks
     fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
     fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
+    # fast engine, grouped-query decode steps: sdpa (PyTorch's kernel on the packed heads) | split_kv
+    # (ours: the cache's length split over thread blocks, then combined; CUDA and Triton)
+    fast_decode_attention: str = "sdpa"
     fast_coordinate_descent: bool = True  # fast engine: inductor tunes the step's kernels (M=1 matmuls as reductions)
     # fast engine: q/k/v and gate/up each one matmul in compiled steps (weights joined, no copy);
     # null: whenever the step compiles and the weights are plain tensors (not quantized)

@@ -6,8 +6,10 @@ key/value head ``heads // kv_heads`` times (``repeat_kv``) before attending. At 
 Llama shape that copy and the attention over it were 43 % of the decode step's GPU time (H200
 profile, BENCHMARKS.md). For one query token the copy is avoidable: the query heads that share a key/value
 head are laid out as that head's rows of queries, ``(batch, kv_heads, group, dim)``, and one SDPA call
-attends them all to the one key/value head. Anything else (prefill, MHA, soft-capping, sinks,
-per-head masks) goes to transformers' own SDPA function unchanged.
+attends them all to the one key/value head — or, with ``generate.fast_decode_attention=split_kv``
+on CUDA, our kernel that also splits the cache's length over thread blocks (split_kv_decode.py).
+Anything else (prefill, MHA, soft-capping, sinks, per-head masks) goes to transformers' own SDPA
+function unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import torch.nn.functional as F
 
 NAME = "optipipe_gqa_decode"
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+SDPA, SPLIT_KV = "sdpa", "split_kv"  # the kernel a decode step attends with (generate.fast_decode_attention)
+KERNELS = (SDPA, SPLIT_KV)
+_KERNEL = [SDPA]  # while a GqaDecodeAttention is open: its kernel
 
 
 def _sdpa() -> Any:
@@ -41,6 +46,12 @@ def gqa_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
                        is_causal=is_causal, **kwargs)
     # query head h uses key/value head h // group (repeat_kv's order), so a reshape groups them
     packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    if _KERNEL[0] == SPLIT_KV and (attention_mask is None
+                                   or attention_mask.shape[-1] == key.shape[2]):
+        from stages.attention.split_kv_decode import decode_attention
+
+        out = decode_attention(packed, key, value, attention_mask, dim ** -0.5 if scaling is None else scaling)
+        return out.reshape(batch, 1, heads, value.shape[-1]), None  # (batch, kv_heads, group, dim) is head order
     out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling,
                                          is_causal=False)  # the mask holds causality; rows are heads here
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
@@ -60,19 +71,22 @@ class GqaDecodeAttention:
     """While open, a model that uses SDPA uses ``gqa_decode_attention`` instead (restored on exit,
     so stages after generate see the user's choice). Other implementations are left alone."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, kernel: str = SDPA) -> None:
         self.config = model.config
         self.before = getattr(self.config, "_attn_implementation", None)
         self.active = self.before == "sdpa" and _is_gqa(self.config)
+        self.kernel = kernel  # SDPA on the packed heads, or SPLIT_KV (stages/attention/split_kv_decode.py; CUDA)
 
     def __enter__(self) -> "GqaDecodeAttention":
         if self.active:
             self.config._attn_implementation = register()
+            _KERNEL[0] = self.kernel
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.active:
             self.config._attn_implementation = self.before
+            _KERNEL[0] = SDPA
 
 
 def _is_gqa(config: Any) -> bool:

@@ -21,7 +21,7 @@ import torch
 
 from stages.generate.clock import StepClock
 from stages.generate.joined_projections import MergeRepeatedOps, join as join_projections
-from stages.attention.gqa_decode import NAME as GQA_DECODE_ATTENTION, GqaDecodeAttention
+from stages.attention.gqa_decode import NAME as GQA_DECODE_ATTENTION, SDPA as GQA_SDPA, GqaDecodeAttention
 from stages.shard import agreed_tuning, all_reduce_norm
 from stages.shard.tp_layers import split_head
 
@@ -95,8 +95,9 @@ class FastDecoder:
                  stop_check_every: int = 16, sampling: Sampling | None = None,
                  gqa_attention: bool = True, compile_prefill: bool = False,
                  coordinate_descent: bool = True, fuse_projections: bool = False,
-                 realize_opcount: int | None = None) -> None:
+                 realize_opcount: int | None = None, decode_kernel: str = GQA_SDPA) -> None:
         self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
+        self.decode_kernel = decode_kernel
         self.coordinate_descent, self.realize_opcount = coordinate_descent, realize_opcount
         # q/k/v and gate/up as one matmul each in compiled code (eager calls run them apart, as before)
         self.fuse_projections = fuse_projections
@@ -182,12 +183,14 @@ class FastDecoder:
 
     def attention(self):
         """The attention the engine runs under: grouped-query decode attention unless turned off."""
-        return GqaDecodeAttention(self.model) if self.gqa_attention else nullcontext()
+        return GqaDecodeAttention(self.model, self.decode_kernel) if self.gqa_attention else nullcontext()
 
     def decode_attention(self) -> str:
         """The attention implementation the decode steps run with (for the run's tags)."""
         gqa = self.gqa_attention and GqaDecodeAttention(self.model).active
-        return GQA_DECODE_ATTENTION if gqa else str(self.model.config._attn_implementation)
+        if not gqa:
+            return str(self.model.config._attn_implementation)
+        return GQA_DECODE_ATTENTION + ("" if self.decode_kernel == GQA_SDPA else f" + {self.decode_kernel} kernel")
 
     def fused_projections(self) -> str:
         """Which projection groups run as one matmul in the compiled steps (for the run's tags)."""

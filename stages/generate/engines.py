@@ -18,6 +18,7 @@ from pipeline import measure
 from pipeline.config import typed
 from pipeline.contract import Problem, StageError, convert_traits, missing_methods, quantize_traits, warning
 from pipeline.registry import built_in_or_allowed
+from stages.attention.gqa_decode import KERNELS as DECODE_KERNELS, SPLIT_KV
 from stages.convert import COMPILE_MODES
 from stages.generate.engine import FastDecoder, Sampling
 
@@ -84,6 +85,11 @@ class FastEngine:
         if c.fast_realize_opcount is not None and c.fast_realize_opcount < 1:
             out.append(Problem("generate.fast_realize_opcount", f"{c.fast_realize_opcount} is not a number of ops",
                                "generate.fast_realize_opcount=4, or null for inductor's own threshold"))
+        if c.fast_decode_attention not in DECODE_KERNELS:
+            out.append(Problem("generate.fast_decode_attention", f"unknown kernel {c.fast_decode_attention!r}",
+                               f"generate.fast_decode_attention=<one of {', '.join(DECODE_KERNELS)}>"))
+        elif c.fast_decode_attention == SPLIT_KV:
+            out.extend(split_kv_problems(c, root))
         if convert_traits(root).prepares_generate:
             out.append(Problem("convert", "generate=fast brings its own static cache and compiled "
                                "decode step; convert.static_cache/compile apply to transformers "
@@ -115,7 +121,7 @@ class FastEngine:
             sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)
             found = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention,
                                 c.fast_compile_prefill, c.fast_coordinate_descent, self.joins_projections(model),
-                                c.fast_realize_opcount)
+                                c.fast_realize_opcount, c.fast_decode_attention)
             model._optipipe_fast_decoder = found
         return found
 
@@ -136,6 +142,24 @@ class FastEngine:
         return {"generate.decode_attention": decoder.decode_attention(), "generate.kernel_tuning": decoder.kernel_tuning(),
                 "generate.fused_projections": decoder.fused_projections(), "generate.token_choice": decoder.token_choice(),
                 "generate.all_reduce_norm": decoder.all_reduce_norm(), "generate.realize_opcount": decoder.realize_threshold()}
+
+
+def split_kv_problems(c: Any, root: Any) -> list[Problem]:
+    """Our split decode-attention kernel: Triton on CUDA, in the grouped-query decode path."""
+    import importlib.util
+
+    out = []
+    if not c.fast_gqa_attention:
+        out.append(Problem("generate.fast_decode_attention", "split_kv runs inside the grouped-query decode "
+                           "attention, which generate.fast_gqa_attention=false turns off",
+                           "generate.fast_gqa_attention=true, or generate.fast_decode_attention=sdpa"))
+    if not root.stages["load"].device().startswith("cuda"):
+        out.append(Problem("generate.fast_decode_attention", "split_kv is a Triton kernel for CUDA GPUs",
+                           "generate.fast_decode_attention=sdpa (on CPU)"))
+    elif importlib.util.find_spec("triton") is None:
+        out.append(Problem("generate.fast_decode_attention", "split_kv needs the triton package, which is "
+                           "not installed", "pip install triton, or generate.fast_decode_attention=sdpa"))
+    return out
 
 
 BUILT_IN: dict[str, type] = {"transformers": TransformersEngine, "fast": FastEngine}

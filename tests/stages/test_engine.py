@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,6 +175,14 @@ def test_fast_engine_rules():
     with pytest.raises(ConfigProblems, match="fast_fuse_projections"):
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_fuse_projections=true",
                          "generate.fast_compile_mode=null"))
+    with pytest.raises(ConfigProblems) as e:  # a CPU run: the split kernel is for CUDA; an unknown kernel
+        resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_decode_attention=split_kv",
+                         "generate.fast_gqa_attention=false"))
+    fixes = [p.fix for p in e.value.problems if p.key == "generate.fast_decode_attention"]
+    assert fixes == ["generate.fast_gqa_attention=true, or generate.fast_decode_attention=sdpa",
+                     "generate.fast_decode_attention=sdpa (on CPU)"]
+    with pytest.raises(ConfigProblems, match="one of sdpa, split_kv"):
+        resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_decode_attention=flash"))
     with pytest.raises(ConfigProblems, match="bitsandbytes kernels cannot be compiled"):
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=nf4"))
     resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=nf4",
@@ -202,6 +211,32 @@ def test_fast_engine_with_cuda_graphs_equals_generate(tiny_model):
         one = FastDecoder(model, compile_mode="reduce-overhead", coordinate_descent=True)
         assert torch.equal(one.generate(ids[-1:], mask[-1:], 24, [], pad_token_id=0),
                            plain(model, ids[-1:], mask[-1:], 24, eos=[]))
+    finally:
+        tiny_model.to("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_split_kv_kernel_on_the_gpu(tiny_model):
+    """The split decode-attention kernels on CUDA (their bf16 path too) against PyTorch's ops, and the
+    compiled engine with them against generate, token for token."""
+    from stages.attention import gqa_decode as G, split_kv_decode as S
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-4)):
+        for batch, kv_heads, group, dim, length in ((1, 2, 4, 128, 384), (32, 8, 4, 128, 384), (2, 8, 4, 128, 4100)):
+            q = torch.randn(batch, kv_heads, group, dim, dtype=dtype, device="cuda")
+            k, v = (torch.randn(batch, kv_heads, length, dim, dtype=dtype, device="cuda") for _ in range(2))
+            keep = torch.ones(batch, 1, 1, length, dtype=torch.bool, device="cuda")
+            keep[..., length // 2:] = False
+            for mask in (None, keep):
+                err = (S.decode_attention(q, k, v, mask, 0.1).float() - S.reference(q, k, v, mask, 0.1).float()).abs()
+                assert err.max().item() <= tol
+    model = tiny_model.to("cuda")
+    try:
+        ids, mask = (t.to("cuda") for t in left_padded_batch(model.config.vocab_size))
+        engine = FastDecoder(model, compile_mode="reduce-overhead", decode_kernel=G.SPLIT_KV)
+        assert torch.equal(engine.generate(ids, mask, 24, [], pad_token_id=0), plain(model, ids, mask, 24, eos=[]))
     finally:
         tiny_model.to("cpu")
 
@@ -285,3 +320,52 @@ def test_engine_decodes_with_gqa_attention_and_restores_the_model_choice(tiny_mo
         layers = tiny_model.config.num_hidden_layers
         assert calls == ([ids.shape[1]] * layers + [1] * 5 * layers if gqa else [])
         assert tiny_model.config._attn_implementation == "sdpa"  # evaluate etc. see the user's choice
+
+
+def test_split_kv_decode_kernel_in_tritons_interpreter():
+    """The split decode-attention kernels, run by Triton's CPU interpreter, give the attention of
+    PyTorch's ops: several splits, padded rows and head sizes, strided caches, every mask kind."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("split_kv_interpreted.py")
+    proc = subprocess.run([sys.executable, str(script)], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok: 40 cases"), proc.stdout + proc.stderr
+
+
+def test_split_kv_decode_attention_has_the_sdpa_path_layout(monkeypatch):
+    """Through gqa_decode_attention the split kernel's (batch, kv_heads, group, dim) output is laid out
+    as transformers expects (batch, 1, heads, dim), and compiles as one op (its fake gives the shape)."""
+    import stages.attention.gqa_decode as G
+    from stages.attention.split_kv_decode import decode_attention
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 3, 8, 2, 11, 16
+    q = torch.randn(batch, heads, 1, dim)
+    k, v = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+    mask[1, ..., :4], mask[2, ..., 7:] = False, False
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    expected, _ = G.gqa_decode_attention(module, q, k, v, mask, scaling=0.3)
+    monkeypatch.setattr(G, "_KERNEL", [G.SPLIT_KV])
+    got, _ = G.gqa_decode_attention(module, q, k, v, mask, scaling=0.3)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)
+    packed = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+    compiled = torch.compile(lambda *a: decode_attention(*a, 0.3), backend="aot_eager", fullgraph=True)
+    assert torch.allclose(compiled(packed, k, v, mask), decode_attention(packed, k, v, mask, 0.3))
+
+
+def test_engine_decodes_with_the_split_kernel_and_says_so(tiny_model, monkeypatch):
+    from stages.attention import gqa_decode as G, split_kv_decode as S
+
+    calls = []
+    original = S.reference  # what the op computes on a CPU (the kernels on CUDA)
+    monkeypatch.setattr(S, "reference", lambda *a: calls.append(a[0].shape) or original(*a))
+    ids, mask = left_padded_batch(tiny_model.config.vocab_size)
+    engine = FastDecoder(tiny_model, compile_mode=None, decode_kernel=G.SPLIT_KV)
+    assert torch.equal(engine.generate(ids, mask, 6, [], 0), plain(tiny_model, ids, mask, 6, eos=[]))
+    assert len(calls) == 5 * tiny_model.config.num_hidden_layers  # every decode step of every layer
+    assert engine.decode_attention() == "optipipe_gqa_decode + split_kv kernel" and G._KERNEL[0] == G.SDPA
