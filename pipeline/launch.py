@@ -108,6 +108,11 @@ def raise_terminated(signum, frame) -> None:
     raise Terminated
 
 
+def interrupted_why(e: BaseException) -> str:
+    """What a KILLED run records: which signal ended it."""
+    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+
+
 def run_group(cfg: DictConfig, settings: LauncherSettings, output_dir: Path, run_id: str | None,
               tracker_uri: str | None) -> tuple[str, str | None]:
     """(status, error) of the whole group; every rank runs the validated ``cfg``."""
@@ -176,8 +181,8 @@ def launch_job(resolved, output_dir: Path, tracker, job):
         tracker.start(job)  # inside: a Ctrl-C while the run is being created still ends it KILLED
         status, error = run_group(resolved.cfg, resolved.launcher, output_dir, getattr(tracker, "run_id", None),
                                   getattr(tracker, "uri", None))
-    except KeyboardInterrupt:
-        finish_run(tracker, "KILLED", "interrupted (Ctrl-C)")
+    except KeyboardInterrupt as e:
+        finish_run(tracker, "KILLED", interrupted_why(e))
         raise
     finish_run(tracker, status, error)
     return RunOutcome(results=read_outcome(output_dir), status=status, error=error)

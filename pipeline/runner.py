@@ -115,8 +115,10 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
             outcome.results[name] = result
             tracker.log_result(name, result)
             check_budget(resolved.pipeline.memory_budget_gib, name, result)
-    except KeyboardInterrupt:
-        outcome.status, outcome.error = "KILLED", "interrupted (Ctrl-C)"
+    except KeyboardInterrupt as e:
+        from pipeline.launch import interrupted_why
+
+        outcome.status, outcome.error = "KILLED", interrupted_why(e)
         finish_run(tracker, outcome.status, outcome.error)
         raise
     except StageError as e:

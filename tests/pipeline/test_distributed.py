@@ -4,6 +4,7 @@ data-parallel splits, tensor parallel on CPU, failing and hanging ranks, and eve
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -400,6 +401,39 @@ def test_a_large_job_is_not_overtaken_by_later_small_ones(tmp_path, monkeypatch)
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_sigterm_while_a_job_waits_for_gpus_ends_its_run_killed(tmp_path):
+    """A scheduler's cancel reaches a job still waiting for its GPUs: the run is KILLED (SIGTERM said),
+    exit 143, and no torchrun group was started."""
+    import signal
+
+    env = {**os.environ, "OPTIPIPE_GPU_LOCKS": str(tmp_path / "locks"), "CUDA_VISIBLE_DEVICES": "0",
+           "HF_HUB_OFFLINE": "1"}
+    hold = ("import time\nfrom pipeline.gpu_lease import gpu_lease\n"
+            "with gpu_lease(['0'], 1):\n    print('held', flush=True)\n    time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    job = None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        job = subprocess.Popen([sys.executable, "-m", "pipeline", *TINY, "launcher=torchrun", "shard=data_parallel",
+                                "launcher.nproc_per_node=1", "launcher.split_devices=true"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in job.stdout:  # until it says it waits
+            lines.append(line)
+            if "waiting for 1 free GPU(s) of 0" in line:
+                break
+        job.send_signal(signal.SIGTERM)
+        rest = job.communicate(timeout=60)[0]
+        assert job.returncode == 143 and "torchrun ×" not in "".join(lines) + rest
+        _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+        assert [(r.info.status, r.data.tags["optipipe.error"]) for r in runs] == [("KILLED", "terminated (SIGTERM)")]
+    finally:
+        for p in (holder, job):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def test_gpu_groups_are_aligned():

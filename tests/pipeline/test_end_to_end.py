@@ -145,6 +145,8 @@ def test_ctrl_c_or_sigterm_marks_the_run_killed(tmp_path, plugin_path, sig, code
     assert interrupt_once(tmp_path, plugin_path, [*TINY], "outputs/runs/*/*/generate_samples.jsonl", sig) == code
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     assert runs[0].info.status == "KILLED"
+    why = "terminated (SIGTERM)" if sig == signal.SIGTERM else "interrupted (Ctrl-C)"
+    assert runs[0].data.tags["optipipe.error"] == why
 
 
 @pytest.mark.slow
