@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
 
-from pipeline import console, launch, quiet, sweep
+from pipeline import console, launch, quiet, stopping, sweep
 from pipeline.config import flatten
 from pipeline.hydra_guard import problems_before_hydra
 from pipeline.redact import redact, redact_console, redact_overrides
@@ -202,13 +202,13 @@ def main() -> None:
         console.print_problems(early)
         sys.exit(EXIT_CONFIG)
     status = "FAILED"
-    signal.signal(signal.SIGTERM, launch.raise_terminated)  # a scheduler's cancel ends runs as Ctrl-C does
+    signal.signal(signal.SIGTERM, stopping.raise_terminated)  # a scheduler's cancel ends runs as Ctrl-C does
     try:
         _hydra_entry()
         status = "FINISHED"
     except KeyboardInterrupt as e:
         status = "KILLED"
-        terminated = isinstance(e, launch.Terminated)
+        terminated = isinstance(e, stopping.Terminated)
         console.err.print(f"[bold red]optipipe: {'terminated (SIGTERM)' if terminated else 'interrupted'}[/]")
         sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except SystemExit as e:

@@ -28,6 +28,7 @@ from pipeline.contract import CONFIG_ENV, RUN_ENV, Placement, StageResult, hande
 from pipeline.distributed import ERROR_FILE, URI_ENV
 from pipeline.environment import gpu_count
 from pipeline.gpu_lease import gpu_lease
+from pipeline.stopping import interrupted_why, raise_terminated
 
 OUTCOME_FILE = "outcome.json"  # rank 0 writes the aggregated stage results here
 GRACE_S = 15.0  # after SIGTERM, how long ranks get to exit before SIGKILL
@@ -98,19 +99,6 @@ def die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # the parent died before the signal was armed
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's cancel, ``timeout``): the run ends as on Ctrl-C (KILLED), exit code 143."""
-
-
-def raise_terminated(signum, frame) -> None:
-    raise Terminated
-
-
-def interrupted_why(e: BaseException) -> str:
-    """What a KILLED run records: which signal ended it."""
-    return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
 
 
 def run_group(cfg: DictConfig, settings: LauncherSettings, output_dir: Path, run_id: str | None,

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.contract import DistInfo, LoadPlan, RunContext, StageError, StageResult
+from pipeline.stopping import interrupted_why
 from pipeline.tracking import JobInfo, Tracker
 from pipeline.resolved import Resolved
 
@@ -116,8 +117,6 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
             tracker.log_result(name, result)
             check_budget(resolved.pipeline.memory_budget_gib, name, result)
     except KeyboardInterrupt as e:
-        from pipeline.launch import interrupted_why
-
         outcome.status, outcome.error = "KILLED", interrupted_why(e)
         finish_run(tracker, outcome.status, outcome.error)
         raise
