@@ -60,13 +60,15 @@ def entries(args: argparse.Namespace) -> list[Entry]:
 
 
 def open_entry(entry: Entry, args: argparse.Namespace, workdir: Path):
-    """(resolved config, context with the model loaded and every pre-generate stage applied)."""
+    """(resolved config, context with the model loaded and every pre-generate stage applied, the
+    tags those stages recorded: which kernels and methods the row ran with)."""
     resolved = resolve(compose(common(args) + entry.overrides))
     if entry.baseline is None:
         ctx = open_context(resolved, make_plan(resolved), workdir)
+        tags: dict[str, str] = {}
         for name in STAGE_ORDER[:4]:  # load, quantize, convert, shard: once per model
-            resolved.stages[name].apply(ctx)
-        return resolved, ctx
+            tags.update(resolved.stages[name].apply(ctx).tags)
+        return resolved, ctx, tags
     load = resolved.stages["load"]
     plan = LoadPlan(model=resolved.model)
     load.plan(plan)
@@ -74,7 +76,7 @@ def open_entry(entry: Entry, args: argparse.Namespace, workdir: Path):
     ctx = RunContext(cfg=resolved.cfg, output_dir=workdir, dist=DistInfo(device=plan.device))
     ctx.model, ctx.tokenizer = load.materialize(plan, record=False)
     ctx.generate_kwargs = dict(entry.baseline)
-    return resolved, ctx
+    return resolved, ctx, {}
 
 
 def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -82,7 +84,7 @@ def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]
 
     workdir = Path(args.out) / "work" / slug(entry.label)
     workdir.mkdir(parents=True, exist_ok=True)
-    resolved, ctx = open_entry(entry, args, workdir)
+    resolved, ctx, tags = open_entry(entry, args, workdir)
     generate, rows = resolved.stages["generate"], []
     for batch in args.batches:
         generate.cfg.batch_size = batch
@@ -90,7 +92,8 @@ def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]
         row = {"config": entry.label, "batch": batch, "weight_bytes": float(measure.weight_bytes(ctx.model)),
                "compiled": str(getattr(ctx.model, "_compiled_call", None) is not None
                                or generate.engine(list(resolved.pipeline.allow)).compiled()),
-               **{k: v for k, v in result.metrics.items() if k in COLUMNS or k.startswith("profile_")}}
+               **{k: v for k, v in result.metrics.items() if k in COLUMNS or k.startswith("profile_")},
+               "tags": {**tags, **result.tags}}
         for report in (a for a in result.artifacts if a.name.startswith("generate_profile_")):
             # beside bench.md, named by row; the title says which configuration it was
             text = report.read_text().replace("# generate,", f"# {entry.label},", 1)
@@ -176,7 +179,7 @@ def track(args: argparse.Namespace, rows: list[dict[str, Any]], files: list[Path
         child = MlflowTracker(settings)
         child.start(JobInfo(run_name=f"{r['config']} b{r['batch']}", params={"bench.config": r["config"],
                             "generate.batch_size": r["batch"], "model": args.model},
-                            tags={"optipipe.overrides": f"{r['config']} batch={r['batch']}",
+                            tags={**r.get("tags", {}), "optipipe.overrides": f"{r['config']} batch={r['batch']}",
                                   "bench.compiled": r["compiled"]}, artifacts=[], parent_run_id=parent.run_id))
         numbers = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "batch"}
         child.log_result("generate", StageResult(metrics=numbers))

@@ -22,6 +22,10 @@ def test_bench_runs_baselines_and_configs_on_a_tiny_model(tmp_path):
         assert r["decode_tokens_per_s"] > 0 and r["ttft_ms_p50"] > 0 and r["itl_ms_p90"] > 0
     assert all(r["x_plain"] == 1.0 for r in rows if r["config"] == "plain")
     assert {r["compiled"] for r in rows if r["config"] == "generate=fast"} == {"True"}
+    # each row says what it ran with: the stages' and the engine's tags (also on its MLflow run)
+    fast = next(r for r in rows if r["config"] == "generate=fast")
+    assert fast["tags"]["generate.decode_attention"] == "optipipe_gqa_decode"
+    assert fast["tags"]["generate.realize_opcount"] and "quantize.method" in fast["tags"]
     bench_md = (folder / "bench.md").read_text()
     assert "| generate=fast | 2 |" in bench_md and "command: `optipipe bench --model tiny_random" in bench_md
     assert "card: CPU" in bench_md and "versions: " in bench_md
@@ -40,6 +44,7 @@ def test_bench_runs_baselines_and_configs_on_a_tiny_model(tmp_path):
     assert len(parent) == 1 and len(children) == 8
     assert {c.data.metrics["generate/decode_tokens_per_s"] for c in children} == \
         {r["decode_tokens_per_s"] for r in rows}
+    assert {c.data.tags.get("generate.decode_attention") for c in children} == {None, "optipipe_gqa_decode"}
     report = run_cli("report", "--parent", parent[0].info.run_id, "--out", str(tmp_path / "r"),
                      cwd=tmp_path, check=0)
     assert "generate=fast batch=2" in report.stdout
