@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from stages.attention.split_kv_decode import decode_attention
+
 NAME = "optipipe_gqa_decode"
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 SDPA, SPLIT_KV = "sdpa", "split_kv"  # the kernel a decode step attends with (generate.fast_decode_attention)
@@ -48,8 +50,6 @@ def gqa_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     packed = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     if _KERNEL[0] == SPLIT_KV and (attention_mask is None
                                    or attention_mask.shape[-1] == key.shape[2]):
-        from stages.attention.split_kv_decode import decode_attention
-
         out = decode_attention(packed, key, value, attention_mask, dim ** -0.5 if scaling is None else scaling)
         return out.reshape(batch, 1, heads, value.shape[-1]), None  # (batch, kv_heads, group, dim) is head order
     out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling,

@@ -353,9 +353,12 @@ def test_split_kv_decode_attention_has_the_sdpa_path_layout(monkeypatch):
     monkeypatch.setattr(G, "_KERNEL", [G.SPLIT_KV])
     got, _ = G.gqa_decode_attention(module, q, k, v, mask, scaling=0.3)
     assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)
+    # traced whole, as the compiled decode step traces it: no graph break, the op kept as one call
+    compiled = torch.compile(lambda *a: G.gqa_decode_attention(module, *a, scaling=0.3)[0], backend="aot_eager",
+                             fullgraph=True)
+    assert torch.allclose(compiled(q, k, v, mask), got)
     packed = q.reshape(batch, kv_heads, heads // kv_heads, dim)
-    compiled = torch.compile(lambda *a: decode_attention(*a, 0.3), backend="aot_eager", fullgraph=True)
-    assert torch.allclose(compiled(packed, k, v, mask), decode_attention(packed, k, v, mask, 0.3))
+    assert torch.allclose(decode_attention(packed, k, v, mask, 0.3).reshape(got.shape), got)
 
 
 def test_engine_decodes_with_the_split_kernel_and_says_so(tiny_model, monkeypatch):
