@@ -20,6 +20,7 @@ from pipeline.contract import Problem, StageError, convert_traits, missing_metho
 from pipeline.registry import built_in_or_allowed
 from stages.attention.gqa_decode import KERNELS as DECODE_KERNELS, SPLIT_KV
 from stages.convert import COMPILE_MODES
+from stages.load.sources import architecture
 from stages.generate.engine import FastDecoder, Sampling
 
 
@@ -159,6 +160,13 @@ def split_kv_problems(c: Any, root: Any) -> list[Problem]:
     elif importlib.util.find_spec("triton") is None:
         out.append(Problem("generate.fast_decode_attention", "split_kv needs the triton package, which is "
                            "not installed", "pip install triton, or generate.fast_decode_attention=sdpa"))
+    arch = architecture(root.model) or {}
+    heads, kv_heads = arch.get("num_attention_heads"), arch.get("num_key_value_heads")
+    if heads and kv_heads and kv_heads >= heads:  # unknown shapes: not judged
+        out.append(warning("generate.fast_decode_attention", f"the model has {kv_heads} key/value heads for {heads} "
+                           "query heads (not grouped-query), so its decode steps keep its own attention and "
+                           "split_kv does not run (the run's generate.decode_attention tag says so)",
+                           "generate.fast_decode_attention=sdpa"))
     return out
 
 

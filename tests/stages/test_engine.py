@@ -181,6 +181,10 @@ def test_fast_engine_rules():
     fixes = [p.fix for p in e.value.problems if p.key == "generate.fast_decode_attention"]
     assert fixes == ["generate.fast_gqa_attention=true, or generate.fast_decode_attention=sdpa",
                      "generate.fast_decode_attention=sdpa (on CPU)"]
+    with pytest.raises(ConfigProblems) as e:  # not grouped-query: split_kv would never run, and the run says so
+        resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_decode_attention=split_kv",
+                         "+model.config_overrides.num_key_value_heads=4"))
+    assert any("not grouped-query" in p.message and p.severity == "warning" for p in e.value.problems)
     with pytest.raises(ConfigProblems, match="one of sdpa, split_kv"):
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_decode_attention=flash"))
     with pytest.raises(ConfigProblems, match="bitsandbytes kernels cannot be compiled"):
