@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stages.gpus import query as nvidia_smi_query
+from pipeline.gpus import query as nvidia_smi_query
 
 PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "hydra-core", "omegaconf",
             "mlflow-skinny", "mlflow", "safetensors", "gguf", "torchao", "numpy", "optipipe")

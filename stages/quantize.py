@@ -12,10 +12,10 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from pipeline import measure
+from pipeline import gpus, measure
 from pipeline.contract import (WORST, BaseStage, LoadPlan, NoSettings, Problem, QuantizeTraits, RunContext,
                                StageError, StageResult, across, warning)
-from stages import float8_rows, gpus
+from stages import float8_rows
 from stages.settings import BitsAndBytesSettings, Float8RowsSettings, TorchAoSettings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -1,5 +1,5 @@
 """Will a data-parallel replica fit one GPU? Weight bytes from the config, GPU memory from
-nvidia-smi (stages/gpus.py)."""
+nvidia-smi (pipeline/gpus.py)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Optional
 
 from pipeline.contract import (BaseStage, LoadPlan, Problem, RunContext, StageError, StageResult,
                                quantize_traits)
-from stages import gpus
+from pipeline import gpus
 from stages.shard import agreed_tuning
 from stages.shard.all_reduce import MODES as ALL_REDUCE_MODES, AllReduce, self_test
 from stages.shard.capacity import fits_one_gpu, parameter_bytes

@@ -1,11 +1,11 @@
-"""stages/gpus.py reads nvidia-smi's CSV: one value per GPU, per line (names hold spaces)."""
+"""pipeline/gpus.py reads nvidia-smi's CSV: one value per GPU, per line (names hold spaces)."""
 
 from __future__ import annotations
 
 import os
 import stat
 
-from stages import gpus
+from pipeline import gpus
 
 FAKE = '''#!/bin/sh
 case "$1" in
