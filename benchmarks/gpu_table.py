@@ -3,7 +3,7 @@ and data parallel over 2 (and 4) GPUs of one host, Llama-3-8B shape (random bf16
 128, 256 new tokens; each row an ordinary `optipipe` job logged to one MLflow store; ratios are
 against the one-GPU `generate=fast` row of the same batch measured by the same invocation.
 
-    python benchmarks/gpu_table.py --out DIR [--rows a,b,...] [--gptfast DIR [--gptfast-tp 4]] [--into BENCHMARKS.md]
+    python benchmarks/gpu_table.py --out DIR [--rows a,b,...] [--devices 2,3] [--gptfast DIR [--gptfast-tp 4]] [--into BENCHMARKS.md]
     python benchmarks/gpu_table.py --render DIR/gpu_table.json [...] --into BENCHMARKS.md   (tables only)
     python benchmarks/gpu_table.py --sequential --rows one_gpu_b32,one_gpu_b32+joined,tp2_b32+joined   (A/B)
 
@@ -194,10 +194,11 @@ def anchor_output(cmd: list[str], env: dict[str, str]) -> str:
     return "".join(lines)
 
 
-def gptfast_rows(folder: Path, out: Path, tp_size: int = 2) -> Iterator[list[dict]]:
-    """gpt-fast's own one GPU, then its tensor parallel over ``tp_size`` GPUs, each run's rows as it ends."""
+def gptfast_rows(folder: Path, out: Path, tp_size: int = 2, devices: list[int] | None = None) -> Iterator[list[dict]]:
+    """gpt-fast's own one GPU, then its tensor parallel over ``tp_size`` GPUs (the first of
+    ``devices``), each run's rows as it ends."""
     env = {**os.environ, "GPTFAST": str(folder), "OUT": str(out),
-           "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(tp_size))}
+           "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in (devices or range(tp_size))[:tp_size])}
     for tp, cmd in ((1, [sys.executable, str(folder / "gptfast_anchor.py"), "1"]),
                     (tp_size, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp_size),
                                str(folder / "gptfast_anchor.py"), "1"])):
@@ -223,10 +224,11 @@ def need(name: str, gpus: int) -> int:
 
 
 def run(names: list[str], out: Path, timeout: int, gptfast: Path | None, extra: list[str], gpus: int,
-        sequential: bool = False, gptfast_tp: int = 2) -> dict:
-    """Start rows in order as GPUs free up (``sequential``: each alone on the host); collect each as it ends."""
+        sequential: bool = False, gptfast_tp: int = 2, devices: list[int] | None = None) -> dict:
+    """Start rows in order as GPUs free up (``sequential``: each alone on the host); collect each as it
+    ends. ``devices``: the host's GPUs to use (default the first ``gpus``)."""
     out.mkdir(parents=True, exist_ok=True)
-    pending, running, free, rows = list(names), [], list(range(gpus)), []
+    pending, running, free, rows = list(names), [], list(devices or range(gpus)), []
     while pending or running:
         while pending and need(pending[0], gpus) <= len(free) and not (sequential and running):
             need_now = need(pending[0], gpus)
@@ -242,7 +244,7 @@ def run(names: list[str], out: Path, timeout: int, gptfast: Path | None, extra: 
         (out / "gpu_table.json").write_text(json.dumps(result(rows), indent=1))  # kept if the rest is cut
         free = sorted(free + ended["devices"])
         print(f"ran {ended['name']} on GPUs {ended['devices']}", flush=True)
-    for found in gptfast_rows(gptfast, out, gptfast_tp) if gptfast is not None else ():
+    for found in gptfast_rows(gptfast, out, gptfast_tp, devices) if gptfast is not None else ():
         rows += found
         (out / "gpu_table.json").write_text(json.dumps(result(rows), indent=1))
     return result(rows)
@@ -336,7 +338,8 @@ def fmt(value, digits: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_table")
-    ap.add_argument("--gpus", type=int, help="GPUs of this host to use (default: all)")
+    ap.add_argument("--gpus", type=int, help="GPUs of this host to use, the first N (default: all)")
+    ap.add_argument("--devices", help="which GPUs of this host to use, e.g. 2,3 (another command can have 0,1)")
     ap.add_argument("--rows", default=",".join(ROWS),
                     help=f"any of {', '.join(ROWS)}; NAME+VARIANT adds a variant's overrides to one row "
                          f"({', '.join(f'{k}: {v[1]}' for k, v in VARIANTS.items())})")
@@ -364,14 +367,17 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"unknown rows {unknown}: choose from {', '.join(ROWS)}, each optionally "
                              f"+{'|+'.join(VARIANTS)}")
-        gpus = args.gpus or gpu_count()
+        devices = [int(d) for d in args.devices.split(",")] if args.devices else None
+        if devices and args.gpus:
+            raise SystemExit("give --gpus N (the first N GPUs) or --devices LIST, not both")
+        gpus = len(devices) if devices else args.gpus or gpu_count()
         too_big = [n for n in args.rows.split(",") if need(n, gpus) > gpus]
         if too_big:
             raise SystemExit(f"rows {too_big} need more than the {gpus} GPUs of this host: leave them out of --rows")
         if args.gptfast and args.gptfast_tp > gpus:
             raise SystemExit(f"--gptfast-tp {args.gptfast_tp} needs more than the {gpus} GPUs of this host")
         results = [run(args.rows.split(","), args.out, args.timeout, args.gptfast, args.set, gpus,
-                        args.sequential, args.gptfast_tp)]
+                        args.sequential, args.gptfast_tp, devices)]
         (args.out / "gpu_table.json").write_text(json.dumps(results[0], indent=1))
     text = "\n\n".join(table(r) for r in results)
     print(text)

@@ -74,7 +74,7 @@ def test_gptfast_rows_are_kept_as_each_run_ends(tmp_path, monkeypatch):
         if len(seen) == 1:  # before the TP2 run: the caller has the one-GPU row in hand
             assert found == [{"name": "gptfast_tp1_b1", "tok_s": 160.5, "gpus": 1, "batch": 1}]
     assert seen[1] == [] and (tmp_path / "gptfast_tp2.log").exists()
-    monkeypatch.setattr(gpu_table, "gptfast_rows", lambda folder, out, tp: iter([[{"name": "gptfast_tp1_b1", "tok_s": 1.0}]]))
+    monkeypatch.setattr(gpu_table, "gptfast_rows", lambda folder, out, tp, devices: iter([[{"name": "gptfast_tp1_b1", "tok_s": 1.0}]]))
     gpu_table.run([], tmp_path, 10, anchor, [], 1)
     assert json.loads((tmp_path / "gpu_table.json").read_text())["rows"][0]["name"] == "gptfast_tp1_b1"
 
@@ -116,3 +116,21 @@ def test_a_row_reads_its_job_back_from_the_store_with_the_timed_recompiles(tmp_p
     assert (row["status"], row["tok_s"], row["ttft_ms"]) == ("FINISHED", 202.2, 14.1)
     assert row["recompiles_timed"] == 1.0 and row["seconds"] == {"load/stage_seconds": 12.3}
     assert gpu_table.read_run({"name": "tp2_b1"}, tmp_path) == {"name": "tp2_b1"}  # no such job: as it was
+
+
+def test_rows_run_on_the_gpus_named(tmp_path, monkeypatch):
+    """--devices 2,3: rows start on those GPUs only (another command can hold 0 and 1)."""
+    from types import SimpleNamespace
+
+    started = []
+
+    def fake_job(name, out, timeout, extra, devices):
+        started.append((name, devices))
+        return {"name": name, "proc": SimpleNamespace(poll=lambda: 0), "start": 0.0, "timeout": 1e9, "devices": devices}
+
+    monkeypatch.setattr(gpu_table, "job", fake_job)
+    monkeypatch.setattr(gpu_table, "need", lambda name, gpus: gpu_table.row_spec(name)[0])  # as on a GPU host
+    monkeypatch.setattr(gpu_table, "finish", lambda j, out: j)
+    monkeypatch.setattr(gpu_table, "read_run", lambda j, out: {"name": j["name"]})
+    gpu_table.run(["one_gpu_b1", "one_gpu_b32", "tp2_b1"], tmp_path, 10, None, [], 2, devices=[2, 3])
+    assert started == [("one_gpu_b1", [2]), ("one_gpu_b32", [3]), ("tp2_b1", [2, 3])]
