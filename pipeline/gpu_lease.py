@@ -36,11 +36,16 @@ def aligned_groups(ids: list[str], size: int) -> list[list[str]]:
     return [ids[start:start + size] for start in range(0, len(ids) - size + 1, size)]
 
 
-def _try_group(folder: Path, group: list[str]) -> list[IO[str]] | None:
-    """Locks on every GPU of the group, or None (nothing held) if another job holds one."""
+def _lock_file(folder: Path, gpu: str) -> Path:
+    return folder / f"gpu-{gpu}.lock"
+
+
+def _try_group(folder: Path, group: list[str], holder: str) -> list[IO[str]] | None:
+    """Locks on every GPU of the group, or None (nothing held) if another job holds one. A lock file
+    then names its holder, for the message of a job that waits."""
     held: list[IO[str]] = []
     for gpu in group:
-        f = open(folder / f"gpu-{gpu}.lock", "a")
+        f = open(_lock_file(folder, gpu), "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -49,17 +54,39 @@ def _try_group(folder: Path, group: list[str]) -> list[IO[str]] | None:
                 h.close()  # closing the file releases its lock
             return None
         held.append(f)
+    for f in held:
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}{': ' + holder if holder else ''}\n")
+        f.flush()
     return held
+
+
+def holders(folder: Path, ids: list[str]) -> str:
+    """Who holds the GPUs that are taken now, as their lock files say (``GPU 0: pid 123: <job>``)."""
+    taken = []
+    for gpu in ids:
+        path = _lock_file(folder, gpu)
+        if not path.exists():
+            continue
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                continue  # free: what it says is a past holder's
+            except BlockingIOError:
+                f.seek(0)
+                taken.append(f"GPU {gpu}: {f.read().strip() or 'a job'}")
+    return "; ".join(taken)
 
 
 @contextmanager
 def gpu_lease(ids: list[str], size: int, say: Callable[[str], None] = print,
-              poll_s: float = POLL_S) -> Iterator[list[str]]:
+              poll_s: float = POLL_S, holder: str = "") -> Iterator[list[str]]:
     """The first free aligned group of ``size`` GPUs among ``ids`` (CUDA_VISIBLE_DEVICES entries),
-    held until the block ends; waits (and says so once) while every group has a GPU in use."""
+    held until the block ends; waits (and says so once, naming the holders) while every group has a
+    GPU in use. ``holder``: what the lock files say besides this process's pid (e.g. the job's folder)."""
     folder = lock_folder()
     folder.mkdir(parents=True, exist_ok=True)
-    held = _take_in_turn(folder, aligned_groups(ids, size), size, ",".join(ids), say, poll_s)
+    held = _take_in_turn(folder, aligned_groups(ids, size), size, ids, say, poll_s, holder)
     try:
         yield held[0]
     finally:
@@ -67,8 +94,8 @@ def gpu_lease(ids: list[str], size: int, say: Callable[[str], None] = print,
             f.close()
 
 
-def _take_in_turn(folder: Path, groups: list[list[str]], size: int, names: str, say: Callable[[str], None],
-                  poll_s: float) -> tuple[list[str], list[IO[str]]]:
+def _take_in_turn(folder: Path, groups: list[list[str]], size: int, ids: list[str], say: Callable[[str], None],
+                  poll_s: float, holder: str) -> tuple[list[str], list[IO[str]]]:
     """Jobs take GPUs one at a time, in the order they asked: the job at the head of the queue holds
     the queue's lock until its group is free, so GPUs that free up meanwhile are not taken by a later,
     smaller job (without a queue a 4-GPU job waits while 1-GPU jobs take every GPU that frees up)."""
@@ -77,10 +104,11 @@ def _take_in_turn(folder: Path, groups: list[list[str]], size: int, names: str, 
         waited = False
         while True:
             for group in groups:
-                files = _try_group(folder, group)
+                files = _try_group(folder, group, holder)
                 if files is not None:
                     return group, files  # closing the queue file lets the next job in
             if not waited:
-                say(f"optipipe: waiting for {size} free GPU(s) of {names} (other jobs of this sweep hold them)")
+                say(f"optipipe: waiting for {size} free GPU(s) of {','.join(ids)} (other jobs hold them: "
+                    f"{holders(folder, ids) or 'or earlier jobs wait for them'})")
                 waited = True
             time.sleep(poll_s)

@@ -41,7 +41,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def job_devices(settings: LauncherSettings) -> Iterator[str | None]:
+def job_devices(settings: LauncherSettings, holder: str = "") -> Iterator[str | None]:
     """CUDA_VISIBLE_DEVICES for this job while it runs: given, a group of GPUs leased for it in a
     sweep whose jobs run side by side (``split_devices``: see pipeline.gpu_lease), or None (inherit)."""
     if settings.devices:
@@ -51,7 +51,7 @@ def job_devices(settings: LauncherSettings) -> Iterator[str | None]:
     else:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = visible.split(",") if visible else [str(i) for i in range(gpu_count())]
-        with gpu_lease(ids, settings.nproc_per_node) as group:
+        with gpu_lease(ids, settings.nproc_per_node, holder=holder) as group:
             yield ",".join(group)
 
 
@@ -112,7 +112,7 @@ def run_group(cfg: DictConfig, settings: LauncherSettings, output_dir: Path, run
     # must not orphan the group in its own session
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        with job_devices(settings) as devices:
+        with job_devices(settings, holder=str(output_dir)) as devices:
             if devices is not None:
                 env["CUDA_VISIBLE_DEVICES"] = devices
             return _run_torchrun(settings, output_dir, env, devices)

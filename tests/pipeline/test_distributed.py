@@ -367,6 +367,7 @@ def test_a_job_waits_for_gpus_another_process_holds_until_it_dies(tmp_path, monk
             waited = time.monotonic() - started
         assert four == ["0", "1", "2", "3"] and waited >= 0.4
         assert len(said) == 1 and "waiting for 4 free GPU(s) of 0,1,2,3" in said[0]
+        assert f"GPU 2: pid {holder.pid}" in said[0] and "GPU 0" not in said[0]  # who holds what: the waiter says
     finally:
         holder.kill()
         holder.wait()
@@ -411,7 +412,7 @@ def test_sigterm_while_a_job_waits_for_gpus_ends_its_run_killed(tmp_path):
     env = {**os.environ, "OPTIPIPE_GPU_LOCKS": str(tmp_path / "locks"), "CUDA_VISIBLE_DEVICES": "0",
            "HF_HUB_OFFLINE": "1"}
     hold = ("import time\nfrom pipeline.gpu_lease import gpu_lease\n"
-            "with gpu_lease(['0'], 1):\n    print('held', flush=True)\n    time.sleep(120)")
+            "with gpu_lease(['0'], 1, holder='job A'):\n    print('held', flush=True)\n    time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     job = None
     try:
@@ -423,6 +424,7 @@ def test_sigterm_while_a_job_waits_for_gpus_ends_its_run_killed(tmp_path):
         for line in job.stdout:  # until it says it waits
             lines.append(line)
             if "waiting for 1 free GPU(s) of 0" in line:
+                assert f"GPU 0: pid {holder.pid}: job A" in line
                 break
         job.send_signal(signal.SIGTERM)
         rest = job.communicate(timeout=60)[0]
