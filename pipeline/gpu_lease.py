@@ -108,7 +108,8 @@ def _take_in_turn(folder: Path, groups: list[list[str]], size: int, ids: list[st
                 if files is not None:
                     return group, files  # closing the queue file lets the next job in
             if not waited:
-                say(f"optipipe: waiting for {size} free GPU(s) of {','.join(ids)} (other jobs hold them: "
-                    f"{holders(folder, ids) or 'or earlier jobs wait for them'})")
+                who = holders(folder, ids)
+                say(f"optipipe: waiting for {size} free GPU(s) of {','.join(ids)} "
+                    f"({'held by ' + who if who else 'freed just now: trying again'})")
                 waited = True
             time.sleep(poll_s)
