@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from stages.attention.split_kv_decode import decode_attention
+from stages.attention.split_kv_decode import decode_attention, reserve_counts
 
 NAME = "optipipe_gqa_decode"
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
@@ -76,11 +76,14 @@ class GqaDecodeAttention:
         self.before = getattr(self.config, "_attn_implementation", None)
         self.active = self.before == "sdpa" and _is_gqa(self.config)
         self.kernel = kernel  # SDPA on the packed heads, or SPLIT_KV (stages/attention/split_kv_decode.py; CUDA)
+        self.device = next(model.parameters()).device
 
     def __enter__(self) -> "GqaDecodeAttention":
         if self.active:
             self.config._attn_implementation = register()
             _KERNEL[0] = self.kernel
+            if self.kernel == SPLIT_KV and self.device.type == "cuda":
+                reserve_counts(self.device)  # before the compile and the capture (split_kv_decode.py)
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -23,23 +23,53 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-BLOCK_N = 64  # cache positions per inner step of a program
 PROGRAMS_PER_SM = 2
 _KERNELS: list[Any] = []
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # counts a captured CUDA graph may still point at: never freed
+
+
+@dataclass
+class Tuning:
+    """How the kernels run on a GPU (benchmarks/decode_attention_bench.py times the choices).
+
+    ``block``: cache positions a program takes per step; ``warps``: its warps; ``dot``: the two
+    products on tensor cores (``tl.dot`` in the cache's dtype, float32 sums, the group padded to 16
+    rows) instead of float32 multiply-and-sum over the group's real rows; ``one_kernel``: the last
+    split of a (row, head) to finish combines all of them (an atomic count), not a second kernel."""
+
+    block: int = 64
+    warps: int = 8
+    dot: bool = True
+    one_kernel: bool = True
+
+
+TUNING: Tuning | None = None  # None: tuning_for picks by the call's shape; a Tuning: every call uses it
+
+
+def tuning_for(rows: int, processors: int) -> Tuning:
+    """The fastest tuning measured on H200 (BENCHMARKS.md, decode_attention_bench): tensor cores and
+    one kernel always; long blocks of 8 warps while (row, head) pairs are fewer than multiprocessors
+    (batch 1: 7.7–8.6 µs against SDPA's 17.5–19.4 in that benchmark), short blocks of 4 warps once
+    they fill the GPU (batch 32, 8 heads: 22.3 µs against 35.2)."""
+    if TUNING is not None:
+        return TUNING
+    return Tuning() if rows < processors else Tuning(block=32, warps=4)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def split_count(rows: int, length: int, processors: int) -> int:
+def split_count(rows: int, length: int, processors: int, block: int) -> int:
     """Splits of the cache per (batch row, key/value head): enough programs to fill the GPU, no split
     shorter than one block, never more splits than blocks."""
-    blocks = max(math.ceil(length / BLOCK_N), 1)
+    blocks = max(math.ceil(length / block), 1)
     wanted = math.ceil(PROGRAMS_PER_SM * processors / max(rows, 1))
     return max(1, min(blocks, wanted))
 
@@ -49,83 +79,24 @@ def _kernels() -> Any:
     if _KERNELS:
         return _KERNELS[0]
     try:
-        import triton
-        import triton.language as tl
+        from stages.attention.split_kv_kernels import split_kv_attend, split_kv_combine
     except ImportError:
         _KERNELS.append(None)
         return None
-
-    @triton.jit
-    def split_kv_attend(q_ptr, k_ptr, v_ptr, m_ptr, part_o, part_m, part_l, scale, length, split_len,
-                        kv_heads, group, dim,
-                        sqb, sqh, sqg, skb, skh, skl, svb, svh, svl, smb, sml,
-                        MASK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
-        # MASK: 0 none, 1 bool (True attends), 2 additive
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
-        splits = tl.num_programs(1)
-        b = bh // kv_heads
-        h = bh % kv_heads
-        rows = tl.arange(0, G)
-        cols = tl.arange(0, D)
-        q_in = (rows[:, None] < group) & (cols[None, :] < dim)
-        q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqg + cols[None, :], mask=q_in, other=0.0)
-        start = split * split_len
-        end = tl.minimum(start + split_len, length)
-        m_i = tl.full([G], float("-inf"), tl.float32)
-        l_i = tl.zeros([G], tl.float32)
-        acc = tl.zeros([G, D], tl.float32)
-        for n0 in range(start, end, BLOCK):
-            pos = n0 + tl.arange(0, BLOCK)
-            valid = pos < end
-            kv_in = valid[:, None] & (cols[None, :] < dim)
-            k = tl.load(k_ptr + b * skb + h * skh + pos[:, None] * skl + cols[None, :], mask=kv_in, other=0.0)
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale  # (G, BLOCK), float32; no TF32
-            if MASK == 1:
-                keep = tl.load(m_ptr + b * smb + pos * sml, mask=valid, other=0)
-                s = tl.where(keep[None, :] != 0, s, float("-inf"))
-            if MASK == 2:
-                s = s + tl.load(m_ptr + b * smb + pos * sml, mask=valid, other=0.0).to(tl.float32)[None, :]
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: no -inf - -inf
-            alpha = tl.exp(m_i - base)
-            p = tl.exp(s - base[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + b * svb + h * svh + pos[:, None] * svl + cols[None, :], mask=kv_in, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            m_i = m_new
-        at = (bh * splits + split) * G + rows
-        tl.store(part_m + at, m_i)
-        tl.store(part_l + at, l_i)
-        tl.store(part_o + at[:, None] * D + cols[None, :], acc)
-
-    @triton.jit
-    def split_kv_combine(part_o, part_m, part_l, out_ptr, splits, group, dim, sob, soh, sog, kv_heads,
-                         G: tl.constexpr, D: tl.constexpr):
-        bh = tl.program_id(0)
-        b = bh // kv_heads
-        h = bh % kv_heads
-        rows = tl.arange(0, G)
-        cols = tl.arange(0, D)
-        top = tl.full([G], float("-inf"), tl.float32)
-        for s in range(0, splits):
-            top = tl.maximum(top, tl.load(part_m + (bh * splits + s) * G + rows))
-        base = tl.where(top == float("-inf"), 0.0, top)
-        den = tl.zeros([G], tl.float32)
-        acc = tl.zeros([G, D], tl.float32)
-        for s in range(0, splits):
-            at = (bh * splits + s) * G + rows
-            w = tl.exp(tl.load(part_m + at) - base)
-            den += w * tl.load(part_l + at)
-            acc += w[:, None] * tl.load(part_o + at[:, None] * D + cols[None, :])
-        out = acc / tl.where(den == 0.0, 1.0, den)[:, None]  # a row with nothing to attend: zeros
-        inside = (rows[:, None] < group) & (cols[None, :] < dim)
-        tl.store(out_ptr + b * sob + h * soh + rows[:, None] * sog + cols[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=inside)
-
     _KERNELS.append((split_kv_attend, split_kv_combine))
     return _KERNELS[0]
+
+
+def reserve_counts(device: torch.device, n: int = 1 << 16) -> None:
+    """Per (row, head), how many splits have finished: zero between calls (the split that combines
+    resets it). Made before any compile or capture (never inside the op: a CUDA graph's memory pool
+    must not own it) and never freed (a captured graph keeps pointing at it). Calls with more
+    (row, head) pairs than reserved combine in a second kernel."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        if have is not None:
+            _OUTGROWN.append(have)
+        _COUNTERS[device] = torch.zeros(n, dtype=torch.int32, device=device)
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -154,26 +125,36 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     batch, kv_heads, group, dim = q.shape
     length = k.shape[2]
     processors = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    splits = split_count(batch * kv_heads, length, processors)
-    split_len = math.ceil(math.ceil(length / splits) / BLOCK_N) * BLOCK_N
+    tuning = tuning_for(batch * kv_heads, processors)
+    # tensor cores for 16-bit caches on a GPU; float32 caches (tensor cores would round them to TF32)
+    # and Triton's interpreter (its bf16 products are not the GPU's) take the float32 sums
+    dot = tuning.dot and q.is_cuda and q.dtype != torch.float32
+    splits = split_count(batch * kv_heads, length, processors, tuning.block)
+    split_len = math.ceil(math.ceil(length / splits) / tuning.block) * tuning.block
     splits = math.ceil(length / split_len)
-    G, D = max(16, _next_pow2(group)), max(16, _next_pow2(dim))  # tl.dot needs 16 rows and columns
+    G = max(16, _next_pow2(group)) if dot else _next_pow2(group)  # tl.dot needs 16 rows
+    D = max(16, _next_pow2(dim))
     part_o = torch.empty(batch * kv_heads * splits * G * D, dtype=torch.float32, device=q.device)
     part_m = torch.empty(batch * kv_heads * splits * G, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if mask is None:
         kind, m, smb, sml = 0, q, 0, 0  # any pointer: never read
     else:
         m = mask.reshape(mask.shape[0], mask.shape[-1])  # (batch or 1, length): one query position
         kind = 1 if m.dtype == torch.bool else 2
         smb, sml = (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1)
+    counts = _COUNTERS.get(q.device)
+    one = counts is not None and counts.numel() >= batch * kv_heads and (tuning.one_kernel or splits == 1)
+    counts = counts if one else part_m  # any pointer when not one
     attend[(batch * kv_heads, splits)](
-        q, k, v, m, part_o, part_m, part_l, scale, length, split_len, kv_heads, group, dim,
+        q, k, v, m, part_o, part_m, part_l, out, counts, scale, length, split_len, kv_heads, group, dim,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), smb, sml, MASK=kind, G=G, D=D, BLOCK=BLOCK_N)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    combine[(batch * kv_heads,)](part_o, part_m, part_l, out, splits, group, dim,
-                                 out.stride(0), out.stride(1), out.stride(2), kv_heads, G=G, D=D)
+        v.stride(0), v.stride(1), v.stride(2), smb, sml, out.stride(0), out.stride(1), out.stride(2),
+        MASK=kind, G=G, D=D, BLOCK=tuning.block, DOT=dot, ONE=one, num_warps=tuning.warps)
+    if not one:
+        combine[(batch * kv_heads,)](part_o, part_m, part_l, out, splits, group, dim,
+                                     out.stride(0), out.stride(1), out.stride(2), kv_heads, G=G, D=D)
     return out
 
 

@@ -31,8 +31,14 @@ def masks(batch: int, length: int, dtype: torch.dtype) -> dict[str, torch.Tensor
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1" and S._kernels() is not None
     torch.manual_seed(0)
+    S.reserve_counts(torch.device("cpu"), 64)
     checked = 0
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    # both ways to combine the splits: in the split that finishes last, and by a second kernel
+    for tuning, dtype, tol in ((S.Tuning(block=32, one_kernel=True), torch.float32, 1e-5),
+                               (S.Tuning(block=32, one_kernel=True), torch.bfloat16, 2e-2),
+                               (S.Tuning(block=64, one_kernel=False, warps=8), torch.float32, 1e-5),
+                               (S.Tuning(block=16, one_kernel=False, warps=2), torch.bfloat16, 2e-2)):
+        S.TUNING = tuning
         for batch, kv_heads, group, dim, length in SHAPES:
             q = torch.randn(batch, kv_heads, group, dim, dtype=dtype)
             # the cache as (batch, length, heads, dim) seen through a transpose: strided, rows contiguous
@@ -43,10 +49,21 @@ def main() -> None:
                 want = S.reference(q, k, v, mask, 0.125)
                 err = (got.float() - want.float()).abs().max().item()
                 assert got.shape == q.shape and got.dtype == dtype, (got.shape, got.dtype)
-                assert err <= tol, f"{dtype} {(batch, kv_heads, group, dim, length)} mask {name}: max error {err}"
+                assert err <= tol, f"{tuning} {dtype} {(batch, kv_heads, group, dim, length)} mask {name}: error {err}"
                 checked += 1
-    splits = S.split_count(rows=2, length=384, processors=132)
-    assert splits == 6 and S.split_count(rows=256, length=384, processors=132) == 2
+    S.TUNING = None  # the shape picks the tuning; more (row, head) pairs than reserved counts: two kernels
+    for batch in (1, 40):
+        q, k = torch.randn(batch, 2, 4, 64), torch.randn(batch, 2, 300, 64)
+        assert (S.decode_attention(q, k, k, None, 0.1) - S.reference(q, k, k, None, 0.1)).abs().max() < 1e-5
+    assert S.tuning_for(8, 132).block == 64 and S.tuning_for(256, 132).block == 32
+    assert S.split_count(rows=2, length=384, processors=132, block=64) == 6
+    S.TUNING = None  # the shape picks the tuning; more (row, head) pairs than reserved counts: two kernels
+    for batch in (1, 40):
+        q, k = torch.randn(batch, 2, 4, 64), torch.randn(batch, 2, 300, 64)
+        assert (S.decode_attention(q, k, k, None, 0.1) - S.reference(q, k, k, None, 0.1)).abs().max() < 1e-5
+    assert S.tuning_for(8, 132).block == 64 and S.tuning_for(256, 132).block == 32
+    assert S.split_count(rows=256, length=384, processors=132, block=64) == 2
+    assert not S._COUNTERS[torch.device("cpu")].any()  # the last split of each call reset its count
     # a row with nothing to attend gives zeros, not NaN
     q, k = torch.randn(1, 1, 4, 32), torch.randn(1, 1, 70, 32)
     nothing = torch.zeros(1, 1, 1, 70, dtype=torch.bool)
