@@ -6,17 +6,18 @@ gives each key/value head one thread block, which walks the whole cache alone â€
 0.35 ms a token that tensor parallelism cannot divide. Here each (batch row, key/value head) is cut
 into splits of the cache, one program each; a program attends its group's query heads to its split
 (one matrix product for all of them: the group is the rows) and leaves a partial output with its
-running max and sum; a second kernel combines the splits. The number of splits aims at two programs
-per multiprocessor, so a big batch gets few splits and a small one many.
+running max and sum; the split that finishes last (an atomic count per row and head) combines them
+all, so a call is one kernel. The number of splits aims at two programs per multiprocessor, so a big
+batch gets few splits and a small one many; ``tuning_for`` picks block length and warps by shape.
 
 ``decode_attention(q, k, v, mask, scale)`` is a custom op (inductor keeps it as one call, CUDA
 graphs capture it): ``q`` (batch, kv_heads, group, dim) as ``gqa_decode`` packs it, ``k``/``v`` (batch,
 kv_heads, length, dim), ``mask`` None, bool (True: attend) or additive float, broadcastable to
 (batch, 1, 1, length). Returns (batch, kv_heads, group, dim), query head h at (h // group, h % group).
 Where Triton cannot run (no Triton, a CPU tensor outside Triton's interpreter) it computes the same
-attention with PyTorch ops. Both products run in float32 (a block is at most 16 query rows by 64
-positions: the arithmetic is not what a decode step waits for), which is also the one form Triton's
-CPU interpreter computes correctly for bf16, so the tests run the code the GPU runs.
+attention with PyTorch ops. On a GPU, 16-bit caches multiply on tensor cores (float32 sums, as
+flash attention does); float32 caches, and Triton's CPU interpreter (which the tests run), multiply
+and sum in float32 without them. Without reserved counts (``reserve_counts``) a second kernel combines.
 """
 
 from __future__ import annotations
