@@ -74,6 +74,7 @@ VARIANTS = {
     "cublas": (NO_CD, "cuBLAS matmuls"),
     "gather": (["shard.split_greedy=false"], "greedy over gathered logits"),
     "unfusednorm": (["shard.fuse_norm=false"], "all-reduce, add and RMSNorm as separate kernels"),
+    "together": (["shard.fuse_norm_wait=together"], "the fused kernel polls every peer's row at once"),
     "realize30": (["generate.fast_realize_opcount=null"], "inductor's own realize threshold (30)"),
     "splitkv": (["generate.fast_decode_attention=split_kv"], "our split decode-attention kernel"),
     # inductor also tunes the matmuls (Triton templates against cuBLAS): for the split-K kernels at batch 32

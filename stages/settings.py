@@ -84,6 +84,9 @@ class TpLayerSettings:
     one_shot_max_kib: int = 1024  # larger messages (prefill) take the process group's all-reduce
     agreed_tuning: bool = True  # ranks tune the decode step's kernels together and pick the same configurations
     fuse_norm: bool = True  # generate=fast: all-reduce + residual add + RMSNorm as one kernel in the decode step
+    # how that kernel waits for the other ranks' rows: in_turn (one peer after another) | together (all
+    # peers in one load a poll, residual and weight read first; opt-in until measured beside in_turn)
+    fuse_norm_wait: str = "in_turn"
 
 
 @dataclass

@@ -28,6 +28,11 @@ PUSH_COPIES = 3  # the fused kernel's receive areas rotate over 3 copies (stages
 EMPTY_BITS = {torch.bfloat16: (torch.int16, -(1 << 15)), torch.float16: (torch.int16, -(1 << 15)),
               torch.float32: (torch.int32, -(1 << 31))}
 MODES = ("auto", "symm_mem", "process_group")
+# how the fused kernel (all_reduce_norm.py) waits for its peers' rows (shard.fuse_norm_wait): one peer
+# after another, each its own memory round trip (in_turn), or all of them in one load a poll, with
+# the residual and weight read before the wait (together)
+WAIT_IN_TURN, WAIT_TOGETHER = "in_turn", "together"
+WAITS = (WAIT_IN_TURN, WAIT_TOGETHER)
 REDUCERS: dict[str, "AllReduce"] = {}  # the op finds its reducer by name (a string is graph-constant)
 
 
@@ -104,6 +109,7 @@ class AllReduce:
         self.peer_buffers: torch.Tensor | None = None  # every rank's buffer address, as this process maps it
         self.calls = 0
         self.fuse_norm = True  # FuseAllReduceNorm may fold the add + RMSNorm after this reducer's sums
+        self.push_wait = WAIT_IN_TURN  # how the fused kernel waits for its peers (WAITS)
         self.push_width: int | None = None  # the fused kernel's row width (one per reducer: its areas' layout)
         self.push_dtype = dtype  # the fused kernel's messages (the model's dtype): its empty-slot mark
         self.push_calls: torch.Tensor | None = None  # per row: the fused kernel's calls so far (picks the copy)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from stages.shard.all_reduce import EMPTY_BITS, PUSH_COPIES, REDUCERS, AllReduce
+from stages.shard.all_reduce import EMPTY_BITS, PUSH_COPIES, REDUCERS, WAIT_TOGETHER, AllReduce
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -149,7 +149,7 @@ def _fuse(graph: torch.fx.Graph, ar: torch.fx.Node) -> int:
     return 1
 
 
-# how the fused op ran since the last reset (the run's tag): "push_kernel" or "unfused"
+# how the fused op ran since the last reset (the run's tag): "push_kernel", "push_kernel_together" or "unfused"
 RUNS: dict[str, int] = {}
 _MAX_WIDTH = 16384  # one program holds a row in registers
 
@@ -173,18 +173,22 @@ def _run(reducer: str, x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if not _kernel_fits(reduce, x, residual, upcast):
         RUNS["unfused"] = RUNS.get("unfused", 0) + 1
         return add_rms_norm(reduce.run(x), residual, weight, eps, upcast)
-    RUNS["push_kernel"] = RUNS.get("push_kernel", 0) + 1
+    together = reduce.push_wait == WAIT_TOGETHER
+    kind = "push_kernel_together" if together else "push_kernel"
+    RUNS[kind] = RUNS.get(kind, 0) + 1
     width = x.shape[-1]
     rows = x.numel() // width
     reduce.push_width = width
     h = torch.empty(residual.shape, dtype=residual.dtype, device=x.device)
     normed = torch.empty(residual.shape, dtype=torch.result_type(weight, residual), device=x.device)
     block = 1 << (width - 1).bit_length()
+    sources = 1 << (reduce.world - 1).bit_length()  # the together-kernel's tile of every rank's row
     _triton_kernel()[(rows,)](
         x.contiguous(), residual.contiguous(), weight.contiguous(), h, normed, reduce.peer_buffers,
         2 * reduce.max_bytes, reduce.max_bytes // x.element_size(), reduce.push_calls, eps, N=width,
         RANK=reduce.rank, WORLD=reduce.world, COPIES=PUSH_COPIES, EMPTY=EMPTY_BITS[x.dtype][1],
-        WIDE=x.element_size() == 4, BLOCK=block, num_warps=min(16, max(4, block // 512)))
+        WIDE=x.element_size() == 4, BLOCK=block, TOGETHER=together, WP=sources,
+        num_warps=min(16, max(4, block * (sources if together else 1) // 512)))
     return h, normed
 
 
@@ -214,7 +218,7 @@ def _triton_kernel() -> Any:
     def push_all_reduce_add_rms_norm(x_ptr, res_ptr, w_ptr, h_ptr, y_ptr, peers_ptr, areas, area_elems,
                                      calls_ptr, eps, N: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
                                      COPIES: tl.constexpr, EMPTY: tl.constexpr, WIDE: tl.constexpr,
-                                     BLOCK: tl.constexpr):
+                                     BLOCK: tl.constexpr, TOGETHER: tl.constexpr = False, WP: tl.constexpr = 1):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < N
@@ -232,21 +236,37 @@ def _triton_kernel() -> Any:
         # every rank's row from this rank's areas, in rank order (all ranks add the same bits)
         mine = (tl.load(peers_ptr + RANK) + areas).to(tl.pointer_type(dtype))
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for src in tl.static_range(WORLD):
-            slot = mine + (copy * WORLD + src) * area_elems + row * N + cols
-            got = tl.load(slot, mask=inside, other=1.0, volatile=True)
-            while tl.max((got.to(bits, bitcast=True) == EMPTY).to(tl.int32), axis=0) > 0:
+        if TOGETHER:
+            # the residual and weight before the wait, and every peer's row in one load per poll (one
+            # memory round trip, not one per peer); rank order kept by adding one source at a time
+            residual = tl.load(res_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            srcs = tl.arange(0, WP)
+            slots = mine + (copy * WORLD + srcs[:, None]) * area_elems + row * N + cols[None, :]
+            held = (srcs[:, None] < WORLD) & inside[None, :]
+            got = tl.load(slots, mask=held, other=1.0, volatile=True)
+            while tl.max(tl.max((got.to(bits, bitcast=True) == EMPTY).to(tl.int32), axis=1), axis=0) > 0:
+                got = tl.load(slots, mask=held, other=1.0, volatile=True)
+            for src in tl.static_range(WORLD):  # x + 0.0 is exact: each sum is that source's row
+                acc += tl.sum(tl.where(srcs[:, None] == src, got.to(tl.float32), 0.0), axis=0)
+            tl.store(slots, tl.full([WP, BLOCK], EMPTY, bits).to(dtype, bitcast=True), mask=held)
+        else:
+            for src in tl.static_range(WORLD):
+                slot = mine + (copy * WORLD + src) * area_elems + row * N + cols
                 got = tl.load(slot, mask=inside, other=1.0, volatile=True)
-            acc += got.to(tl.float32)
-            tl.store(slot, tl.full([BLOCK], EMPTY, bits).to(dtype, bitcast=True), mask=inside)
+                while tl.max((got.to(bits, bitcast=True) == EMPTY).to(tl.int32), axis=0) > 0:
+                    got = tl.load(slot, mask=inside, other=1.0, volatile=True)
+                acc += got.to(tl.float32)
+                tl.store(slot, tl.full([BLOCK], EMPTY, bits).to(dtype, bitcast=True), mask=inside)
+            residual = tl.load(res_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
         tl.store(calls_ptr + row, call + 1)
         # the all-reduce's output as it would be rounded, the residual add, RMSNorm in float32
-        residual = tl.load(res_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
         h = (residual + acc.to(dtype).to(tl.float32)).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * N + cols, h, mask=inside)
         c = tl.where(inside, h.to(tl.float32), 0.0)  # lanes past the row's end stay out of the mean
         normed = (c * tl.rsqrt(tl.sum(c * c, axis=0) / N + eps)).to(h_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        if not TOGETHER:
+            w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         tl.store(y_ptr + row * N + cols, (w * normed.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=inside)
 
     _KERNEL.append(push_all_reduce_add_rms_norm)

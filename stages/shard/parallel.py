@@ -18,7 +18,7 @@ from pipeline.contract import (BaseStage, LoadPlan, Problem, RunContext, StageEr
                                quantize_traits)
 from pipeline import gpus
 from stages.shard import agreed_tuning
-from stages.shard.all_reduce import MODES as ALL_REDUCE_MODES, AllReduce, self_test
+from stages.shard.all_reduce import MODES as ALL_REDUCE_MODES, WAITS as FUSE_NORM_WAITS, AllReduce, self_test
 from stages.shard.capacity import fits_one_gpu, parameter_bytes
 from stages.shard.replica_tp import base_plan, replica_ranks, shard_replica, unsupported_entries, whole_plan
 from stages.shard.tp_layers import localize
@@ -149,6 +149,9 @@ def tp_layer_problems(c: Any, root: Any) -> list[Problem]:
     if c.one_shot_max_kib < 1:
         out.append(Problem("shard.one_shot_max_kib", f"must be ≥ 1, got {c.one_shot_max_kib}",
                            "shard.one_shot_max_kib=1024"))
+    if c.fuse_norm_wait not in FUSE_NORM_WAITS:
+        out.append(Problem("shard.fuse_norm_wait", f"unknown way to wait {c.fuse_norm_wait!r}",
+                           f"shard.fuse_norm_wait=<one of {', '.join(FUSE_NORM_WAITS)}>"))
     return out
 
 
@@ -162,7 +165,7 @@ def take_over(ctx: RunContext, c: Any, group: Any, rank: int, world: int,
     device = torch.device(ctx.dist.device)
     reduce = AllReduce(group, device, c.all_reduce, c.one_shot_max_kib * 1024,
                        getattr(ctx.model, "dtype", torch.bfloat16))  # the fused kernel's messages
-    reduce.fuse_norm = c.fuse_norm
+    reduce.fuse_norm, reduce.push_wait = c.fuse_norm, c.fuse_norm_wait
     if not self_test(reduce, device, rank, world):
         raise StageError("shard", f"the {reduce.kind} all-reduce returned a wrong sum on rank {ctx.dist.rank}",
                          "shard.all_reduce=process_group")

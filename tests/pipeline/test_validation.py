@@ -79,6 +79,8 @@ BAD_VALUES = [
      "shard.all_reduce", "auto, symm_mem, process_group"),
     (("shard=tensor_parallel", "launcher=torchrun", "launcher.nproc_per_node=2", "shard.one_shot_max_kib=0"),
      "shard.one_shot_max_kib", "shard.one_shot_max_kib=1024"),
+    (("shard=tensor_parallel", "launcher=torchrun", "launcher.nproc_per_node=2", "shard.fuse_norm_wait=sideways"),
+     "shard.fuse_norm_wait", "shard.fuse_norm_wait=<one of in_turn, together>"),
     (("launcher=torchrun", "launcher.nproc_per_node=0"), "launcher.nproc_per_node", "launcher.nproc_per_node=1"),
     (("launcher=torchrun", "launcher.nnodes=2"), "launcher.rdzv_endpoint", ":29500"),
     (("launcher.kind=slurm",), "launcher.kind", "launcher=local|torchrun"),

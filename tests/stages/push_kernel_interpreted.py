@@ -4,7 +4,7 @@ rank's "GPU memory" a shared CPU buffer mapped at the same address in every proc
 memory gives each GPU its peers'. Several calls in a row exercise the rotation of receive areas, the
 per-row call counters and the emptying of what was read.
 
-    TRITON_INTERPRET=1 python push_kernel_interpreted.py WORLD DTYPE      (exit 0: all checks passed)
+    TRITON_INTERPRET=1 python push_kernel_interpreted.py WORLD DTYPE [in_turn|together]      (exit 0: all checks passed)
 
 Checked: every rank gets the same bits; the residual and the normed rows match the unfused ops
 (exactly for the float32 residual; within rounding of the interpreter's bf16); every receive area is
@@ -28,7 +28,7 @@ from stages.shard.all_reduce_norm import _triton_kernel, add_rms_norm  # noqa: E
 WIDTH, ROWS, MAX_BYTES, CALLS, EPS = 48, 3, 4096, 5, 1e-5
 
 
-def main(world: int, dtype: torch.dtype) -> None:
+def main(world: int, dtype: torch.dtype, wait: str = "in_turn") -> None:
     torch.set_num_threads(1)  # no OpenMP pool in the parent: forked children would hang on it
     kernel = _triton_kernel()
     assert kernel is not None and os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,7 +52,7 @@ def main(world: int, dtype: torch.dtype) -> None:
             kernel[(ROWS,)](parts[call][r], residual, weight, out_h[r, call], out_normed[r, call], peers,
                             2 * MAX_BYTES, MAX_BYTES // parts[call][r].element_size(), counters[r], EPS, N=WIDTH,
                             RANK=r, WORLD=world, COPIES=PUSH_COPIES, EMPTY=empty, WIDE=dtype == torch.float32,
-                            BLOCK=64)
+                            BLOCK=64, TOGETHER=wait == "together", WP=1 << (world - 1).bit_length())
 
     children = []
     for r in range(world):
@@ -102,4 +102,4 @@ def main(world: int, dtype: torch.dtype) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), getattr(torch, sys.argv[2]))
+    main(int(sys.argv[1]), getattr(torch, sys.argv[2]), *sys.argv[3:4])

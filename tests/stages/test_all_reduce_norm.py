@@ -115,12 +115,14 @@ def test_patterns_that_are_not_an_rms_norm_stay_apart(group):
         assert fuse.fused == 0, fn.__name__
 
 
-@pytest.mark.parametrize("world, dtype", [(2, "bfloat16"), (4, "float32")])
-def test_the_pushing_kernel_in_tritons_interpreter(world, dtype):
+@pytest.mark.parametrize("world, dtype, wait", [(2, "bfloat16", "in_turn"), (4, "float32", "in_turn"),
+                                               (4, "bfloat16", "together"), (3, "float32", "together")])
+def test_the_pushing_kernel_in_tritons_interpreter(world, dtype, wait):
     """The kernel's protocol (push to every rank, wait for every peer's row, rotate and empty the
-    receive areas) with threads as ranks, several calls in a row: push_kernel_interpreted.py."""
+    receive areas) with processes as ranks, several calls in a row, waiting for one peer after another
+    or for all at once (shard.fuse_norm_wait; 3 ranks: a tile of 4 with one masked): push_kernel_interpreted.py."""
     pytest.importorskip("triton")
     script = Path(__file__).with_name("push_kernel_interpreted.py")
-    done = subprocess.run([sys.executable, str(script), str(world), dtype], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, str(script), str(world), dtype, wait], capture_output=True, text=True,
                           timeout=400, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
