@@ -50,7 +50,8 @@ def job_devices(settings: LauncherSettings, holder: str = "") -> Iterator[str | 
         yield None
     else:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(i) for i in range(gpu_count())]
+        # entries as CUDA reads them (" 1" is GPU 1): one lock file per GPU however the variable is spelled
+        ids = [e.strip() for e in visible.split(",") if e.strip()] if visible else [str(i) for i in range(gpu_count())]
         with gpu_lease(ids, settings.nproc_per_node, holder=holder) as group:
             yield ",".join(group)
 

@@ -344,6 +344,9 @@ def test_sweep_jobs_lease_disjoint_gpus(tmp_path, monkeypatch):
         assert (one, other) == ("0", "2,3")
     with job_devices(pair) as again:  # both leases ended with their jobs
         assert again == "0,1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0, 1,2 ,3")  # spelled with spaces: the same GPUs, the same locks
+    with job_devices(pair) as spaced, job_devices(pair) as other_pair:
+        assert (spaced, other_pair) == ("0,1", "2,3")
     with job_devices(LauncherSettings(kind="torchrun", devices=[5, 6])) as given:
         assert given == "5,6"
     with job_devices(LauncherSettings(kind="torchrun", nproc_per_node=2)) as inherited:
