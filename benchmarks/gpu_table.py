@@ -75,6 +75,7 @@ VARIANTS = {
     "gather": (["shard.split_greedy=false"], "greedy over gathered logits"),
     "unfusednorm": (["shard.fuse_norm=false"], "all-reduce, add and RMSNorm as separate kernels"),
     "together": (["shard.fuse_norm_wait=together"], "the fused kernel polls every peer's row at once"),
+    "pdl": (["generate.fast_pdl=true"], "programmatic dependent launch"),
     "realize30": (["generate.fast_realize_opcount=null"], "inductor's own realize threshold (30)"),
     "splitkv": (["generate.fast_decode_attention=split_kv"], "our split decode-attention kernel"),
     # inductor also tunes the matmuls (Triton templates against cuBLAS): for the split-K kernels at batch 32

@@ -135,6 +135,9 @@ class GenerateConfig:
     # more ops than this is computed once into a buffer instead of inside each consumer; a one-row
     # matmul, as a reduction, would recompute it for every output row. null: inductor's own (30)
     fast_realize_opcount: Optional[int] = 4
+    # fast engine, Hopper and newer GPUs: the compiled step's kernels launch before the previous one
+    # ends and wait for its results inside (inductor's programmatic dependent launch); opt-in until measured
+    fast_pdl: bool = False
     profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
 
 

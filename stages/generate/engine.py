@@ -55,7 +55,7 @@ def choose(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 def step_compile_options(mode: str, coordinate_descent: bool, merge: MergeRepeatedOps | None = None,
                          fuse: all_reduce_norm.FuseAllReduceNorm | None = None,
-                         realize_opcount: int | None = None) -> dict[str, Any]:
+                         realize_opcount: int | None = None, pdl: bool = False) -> dict[str, Any]:
     """inductor options for the decode step: ``mode``'s own, plus coordinate-descent tuning when asked
     (with inductor's caches off while tensor-parallel ranks agree on it: stages/shard/agreed_tuning.py),
     the pass that merges joined projections and the one that fuses all-reduce + add + RMSNorm when given,
@@ -71,7 +71,12 @@ def step_compile_options(mode: str, coordinate_descent: bool, merge: MergeRepeat
     memory bandwidth they could reach; with coordinate-descent tuning on, inductor rewrites an M = 1
     matmul as a multiply-and-sum reduction, fuses it with its neighbours and tunes its block sizes
     on the card — the setting gpt-fast compiles with. (``torch.compile`` takes a mode or options,
-    not both: the mode's options are spelled out here.)"""
+    not both: the mode's options are spelled out here.)
+
+    ``pdl``: a decode step is hundreds of small kernels (about nine a layer), each a few µs, and each
+    waits for the one before to end before it even starts. With programmatic dependent launch
+    (Hopper and newer; inductor's ``triton.enable_pdl``) a kernel is launched while its predecessor
+    runs, does its setup, and waits inside for the data it reads (``gdc_wait``)."""
     from torch._inductor import list_mode_options
 
     options = dict(list_mode_options(mode))
@@ -81,6 +86,8 @@ def step_compile_options(mode: str, coordinate_descent: bool, merge: MergeRepeat
         options["post_grad_custom_post_pass"] = fuse
     if realize_opcount is not None:
         options["realize_opcount_threshold"] = realize_opcount
+    if pdl:
+        options["triton.enable_pdl"] = True
     if coordinate_descent:
         options["coordinate_descent_tuning"] = True
         if agreed_tuning.active():
@@ -95,9 +102,9 @@ class FastDecoder:
                  stop_check_every: int = 16, sampling: Sampling | None = None,
                  gqa_attention: bool = True, compile_prefill: bool = False,
                  coordinate_descent: bool = True, fuse_projections: bool = False,
-                 realize_opcount: int | None = None, decode_kernel: str = GQA_SDPA) -> None:
+                 realize_opcount: int | None = None, decode_kernel: str = GQA_SDPA, pdl: bool = False) -> None:
         self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
-        self.decode_kernel = decode_kernel
+        self.decode_kernel, self.pdl = decode_kernel, pdl
         self.coordinate_descent, self.realize_opcount = coordinate_descent, realize_opcount
         # q/k/v and gate/up as one matmul each in compiled code (eager calls run them apart, as before)
         self.fuse_projections = fuse_projections
@@ -147,7 +154,7 @@ class FastDecoder:
                 self._step = self._decode_step
             else:
                 options = step_compile_options(self.compile_mode, self.coordinate_descent, self.merge,
-                                               all_reduce_norm.FuseAllReduceNorm(), self.realize_opcount)
+                                               all_reduce_norm.FuseAllReduceNorm(), self.realize_opcount, self.pdl)
                 all_reduce_norm.RUNS.clear()  # from here on: how this step's fused ops ran (the tag)
                 self._step = agreed_tuning.scoped(torch.compile(self._decode_step, fullgraph=True, dynamic=False,
                                                                 options=options))
@@ -212,6 +219,16 @@ class FastDecoder:
         if self.compile_mode is None or not all_reduce_norm.RUNS:
             return "off"
         return "+".join(sorted(all_reduce_norm.RUNS))
+
+    def launch(self) -> str:
+        """How the compiled step's kernels launch (for the run's tags): programmatic_dependent (inductor
+        emits it on a Hopper or newer GPU), or stream_order (each starts when the last has ended)."""
+        if self.compile_mode is None or not self.pdl:
+            return "stream_order"
+        device = next(self.model.parameters()).device
+        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+            return "stream_order (programmatic dependent launch needs compute capability 9.0)"
+        return "programmatic_dependent"
 
     def realize_threshold(self) -> str:
         """inductor's realize threshold in the compiled step (for the run's tags)."""

@@ -91,6 +91,8 @@ class FastEngine:
                                f"generate.fast_decode_attention=<one of {', '.join(DECODE_KERNELS)}>"))
         elif c.fast_decode_attention == SPLIT_KV:
             out.extend(split_kv_problems(c, root))
+        if c.fast_pdl:
+            out.extend(pdl_problems(c, root))
         if convert_traits(root).prepares_generate:
             out.append(Problem("convert", "generate=fast brings its own static cache and compiled "
                                "decode step; convert.static_cache/compile apply to transformers "
@@ -122,7 +124,7 @@ class FastEngine:
             sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)
             found = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention,
                                 c.fast_compile_prefill, c.fast_coordinate_descent, self.joins_projections(model),
-                                c.fast_realize_opcount, c.fast_decode_attention)
+                                c.fast_realize_opcount, c.fast_decode_attention, c.fast_pdl)
             model._optipipe_fast_decoder = found
         return found
 
@@ -142,7 +144,8 @@ class FastEngine:
         decoder = self.decoder(model)  # what the decode steps attended with (the model's own, or ours for GQA)
         return {"generate.decode_attention": decoder.decode_attention(), "generate.kernel_tuning": decoder.kernel_tuning(),
                 "generate.fused_projections": decoder.fused_projections(), "generate.token_choice": decoder.token_choice(),
-                "generate.all_reduce_norm": decoder.all_reduce_norm(), "generate.realize_opcount": decoder.realize_threshold()}
+                "generate.all_reduce_norm": decoder.all_reduce_norm(), "generate.realize_opcount": decoder.realize_threshold(),
+                "generate.kernel_launch": decoder.launch()}
 
 
 def split_kv_problems(c: Any, root: Any) -> list[Problem]:
@@ -167,6 +170,25 @@ def split_kv_problems(c: Any, root: Any) -> list[Problem]:
                            "query heads (not grouped-query), so its decode steps keep its own attention and "
                            "split_kv does not run (the run's generate.decode_attention tag says so)",
                            "generate.fast_decode_attention=sdpa"))
+    return out
+
+
+def pdl_problems(c: Any, root: Any) -> list[Problem]:
+    """Programmatic dependent launch: inductor's, in a compiled step, on CUDA."""
+    out = []
+    if c.fast_compile_mode is None:
+        out.append(Problem("generate.fast_pdl", "inductor emits programmatic dependent launches when it compiles "
+                           "the decode step, and generate.fast_compile_mode=null runs it eager",
+                           "generate.fast_pdl=false, or a generate.fast_compile_mode"))
+    if not root.stages["load"].device().startswith("cuda"):
+        out.append(Problem("generate.fast_pdl", "programmatic dependent launch is a feature of CUDA GPUs "
+                           "(compute capability 9.0 and newer)", "generate.fast_pdl=false (on CPU)"))
+    else:
+        from torch._inductor import config as inductor_config
+
+        if not hasattr(inductor_config.triton, "enable_pdl"):
+            out.append(Problem("generate.fast_pdl", f"this torch ({torch.__version__}) has no inductor option "
+                               "triton.enable_pdl", "generate.fast_pdl=false, or a torch that has it (2.10 and newer)"))
     return out
 
 

@@ -159,10 +159,13 @@ def test_decode_step_options_keep_the_mode_and_add_tuning_when_asked():
     assert step_compile_options("reduce-overhead", False) == {"triton.cudagraphs": True}
     assert step_compile_options("default", False) == {}
     assert step_compile_options("default", False, realize_opcount=4) == {"realize_opcount_threshold": 4}
+    assert step_compile_options("default", False, pdl=True) == {"triton.enable_pdl": True}
     assert step_compile_options("max-autotune", False)["coordinate_descent_tuning"]  # the mode's own
     tiny = torch.nn.Linear(2, 2)
     assert FastDecoder(tiny, compile_mode=None).kernel_tuning() == "eager"
     assert FastDecoder(tiny, coordinate_descent=False).kernel_tuning() == "inductor_default"
+    assert FastDecoder(tiny).launch() == "stream_order" and FastDecoder(tiny, compile_mode=None, pdl=True).launch() == "stream_order"
+    assert FastDecoder(tiny, pdl=True).launch().startswith("stream_order (programmatic dependent launch needs")  # CPU
 
 
 def test_fast_engine_rules():
@@ -185,6 +188,11 @@ def test_fast_engine_rules():
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_decode_attention=split_kv",
                          "+model.config_overrides.num_key_value_heads=4"))
     assert any("not grouped-query" in p.message and p.severity == "warning" for p in e.value.problems)
+    with pytest.raises(ConfigProblems) as e:  # programmatic dependent launch: compiled, on CUDA
+        resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_pdl=true",
+                         "generate.fast_compile_mode=null"))
+    assert [p.fix for p in e.value.problems if p.key == "generate.fast_pdl"] == [
+        "generate.fast_pdl=false, or a generate.fast_compile_mode", "generate.fast_pdl=false (on CPU)"]
     with pytest.raises(ConfigProblems, match="one of sdpa, split_kv"):
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_decode_attention=flash"))
     with pytest.raises(ConfigProblems, match="bitsandbytes kernels cannot be compiled"):
