@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.graph_timing import captured, us_per_call as replay_us  # noqa: E402
 from stages.shard.all_reduce import WAIT_IN_TURN, WAIT_TOGETHER, AllReduce  # noqa: E402
 from stages.shard.all_reduce_norm import RUNS, add_rms_norm  # noqa: E402
 
@@ -30,15 +30,13 @@ SIZES_KIB = (8, 16, 64, 256, 1024)
 
 
 def graph_of(reduce_once, x: torch.Tensor) -> torch.cuda.CUDAGraph:
-    for _ in range(3):  # warm-up outside the capture (NCCL and the symm-mem kernels initialise here)
-        reduce_once(x)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """64 all-reduces in a row, each of the last one's result (as in a model: each waits for the last)."""
+    def chain():
         y = x
         for _ in range(CALLS):
-            y = reduce_once(y) * 0.5  # dependent chain, as in a model: each reduce waits for the last
-    return graph
+            y = reduce_once(y) * 0.5
+        return y
+    return captured(chain)  # warm-ups first: NCCL and the symm-mem kernels initialise there
 
 
 def norm_graph_of(step, x: torch.Tensor, residual: torch.Tensor) -> torch.cuda.CUDAGraph:
@@ -49,13 +47,7 @@ def norm_graph_of(step, x: torch.Tensor, residual: torch.Tensor) -> torch.cuda.C
         for _ in range(CALLS):
             h, y = step(y * 0.5, h)
         return h
-    for _ in range(3):
-        chain()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain()
-    return graph
+    return captured(chain)
 
 
 def norm_rows(ours: AllReduce, device: torch.device, rank: int, world: int) -> list[dict]:
@@ -99,17 +91,7 @@ def norm_rows(ours: AllReduce, device: torch.device, rank: int, world: int) -> l
 
 
 def us_per_call(graph: torch.cuda.CUDAGraph) -> float:
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        dist.barrier()
-        torch.cuda.synchronize()
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
-    return statistics.median(times)
+    return replay_us(graph, CALLS, REPLAYS, before=dist.barrier)  # every rank replays at once
 
 
 def main() -> None:

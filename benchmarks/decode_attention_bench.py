@@ -16,13 +16,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks.graph_timing import captured, us_per_call as replay_us  # noqa: E402
 from stages.attention import split_kv_decode as S  # noqa: E402
 
 LAYERS, REPLAYS, LENGTH, DIM, GROUP = 32, 20, 384, 128, 4
@@ -53,21 +53,7 @@ def us_per_call(attend, caches, mask, q) -> float:
         for k, v in caches:
             x = attend(x, k, v, mask, DIM ** -0.5) * 0.5
         return x
-    for _ in range(2):
-        chain()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / LAYERS)
-    return statistics.median(times)
+    return replay_us(captured(chain, warmups=2), LAYERS, REPLAYS)
 
 
 def name(t: S.Tuning) -> str:

@@ -57,11 +57,6 @@ def main() -> None:
         assert (S.decode_attention(q, k, k, None, 0.1) - S.reference(q, k, k, None, 0.1)).abs().max() < 1e-5
     assert S.tuning_for(8, 132).block == 64 and S.tuning_for(256, 132).block == 32
     assert S.split_count(rows=2, length=384, processors=132, block=64) == 6
-    S.TUNING = None  # the shape picks the tuning; more (row, head) pairs than reserved counts: two kernels
-    for batch in (1, 40):
-        q, k = torch.randn(batch, 2, 4, 64), torch.randn(batch, 2, 300, 64)
-        assert (S.decode_attention(q, k, k, None, 0.1) - S.reference(q, k, k, None, 0.1)).abs().max() < 1e-5
-    assert S.tuning_for(8, 132).block == 64 and S.tuning_for(256, 132).block == 32
     assert S.split_count(rows=256, length=384, processors=132, block=64) == 2
     assert not S._COUNTERS[torch.device("cpu")].any()  # the last split of each call reset its count
     # a row with nothing to attend gives zeros, not NaN
