@@ -92,7 +92,8 @@ def reserve_counts(device: torch.device, n: int = 1 << 16) -> None:
     """Per (row, head), how many splits have finished: zero between calls (the split that combines
     resets it). Made before any compile or capture (never inside the op: a CUDA graph's memory pool
     must not own it) and never freed (a captured graph keeps pointing at it). Calls with more
-    (row, head) pairs than reserved combine in a second kernel."""
+    (row, head) pairs than reserved combine in a second kernel. One stream at a time per device: two
+    calls running at once on one GPU would count into the same slots."""
     have = _COUNTERS.get(device)
     if have is None or have.numel() < n:
         if have is not None:
