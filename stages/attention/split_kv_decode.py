@@ -56,8 +56,8 @@ TUNING: Tuning | None = None  # None: tuning_for picks by the call's shape; a Tu
 def tuning_for(rows: int, processors: int) -> Tuning:
     """The fastest tuning measured on H200 (BENCHMARKS.md, decode_attention_bench): tensor cores and
     one kernel always; long blocks of 8 warps while (row, head) pairs are fewer than multiprocessors
-    (batch 1: 7.7–8.6 µs against SDPA's 17.5–19.4 in that benchmark), short blocks of 4 warps once
-    they fill the GPU (batch 32, 8 heads: 22.3 µs against 35.2)."""
+    (batch 1: 7.7–8.4 µs against SDPA's 17.7–18.9 in that benchmark), short blocks of 4 warps once
+    they fill the GPU (batch 32, 8 heads: 22.4 µs against 34.9)."""
     if TUNING is not None:
         return TUNING
     return Tuning() if rows < processors else Tuning(block=32, warps=4)

@@ -31,6 +31,7 @@ def combine_splits(part_o, part_m, part_l, out_ptr, bh, splits, group, dim, sob,
     tl.store(out_ptr + b * sob + h * soh + rows[:, None] * sog + cols[None, :],
              out.to(out_ptr.dtype.element_ty), mask=inside)
 
+
 @triton.jit
 def split_kv_attend(q_ptr, k_ptr, v_ptr, m_ptr, part_o, part_m, part_l, out_ptr, counts, scale, length,
                     split_len, kv_heads, group, dim,
