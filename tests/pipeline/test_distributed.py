@@ -448,3 +448,35 @@ def test_tensor_parallel_over_gpus_gives_the_one_gpu_text(tmp_path, ranks):
     assert {r.data.tags["generate.all_reduce_norm"] for r in tp_runs} == {"push_kernel"}
     # coordinate-descent tuning ran on both ranks with agreed times and still gave the one-GPU text
     assert {r.data.tags["generate.kernel_tuning"] for r in tp_runs} == {"coordinate_descent_agreed_over_ranks"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_tensor_parallel_opt_in_kernels_give_the_one_gpu_text(tmp_path, ranks):
+    """The opt-in levers of the TP decode step together — the fused all-reduce polling every peer at
+    once (shard.fuse_norm_wait=together), our split decode attention, programmatic dependent launch —
+    give the text of one GPU running the defaults, and the tags say each of them ran."""
+    import torch
+
+    if torch.cuda.device_count() < ranks:
+        pytest.skip(f"needs {ranks} GPUs")
+    # grouped-query on every rank: 2 query heads over 1 key/value head each
+    heads = ("+model.config_overrides.num_attention_heads=8", "+model.config_overrides.num_key_value_heads=4") \
+        if ranks > 2 else ()
+    levers = ("shard.fuse_norm_wait=together", "generate.fast_decode_attention=split_kv", "generate.fast_pdl=true")
+    for batch in (1, 4):
+        common = (*TINY, *heads, "generate.max_new_tokens=32", "generate.benchmark=true", "generate=fast",
+                  "load.dtype=float32", f"generate.batch_size={batch}")
+        generate_in_process(tmp_path / f"one{batch}", *common)
+        run_cli(*common, *levers, "launcher=torchrun", f"launcher.nproc_per_node={ranks}", "shard=tensor_parallel",
+                "shard.all_reduce=symm_mem", f"hydra.run.dir={tmp_path}/tp{batch}", cwd=tmp_path, check=0,
+                timeout=600)
+        one = [s["output"] for s in samples(tmp_path / f"one{batch}", "generate_samples.jsonl")]
+        assert [s["output"] for s in samples(tmp_path / f"tp{batch}", "generate_samples_rank0.jsonl")] == one
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    tags = [r.data.tags for r in runs if r.data.tags.get("choice.shard") == "tensor_parallel"]
+    assert {t["generate.all_reduce_norm"] for t in tags} == {"push_kernel_together"}
+    assert {t["generate.decode_attention"] for t in tags} == {"optipipe_gqa_decode + split_kv kernel"}
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert all(t["generate.kernel_launch"] == "programmatic_dependent" if hopper
+               else t["generate.kernel_launch"].startswith("stream_order") for t in tags)
