@@ -188,7 +188,7 @@ def pdl_problems(c: Any, root: Any) -> list[Problem]:
 
         if not hasattr(inductor_config.triton, "enable_pdl"):
             out.append(Problem("generate.fast_pdl", f"this torch ({torch.__version__}) has no inductor option "
-                               "triton.enable_pdl", "generate.fast_pdl=false, or a torch that has it (2.10 and newer)"))
+                               "triton.enable_pdl", "generate.fast_pdl=false, or a newer torch"))
     return out
 
 
