@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from stages import kernel_launch
+
 PROGRAMS_PER_SM = 2
 _KERNELS: list[Any] = []
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -149,14 +151,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     counts = _COUNTERS.get(q.device)
     one = counts is not None and counts.numel() >= batch * kv_heads and (tuning.one_kernel or splits == 1)
     counts = counts if one else part_m  # any pointer when not one
+    pdl = kernel_launch.dependent(q.device)
     attend[(batch * kv_heads, splits)](
         q, k, v, m, part_o, part_m, part_l, out, counts, scale, length, split_len, kv_heads, group, dim,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), smb, sml, out.stride(0), out.stride(1), out.stride(2),
-        MASK=kind, G=G, D=D, BLOCK=tuning.block, DOT=dot, ONE=one, num_warps=tuning.warps)
+        MASK=kind, G=G, D=D, BLOCK=tuning.block, DOT=dot, ONE=one, PDL=pdl, num_warps=tuning.warps, launch_pdl=pdl)
     if not one:
         combine[(batch * kv_heads,)](part_o, part_m, part_l, out, splits, group, dim,
-                                     out.stride(0), out.stride(1), out.stride(2), kv_heads, G=G, D=D)
+                                     out.stride(0), out.stride(1), out.stride(2), kv_heads, G=G, D=D,
+                                     PDL=pdl, launch_pdl=pdl)
     return out
 
 

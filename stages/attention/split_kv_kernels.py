@@ -37,8 +37,11 @@ def split_kv_attend(q_ptr, k_ptr, v_ptr, m_ptr, part_o, part_m, part_l, out_ptr,
                     split_len, kv_heads, group, dim,
                     sqb, sqh, sqg, skb, skh, skl, svb, svh, svl, smb, sml, sob, soh, sog,
                     MASK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                    DOT: tl.constexpr, ONE: tl.constexpr):
-    # MASK: 0 none, 1 bool (True attends), 2 additive
+                    DOT: tl.constexpr, ONE: tl.constexpr, PDL: tl.constexpr = False):
+    # MASK: 0 none, 1 bool (True attends), 2 additive. PDL: launched as a programmatic dependent
+    # (stages/kernel_launch.py): wait for the kernel before to end, before any read
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -80,6 +83,8 @@ def split_kv_attend(q_ptr, k_ptr, v_ptr, m_ptr, part_o, part_m, part_l, out_ptr,
         else:
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         m_i = m_new
+    if PDL:  # the cache is read: the next kernel may launch and wait for this one
+        tl.extra.cuda.gdc_launch_dependents()
     at = (bh * splits + split) * G + rows
     tl.store(part_m + at, m_i)
     tl.store(part_l + at, l_i)
@@ -96,6 +101,8 @@ def split_kv_attend(q_ptr, k_ptr, v_ptr, m_ptr, part_o, part_m, part_l, out_ptr,
 
 @triton.jit
 def split_kv_combine(part_o, part_m, part_l, out_ptr, splits, group, dim, sob, soh, sog, kv_heads,
-                     G: tl.constexpr, D: tl.constexpr):
+                     G: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     combine_splits(part_o, part_m, part_l, out_ptr, tl.program_id(0), splits, group, dim, sob, soh, sog,
                    kv_heads, G=G, D=D)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from stages import kernel_launch
 from stages.generate.clock import StepClock
 from stages.generate.joined_projections import MergeRepeatedOps, join as join_projections
 from stages.attention.gqa_decode import NAME as GQA_DECODE_ATTENTION, SDPA as GQA_SDPA, GqaDecodeAttention
@@ -220,10 +221,15 @@ class FastDecoder:
             return "off"
         return "+".join(sorted(all_reduce_norm.RUNS))
 
+    def launches_dependent(self) -> bool:
+        """Whether the compiled step's kernels, ours included (stages/kernel_launch.py), are asked to
+        launch as programmatic dependents."""
+        return self.pdl and self.compile_mode is not None
+
     def launch(self) -> str:
         """How the compiled step's kernels launch (for the run's tags): programmatic_dependent (inductor
         emits it on a Hopper or newer GPU), or stream_order (each starts when the last has ended)."""
-        if self.compile_mode is None or not self.pdl:
+        if not self.launches_dependent():
             return "stream_order"
         device = next(self.model.parameters()).device
         if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
@@ -249,7 +255,7 @@ class FastDecoder:
                  eos_token_ids: list[int], pad_token_id: int, min_new_tokens: int = 0,
                  clock: StepClock | None = None) -> torch.Tensor:
         """Prompt + new tokens, like ``generate``'s output (rows padded after their EOS)."""
-        with self.attention():
+        with self.attention(), kernel_launch.dependent_launch(self.launches_dependent()):
             return self._generate(input_ids, attention_mask, max_new_tokens, eos_token_ids, pad_token_id,
                                   min_new_tokens, clock)
 

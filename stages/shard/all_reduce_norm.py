@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from stages import kernel_launch
 from stages.shard.all_reduce import EMPTY_BITS, PUSH_COPIES, REDUCERS, WAIT_TOGETHER, AllReduce
 
 aten, prims = torch.ops.aten, torch.ops.prims
@@ -183,12 +184,13 @@ def _run(reducer: str, x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     normed = torch.empty(residual.shape, dtype=torch.result_type(weight, residual), device=x.device)
     block = 1 << (width - 1).bit_length()
     sources = 1 << (reduce.world - 1).bit_length()  # the together-kernel's tile of every rank's row
+    pdl = kernel_launch.dependent(x.device)
     _triton_kernel()[(rows,)](
         x.contiguous(), residual.contiguous(), weight.contiguous(), h, normed, reduce.peer_buffers,
         2 * reduce.max_bytes, reduce.max_bytes // x.element_size(), reduce.push_calls, eps, N=width,
         RANK=reduce.rank, WORLD=reduce.world, COPIES=PUSH_COPIES, EMPTY=EMPTY_BITS[x.dtype][1],
-        WIDE=x.element_size() == 4, BLOCK=block, TOGETHER=together, WP=sources,
-        num_warps=min(16, max(4, block * (sources if together else 1) // 512)))
+        WIDE=x.element_size() == 4, BLOCK=block, TOGETHER=together, WP=sources, PDL=pdl,
+        num_warps=min(16, max(4, block * (sources if together else 1) // 512)), launch_pdl=pdl)
     return h, normed
 
 
@@ -218,7 +220,10 @@ def _triton_kernel() -> Any:
     def push_all_reduce_add_rms_norm(x_ptr, res_ptr, w_ptr, h_ptr, y_ptr, peers_ptr, areas, area_elems,
                                      calls_ptr, eps, N: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
                                      COPIES: tl.constexpr, EMPTY: tl.constexpr, WIDE: tl.constexpr,
-                                     BLOCK: tl.constexpr, TOGETHER: tl.constexpr = False, WP: tl.constexpr = 1):
+                                     BLOCK: tl.constexpr, TOGETHER: tl.constexpr = False, WP: tl.constexpr = 1,
+                                     PDL: tl.constexpr = False):
+        if PDL:  # launched as a programmatic dependent (stages/kernel_launch.py): the partial sum is ready after this
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < N
@@ -233,6 +238,8 @@ def _triton_kernel() -> Any:
         for peer in tl.static_range(WORLD):
             base = (tl.load(peers_ptr + peer) + areas).to(tl.pointer_type(dtype))
             tl.store(base + at, x, mask=inside)
+        if PDL:  # pushed: the next kernel may launch now and wait for this one while the peers' rows arrive
+            tl.extra.cuda.gdc_launch_dependents()
         # every rank's row from this rank's areas, in rank order (all ranks add the same bits)
         mine = (tl.load(peers_ptr + RANK) + areas).to(tl.pointer_type(dtype))
         acc = tl.zeros([BLOCK], dtype=tl.float32)

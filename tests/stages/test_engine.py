@@ -387,3 +387,20 @@ def test_engine_decodes_with_the_split_kernel_and_says_so(tiny_model, monkeypatc
     assert torch.equal(engine.generate(ids, mask, 6, [], 0), plain(tiny_model, ids, mask, 6, eos=[]))
     assert len(calls) == 5 * tiny_model.config.num_hidden_layers  # every decode step of every layer
     assert engine.decode_attention() == "optipipe_gqa_decode + split_kv kernel" and G._KERNEL[0] == G.SDPA
+
+
+def test_the_decoder_asks_for_dependent_launches_only_for_a_compiled_step(tiny_model, monkeypatch):
+    from stages import kernel_launch
+
+    tiny = torch.nn.Linear(2, 2)
+    assert FastDecoder(tiny, pdl=True).launches_dependent()
+    assert not FastDecoder(tiny, compile_mode=None, pdl=True).launches_dependent()
+    assert not FastDecoder(tiny).launches_dependent()
+    seen = []
+    original = FastDecoder._generate
+    monkeypatch.setattr(FastDecoder, "_generate", lambda self, *a: seen.append(kernel_launch._ON[0]) or original(self, *a))
+    ids = torch.tensor([[1, 2, 3]])
+    FastDecoder(tiny_model, compile_mode=None, pdl=True).generate(ids, torch.ones_like(ids), 2, [], 0)
+    monkeypatch.setattr(FastDecoder, "launches_dependent", lambda self: True)  # as a compiled step asks
+    FastDecoder(tiny_model, compile_mode=None).generate(ids, torch.ones_like(ids), 2, [], 0)
+    assert seen == [False, True] and kernel_launch._ON[0] is False  # on while generating, off after
