@@ -26,6 +26,11 @@ def dependent_launch(on: bool) -> Iterator[None]:
         _ON[0] = before
 
 
+def options(dependent_launch: bool) -> dict[str, bool]:
+    """Triton launch options for it: none unless asked (a launch without them is every earlier one)."""
+    return {"launch_pdl": True} if dependent_launch else {}
+
+
 def dependent(device: torch.device) -> bool:
     """Whether a kernel launched now on ``device`` launches as a programmatic dependent: asked for,
     and a GPU of compute capability 9.0 or newer (older ones have no such launch)."""

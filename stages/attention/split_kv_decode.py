@@ -156,11 +156,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         q, k, v, m, part_o, part_m, part_l, out, counts, scale, length, split_len, kv_heads, group, dim,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), smb, sml, out.stride(0), out.stride(1), out.stride(2),
-        MASK=kind, G=G, D=D, BLOCK=tuning.block, DOT=dot, ONE=one, PDL=pdl, num_warps=tuning.warps, launch_pdl=pdl)
+        MASK=kind, G=G, D=D, BLOCK=tuning.block, DOT=dot, ONE=one, PDL=pdl, num_warps=tuning.warps,
+        **kernel_launch.options(pdl))
     if not one:
         combine[(batch * kv_heads,)](part_o, part_m, part_l, out, splits, group, dim,
                                      out.stride(0), out.stride(1), out.stride(2), kv_heads, G=G, D=D,
-                                     PDL=pdl, launch_pdl=pdl)
+                                     PDL=pdl, **kernel_launch.options(pdl))
     return out
 
 

@@ -190,7 +190,8 @@ def _run(reducer: str, x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         2 * reduce.max_bytes, reduce.max_bytes // x.element_size(), reduce.push_calls, eps, N=width,
         RANK=reduce.rank, WORLD=reduce.world, COPIES=PUSH_COPIES, EMPTY=EMPTY_BITS[x.dtype][1],
         WIDE=x.element_size() == 4, BLOCK=block, TOGETHER=together, WP=sources, PDL=pdl,
-        num_warps=min(16, max(4, block * (sources if together else 1) // 512)), launch_pdl=pdl)
+        num_warps=min(16, max(4, block * (sources if together else 1) // 512)),
+        **kernel_launch.options(pdl))
     return h, normed
 
 
