@@ -20,3 +20,4 @@ def test_dependent_launch_is_scoped_and_never_on_a_cpu(monkeypatch):
         assert not kernel_launch.dependent(gpu)  # an A100 has no programmatic dependent launch
     assert not kernel_launch.dependent(gpu)
 
+    assert kernel_launch.options(True) == {"launch_pdl": True} and kernel_launch.options(False) == {}
