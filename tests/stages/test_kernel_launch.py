@@ -19,5 +19,4 @@ def test_dependent_launch_is_scoped_and_never_on_a_cpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
         assert not kernel_launch.dependent(gpu)  # an A100 has no programmatic dependent launch
     assert not kernel_launch.dependent(gpu)
-
     assert kernel_launch.options(True) == {"launch_pdl": True} and kernel_launch.options(False) == {}
