@@ -76,7 +76,7 @@ class GqaDecodeAttention:
         self.before = getattr(self.config, "_attn_implementation", None)
         self.active = self.before == "sdpa" and _is_gqa(self.config)
         self.kernel = kernel  # SDPA on the packed heads, or SPLIT_KV (stages/attention/split_kv_decode.py; CUDA)
-        self.device = next(model.parameters()).device
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))  # where its cache lives
 
     def __enter__(self) -> "GqaDecodeAttention":
         if self.active:

@@ -231,7 +231,7 @@ class FastDecoder:
         emits it on a Hopper or newer GPU), or stream_order (each starts when the last has ended)."""
         if not self.launches_dependent():
             return "stream_order"
-        device = next(self.model.parameters()).device
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
             return "stream_order (programmatic dependent launch needs compute capability 9.0)"
         return "programmatic_dependent"
