@@ -21,20 +21,26 @@ def _lines(fields: str) -> Optional[list[str]]:
     return [line.strip() for line in out.splitlines() if line.strip()] or None  # a value may hold spaces
 
 
+def visible_entries() -> Optional[list[str]]:
+    """``CUDA_VISIBLE_DEVICES``'s entries as CUDA reads them (spaces around one do not count), or
+    None when it is unset (every GPU of the host)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if visible is None else [e.strip() for e in visible.split(",")]
+
+
 def query(field: str) -> Optional[list[str]]:
     """One nvidia-smi ``--query-gpu`` field, a value per GPU this process may use: all of the host's,
     or those ``CUDA_VISIBLE_DEVICES`` names (indices or ``GPU-`` UUIDs, in its order, up to its first
     entry that names no GPU, as CUDA reads it). None when unknown: MIG instances, or indices on a
     host of mixed GPUs without ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (CUDA then numbers the fastest first,
     nvidia-smi by bus)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
+    entries = visible_entries()
+    if entries is None:
         return _lines(field)
     lines = _lines(f"index,uuid,name,{field}")
     rows = [line.split(", ", 3) for line in lines or []]
     if not rows or any(len(r) != 4 for r in rows):
         return None
-    entries = [e.strip() for e in visible.split(",")]
     indices = any(e.isdigit() for e in entries)
     mixed = len({r[2] for r in rows}) > 1 and os.environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID"
     if any(e.startswith("MIG-") for e in entries) or (indices and mixed):

@@ -28,6 +28,7 @@ from pipeline.contract import CONFIG_ENV, RUN_ENV, Placement, StageResult, hande
 from pipeline.distributed import ERROR_FILE, URI_ENV
 from pipeline.environment import gpu_count
 from pipeline.gpu_lease import gpu_lease
+from pipeline.gpus import visible_entries
 from pipeline.stopping import interrupted_why, raise_terminated
 
 OUTCOME_FILE = "outcome.json"  # rank 0 writes the aggregated stage results here
@@ -49,9 +50,8 @@ def job_devices(settings: LauncherSettings, holder: str = "") -> Iterator[str | 
     elif not settings.split_devices:
         yield None
     else:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        # entries as CUDA reads them (" 1" is GPU 1): one lock file per GPU however the variable is spelled
-        ids = [e.strip() for e in visible.split(",") if e.strip()] if visible else [str(i) for i in range(gpu_count())]
+        # one lock file per GPU however the variable is spelled (" 1" is GPU 1)
+        ids = [e for e in visible_entries() or [] if e] or [str(i) for i in range(gpu_count())]
         with gpu_lease(ids, settings.nproc_per_node, holder=holder) as group:
             yield ",".join(group)
 

@@ -31,7 +31,13 @@ def options(dependent_launch: bool) -> dict[str, bool]:
     return {"launch_pdl": True} if dependent_launch else {}
 
 
+def capable(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can launch as programmatic dependents: a GPU of compute
+    capability 9.0 or newer (older ones have no such launch)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def dependent(device: torch.device) -> bool:
     """Whether a kernel launched now on ``device`` launches as a programmatic dependent: asked for,
-    and a GPU of compute capability 9.0 or newer (older ones have no such launch)."""
-    return _ON[0] and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    and ``capable``."""
+    return _ON[0] and capable(device)

@@ -232,7 +232,7 @@ class FastDecoder:
         if not self.launches_dependent():
             return "stream_order"
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        if not kernel_launch.capable(device):
             return "stream_order (programmatic dependent launch needs compute capability 9.0)"
         return "programmatic_dependent"
 
