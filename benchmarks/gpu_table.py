@@ -106,15 +106,20 @@ def one_gpu_batch(name: str) -> str | None:
     return batch if batch.isdigit() else None
 
 
+def file_stem(name: str) -> str:
+    """A row's folder and log name: ``+`` becomes ``__`` (some file-transfer tools skip names with ``+``)."""
+    return name.replace("+", "__")
+
+
 def job(name: str, out: Path, timeout: int, extra: list[str], devices: list[int]) -> dict:
     _, batch, overrides, _ = row_spec(name)
     store = f"sqlite:///{out / 'gpu_table.db'}"
     cmd = [sys.executable, "-m", "pipeline", *COMMON, *overrides, f"generate.batch_size={batch}", *extra,
-           f"tracker.uri={store}", f"tracker.run_name={name}", f"hydra.run.dir={out / 'runs' / name}",
+           f"tracker.uri={store}", f"tracker.run_name={name}", f"hydra.run.dir={out / 'runs' / file_stem(name)}",
            "pipeline.allow_outside_outputs=true"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices)), "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     start = time.time()
-    with open(out / f"{name}.log", "w") as log:
+    with open(out / f"{file_stem(name)}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     return {"name": name, "proc": proc, "start": start, "timeout": timeout, "devices": devices}
 
@@ -126,7 +131,7 @@ def finish(j: dict, out: Path) -> dict:
         j["proc"].kill()
         code = -9
     end = time.time()
-    outcome = out / "runs" / j["name"] / OUTCOME_FILE
+    outcome = out / "runs" / file_stem(j["name"]) / OUTCOME_FILE
     row = {"name": j["name"], "exit_code": code, "job_seconds": round(end - j["start"], 1), "devices": j["devices"]}
     if outcome.is_file():  # a torchrun job's results were written here before the group left
         row["exit_after_results_s"] = round(end - outcome.stat().st_mtime, 1)
@@ -148,7 +153,7 @@ def read_run(row: dict, out: Path) -> dict:
                recompiles_timed=m.get("generate/recompiles_timed"),
                # where a job's seconds go (load, compile inside the warm-up, timed runs): JSON only
                seconds={k: round(v, 1) for k, v in m.items() if k.endswith(("stage_seconds", "warmup_seconds"))})
-    samples = sorted((out / "runs" / row["name"]).glob("generate_samples*.jsonl"))
+    samples = sorted((out / "runs" / file_stem(row["name"])).glob("generate_samples*.jsonl"))
     if samples:
         row["outputs"] = [json.loads(line)["token_ids"] for line in samples[0].read_text().splitlines()]
     return row
