@@ -77,6 +77,14 @@ def sweep_rows(client: Any, parent_run_id: str) -> list[Row]:
 
 # What a scaling sweep varies: the number of processes and how the model is spread over them.
 PROCESSES, SPREAD = "launcher.nproc_per_node=", "shard="
+# Overrides that say how a sweep was run, not what its jobs measure: a resumed sweep's new jobs carry
+# them and its reused jobs do not, yet both are the same configurations (matched and labelled as such).
+BOOKKEEPING = ("pipeline.resume=", "pipeline.resume_from=")
+
+
+def measured_overrides(row: Row) -> list[str]:
+    """The row's overrides that choose what was measured (``BOOKKEEPING`` left out)."""
+    return [t for t in row.overrides.split() if not t.lstrip("+~").startswith(BOOKKEEPING)]
 
 
 def processes(row: Row) -> int | None:
@@ -84,15 +92,16 @@ def processes(row: Row) -> int | None:
 
 
 def with_scaling(rows: list[Row]) -> list[Row]:
-    """In a sweep over ``launcher.nproc_per_node``, each row's throughput over the one-process row
-    that differs from it only in processes and ``shard`` (first finished one): ``x_one_process``."""
+    """In a sweep over ``launcher.nproc_per_node``, each row's throughput over the one-process rows
+    that differ from it only in processes and ``shard``: ``x_one_process``. The base is the fastest of
+    those, so a one-process job slowed by a neighbour loading beside it cannot inflate a speed-up."""
     def rest(row: Row) -> tuple[str, ...]:
-        return tuple(sorted(t for t in row.overrides.split() if not t.startswith((PROCESSES, SPREAD))))
+        return tuple(sorted(t for t in measured_overrides(row) if not t.startswith((PROCESSES, SPREAD))))
 
     base: dict[tuple[str, ...], float] = {}
     for row in rows:
         if processes(row) == 1 and row.status == "FINISHED" and row.value("tokens_per_s") > 0:
-            base.setdefault(rest(row), row.value("tokens_per_s"))
+            base[rest(row)] = max(base.get(rest(row), 0.0), row.value("tokens_per_s"))
     if not any((processes(row) or 1) > 1 for row in rows):
         return rows  # not a sweep over processes
     for row in rows:
@@ -131,12 +140,17 @@ def pareto(rows: list[Row]) -> list[Row]:
     return sorted(front, key=lambda r: r.value("peak_memory_gib"))
 
 
-def short_labels(rows: list[Row]) -> list[str]:
-    """Each row's overrides without those every row shares: what the sweep varied."""
-    tokens = [r.overrides.split() for r in rows]
+def varied_overrides(rows: list[Row]) -> list[list[str]]:
+    """Each row's measured overrides without those every row shares: what the sweep varied."""
+    tokens = [measured_overrides(r) for r in rows]
     common = set.intersection(*(set(t) for t in tokens)) if tokens else set()
-    return [(" ".join(t for t in ts if t not in common) or r.run_id[:8]) + (" (reused)" if r.reused else "")
-            for ts, r in zip(tokens, rows)]
+    return [[t for t in ts if t not in common] for ts in tokens]
+
+
+def short_labels(rows: list[Row]) -> list[str]:
+    """What each row varied, as one line (its run id where it varied nothing); reused rows say so."""
+    return [(" ".join(ts) or r.run_id[:8]) + (" (reused)" if r.reused else "")
+            for ts, r in zip(varied_overrides(rows), rows)]
 
 
 def plot_label(label: str) -> str:
@@ -218,10 +232,10 @@ def scaling_lines(rows: list[Row]) -> dict[str, list[tuple[int, float]]]:
     """(processes, x_one_process) points, one line per way of spreading (``shard=``) and whatever
     else the sweep varied besides processes."""
     lines: dict[str, list[tuple[int, float]]] = {}
-    for row, label in zip(rows, short_labels(rows)):
+    for row, varied in zip(rows, varied_overrides(rows)):
         n = processes(row)
-        if n is not None and "x_one_process" in row.values:
-            rest = " ".join(t for t in label.split() if not t.startswith(PROCESSES)) or "all"
+        if n is not None and "x_one_process" in row.values:  # a reused job and a new one share a line
+            rest = " ".join(t for t in varied if not t.startswith(PROCESSES)) or "all"
             lines.setdefault(rest, []).append((n, row.value("x_one_process")))
     return {name: sorted(pts) for name, pts in sorted(lines.items())}
 

@@ -74,10 +74,10 @@ def test_a_sweep_over_processes_is_compared_with_one_process(tmp_path):
                           f"generate.batch_size={batch}", status, "not set", {"tokens_per_s": tok_s})
 
     rows = report.with_scaling([job(1, "tp", 1, 100), job(2, "tp", 1, 150), job(4, "dp", 1, 0, "FAILED"),
-                                job(1, "dp", 32, 1000), job(1, "tp", 32, 990), job(4, "dp", 32, 4000)])
+                                job(1, "tp", 32, 990), job(1, "dp", 32, 1000), job(4, "dp", 32, 4000)])
     got = {r.run_id: r.values.get("x_one_process") for r in rows}
-    # against the first one-process row of the same batch, whichever shard it used; failed rows get none
-    assert got == {"tp1b1": 1.0, "tp2b1": 1.5, "dp4b1": None, "dp1b32": 1.0, "tp1b32": 0.99, "dp4b32": 4.0}
+    # against the fastest one-process row of the same batch, whichever shard it used; failed rows get none
+    assert got == {"tp1b1": 1.0, "tp2b1": 1.5, "dp4b1": None, "tp1b32": 0.99, "dp1b32": 1.0, "dp4b32": 4.0}
     assert "x_one_process" in report.markdown(rows).splitlines()[0]
     flat = report.with_scaling([fake("a", 100, 1.0), fake("b", 200, 2.0)])  # not a sweep over processes
     assert "x_one_process" not in report.markdown(flat)
@@ -87,6 +87,21 @@ def test_a_sweep_over_processes_is_compared_with_one_process(tmp_path):
                                           "shard=tp generate.batch_size=32": [(1, 0.99)]}
     assert "scaling.png" in {p.name for p in report.plots(rows, tmp_path)}
     assert "scaling.png" not in {p.name for p in report.plots(flat, tmp_path / "flat")}
+
+
+def test_a_resumed_sweeps_new_jobs_are_compared_and_plotted_with_its_reused_ones():
+    """The jobs a resumed sweep runs carry ``pipeline.resume=True``; those it reuses do not."""
+    def job(nproc, batch, tok_s, resumed):
+        overrides = f"shard=tp launcher.nproc_per_node={nproc} generate.batch_size={batch}"
+        return report.Row(f"{nproc}b{batch}", overrides + (" ++pipeline.resume=True" if resumed else ""),
+                          "FINISHED", "not set", {"tokens_per_s": tok_s}, reused=not resumed)
+
+    rows = report.with_scaling([job(1, 1, 200, False), job(1, 32, 5000, False), job(4, 1, 450, True),
+                                job(4, 32, 10000, True)])
+    assert {r.run_id: r.values["x_one_process"] for r in rows} == {"1b1": 1.0, "1b32": 1.0, "4b1": 2.25, "4b32": 2.0}
+    assert report.scaling_lines(rows) == {"generate.batch_size=1": [(1, 1.0), (4, 2.25)],
+                                          "generate.batch_size=32": [(1, 1.0), (4, 2.0)]}
+    assert report.short_labels(rows)[2] == "launcher.nproc_per_node=4 generate.batch_size=1"
 
 
 def test_a_section_is_replaced_only_where_its_markers_are(tmp_path):
