@@ -124,11 +124,19 @@ def job(name: str, out: Path, timeout: int, extra: list[str], devices: list[int]
     return {"name": name, "proc": proc, "start": start, "timeout": timeout, "devices": devices}
 
 
+TERM_GRACE_S = 30.0  # a job past its time limit, told to stop, gets this long before SIGKILL
+
+
 def finish(j: dict, out: Path) -> dict:
     try:
         code = j["proc"].wait(timeout=max(1, j["timeout"] - (time.time() - j["start"])))
-    except subprocess.TimeoutExpired:
-        j["proc"].kill()
+    except subprocess.TimeoutExpired:  # cut at its time limit (exit code −9 in the table, however it ended)
+        j["proc"].terminate()  # optipipe marks its run KILLED and stops its torchrun group; SIGKILL would not
+        try:
+            j["proc"].wait(timeout=TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
+            j["proc"].kill()
+            j["proc"].wait()
         code = -9
     end = time.time()
     outcome = out / "runs" / file_stem(j["name"]) / OUTCOME_FILE
@@ -311,7 +319,8 @@ def table(result: dict) -> str:
         same = ""
         if r.get("outputs") and first.get(batch) and r["name"].startswith(("tp", "pipeline")):
             same = agreement(r["outputs"], first[batch])
-        status = "" if r.get("status", "FINISHED") == "FINISHED" else f" ({r.get('status')}: {r.get('error', '')})"
+        error = f": {r['error']}" if r.get("error") else ""
+        status = "" if r.get("status", "FINISHED") == "FINISHED" else f" ({r.get('status')}{error})"
         lines.append(f"| {r['name']}{status} | {spec[3]} | {spec[0]} | {batch} | {fmt(tok, 1)} | {ratio} | "
                      f"{fmt(r.get('mbu'), 2)} | {fmt(r.get('ttft_ms'), 1)} | {r.get('collective', '')} | {same} | "
                      f"{r.get('job_seconds', '')} | {exit_note(r)} |")
@@ -325,9 +334,12 @@ def table(result: dict) -> str:
 
 
 def exit_note(row: dict) -> str:
-    """Seconds from results to exit, or that the job was killed at its time limit (code −9)."""
+    """Seconds from results to exit, or that the job was killed at its time limit (code −9): after its
+    results, or before it had any."""
     after = row.get("exit_after_results_s", "")
-    return f"killed at the time limit {after} s after its results" if row.get("exit_code") == -9 else str(after)
+    if row.get("exit_code") != -9:
+        return str(after)
+    return f"killed at the time limit {after} s after its results" if after != "" else "killed at the time limit before its results"
 
 
 def agreement(rows: list[list[int]], reference: list[list[int]]) -> str:

@@ -33,6 +33,8 @@ def test_joined_results_take_the_first_one_gpu_row_as_base_and_mark_a_killed_job
     assert line(text, "tp4_b32")[5] == "1.50" and line(text, "dp4_b32")[5] == "4.00"
     assert "killed at the time limit 3.5 s after its results" in line(text, "dp4_b32")[-1]
     assert line(text, "tp4_b32")[-1].strip(" |") == ""  # no exit time recorded: nothing claimed
+    cut = gpu_table.table(result({"name": "tp4_b1", "exit_code": -9, "status": "RUNNING"}))
+    assert "killed at the time limit before its results" in line(cut, "tp4_b1 (RUNNING)")[-1]
 
 
 def test_results_of_other_hosts_are_not_joined():
@@ -120,6 +122,28 @@ def test_a_row_reads_its_job_back_from_the_store_with_the_timed_recompiles(tmp_p
     assert row["outputs"] == [[5, 6]]
     assert row["recompiles_timed"] == 1.0 and row["seconds"] == {"load/stage_seconds": 12.3}
     assert gpu_table.read_run({"name": "tp2_b1"}, tmp_path) == {"name": "tp2_b1"}  # no such job: as it was
+
+
+@pytest.mark.parametrize("obeys", [True, False])
+def test_a_job_past_its_time_limit_is_told_to_stop_before_it_is_killed(tmp_path, monkeypatch, obeys):
+    """SIGTERM first: optipipe then marks its run KILLED (a SIGKILLed job leaves it RUNNING)."""
+    import sys
+    import time
+
+    monkeypatch.setattr(gpu_table, "TERM_GRACE_S", 2.0)
+    on_term = "mark.write_text('stopped')\n    sys.exit(1)" if obeys else "mark.write_text('ignored')"
+    script = (f"import pathlib, signal, sys, time\nmark = pathlib.Path(sys.argv[1])\ndef on_term(*_):\n    {on_term}\n"
+              f"signal.signal(signal.SIGTERM, on_term)\nmark.write_text('ready')\ntime.sleep(30)\n")
+    mark = tmp_path / "mark"
+    proc = subprocess.Popen([sys.executable, "-c", script, str(mark)])
+    deadline = time.time() + 20
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert mark.exists(), "the stand-in job did not start"
+    row = gpu_table.finish({"name": "tp4_b1", "proc": proc, "start": time.time(), "timeout": 0.5, "devices": [0]},
+                           tmp_path)
+    assert row["exit_code"] == -9 and proc.poll() is not None
+    assert mark.read_text() == ("stopped" if obeys else "ignored")
 
 
 def test_rows_run_on_the_gpus_named(tmp_path, monkeypatch):
