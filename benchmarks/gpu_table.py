@@ -9,7 +9,8 @@ against the one-GPU `generate=fast` row of the same batch measured by the same i
 
 Rows start in the order given, each as soon as enough of the host's GPUs are free, so on a host
 with more GPUs than a row needs, rows run side by side on disjoint GPUs; `--sequential` runs them
-one at a time (slower, but no neighbour's compile or load beside a timed row).
+one at a time (slower, but no neighbour's compile or load beside a timed row). With `--set
+generate.profile=true` each row's profile reports (one per rank) are copied to `OUT/profiles/ROW/`.
 
 `--gptfast DIR` adds gpt-fast's own one-GPU and tensor-parallel rows (a copy of
 ../shared/anchors/gptfast, measuring only). `--into` replaces the section between the
@@ -146,6 +147,19 @@ def finish(j: dict, out: Path) -> dict:
     return row
 
 
+def shallow_profiles(name: str, out: Path) -> list[str]:
+    """Copy a row's profile reports (``generate.profile=true``: one per rank) from wherever its job
+    wrote them to ``out/profiles/<row>/``; their paths relative to ``out``. A job's own folder can nest
+    deeper than some file-transfer tools follow."""
+    import shutil
+
+    found = sorted((out / "runs" / file_stem(name)).rglob("generate_profile_*.md"))
+    for path in found:
+        (out / "profiles" / file_stem(name)).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out / "profiles" / file_stem(name) / path.name)
+    return [f"profiles/{file_stem(name)}/{path.name}" for path in found]
+
+
 def read_run(row: dict, out: Path) -> dict:
     client = _client(f"sqlite:///{out / 'gpu_table.db'}")
     exp = client.get_experiment_by_name("gpu-table")
@@ -161,6 +175,9 @@ def read_run(row: dict, out: Path) -> dict:
                recompiles_timed=m.get("generate/recompiles_timed"),
                # where a job's seconds go (load, compile inside the warm-up, timed runs): JSON only
                seconds={k: round(v, 1) for k, v in m.items() if k.endswith(("stage_seconds", "warmup_seconds"))})
+    profiles = shallow_profiles(row["name"], out)
+    if profiles:
+        row["profiles"] = profiles
     samples = sorted((out / "runs" / file_stem(row["name"])).glob("generate_samples*.jsonl"))
     if samples:
         row["outputs"] = [json.loads(line)["token_ids"] for line in samples[0].read_text().splitlines()]

@@ -117,9 +117,13 @@ def test_a_row_reads_its_job_back_from_the_store_with_the_timed_recompiles(tmp_p
     job_dir = tmp_path / "runs" / "one_gpu_b1__prefill"  # no "+" in file names: some transfer tools skip them
     job_dir.mkdir(parents=True)
     (job_dir / "generate_samples.jsonl").write_text('{"token_ids": [5, 6]}\n')
+    (job_dir / "rank1" / "deep").mkdir(parents=True)
+    (job_dir / "rank1" / "deep" / "generate_profile_b1_rank1.md").write_text("# where the time goes\n")
     row = gpu_table.read_run({"name": "one_gpu_b1+prefill"}, tmp_path)
     assert (row["status"], row["tok_s"], row["ttft_ms"]) == ("FINISHED", 202.2, 14.1)
     assert row["outputs"] == [[5, 6]]
+    assert row["profiles"] == ["profiles/one_gpu_b1__prefill/generate_profile_b1_rank1.md"]  # copied near the top
+    assert (tmp_path / row["profiles"][0]).read_text() == "# where the time goes\n"
     assert row["recompiles_timed"] == 1.0 and row["seconds"] == {"load/stage_seconds": 12.3}
     assert gpu_table.read_run({"name": "tp2_b1"}, tmp_path) == {"name": "tp2_b1"}  # no such job: as it was
 
