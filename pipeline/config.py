@@ -64,6 +64,9 @@ class LauncherSettings:
     max_seconds: Optional[float] = None  # the whole group is ended after this long (None: no limit)
     devices: Optional[list[int]] = None  # CUDA_VISIBLE_DEVICES of this job (None: inherit)
     split_devices: bool = False  # sweep jobs side by side: each leases nproc_per_node free GPUs (pipeline/gpu_lease.py)
+    # with split_devices: a job's timed runs wait until no neighbour job loads or compiles, and none
+    # starts while one is timed (pipeline/quiet_timing.py); false: time beside whatever runs
+    quiet_timing: bool = True
 
     @property
     def processes(self) -> int:

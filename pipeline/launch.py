@@ -23,11 +23,12 @@ from typing import Iterator
 
 from omegaconf import DictConfig
 
+from pipeline import quiet_timing
 from pipeline.config import LauncherSettings
 from pipeline.contract import CONFIG_ENV, RUN_ENV, Placement, StageResult, handed_over
 from pipeline.distributed import ERROR_FILE, URI_ENV
 from pipeline.environment import gpu_count
-from pipeline.gpu_lease import gpu_lease
+from pipeline.gpu_lease import gpu_lease, lock_folder
 from pipeline.gpus import visible_entries
 from pipeline.stopping import interrupted_why, raise_terminated
 
@@ -116,6 +117,8 @@ def run_group(cfg: DictConfig, settings: LauncherSettings, output_dir: Path, run
         with job_devices(settings, holder=str(output_dir)) as devices:
             if devices is not None:
                 env["CUDA_VISIBLE_DEVICES"] = devices
+            if settings.split_devices and settings.quiet_timing:  # leased beside other jobs
+                env[quiet_timing.ENV] = str(lock_folder() / quiet_timing.FILE_NAME)
             return _run_torchrun(settings, output_dir, env, devices)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -183,6 +186,7 @@ def run_worker(resolved, output_dir: Path) -> None:
     from pipeline.runner import execute, make_plan
 
     die_with_parent(os.getppid())  # and a rank stops when its torchrun agent dies
+    quiet_timing.start_busy()  # a rank loads and compiles only while no neighbour job is timed
     dist_info = join_group(resolved.launcher.collective_timeout_s)
     try:
         plan = make_plan(resolved)

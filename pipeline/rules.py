@@ -68,7 +68,9 @@ def launcher_known(resolved: Any) -> list[Problem]:
     if launcher.kind not in ("local", "torchrun"):
         return [Problem("launcher.kind", f"unknown launcher {launcher.kind!r}", "launcher=local|torchrun")]
     if launcher.kind == "local":
-        return []
+        # a local job runs inside the sweep's worker process, whose CUDA devices are fixed at its first job
+        return [Problem("launcher.split_devices", "a local job cannot lease GPUs of its own (it runs in the "
+                        "sweep's process)", "launcher=torchrun (any nproc_per_node)")] if launcher.split_devices else []
     out = [Problem(f"launcher.{k}", f"must be ≥ {low}, got {v}", f"launcher.{k}={max(low, 1)}")
            for k, v, low in (("nproc_per_node", launcher.nproc_per_node, 1), ("nnodes", launcher.nnodes, 1))
            if v < low]

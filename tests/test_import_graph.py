@@ -10,7 +10,8 @@ from tests.conftest import ROOT
 
 # what a stage may import from pipeline/: the contract, typed config and the measuring helpers
 BASE = {"pipeline", "pipeline.contract", "pipeline.config", "pipeline.redact", "pipeline.registry",
-        "pipeline.measure", "pipeline.roofline", "pipeline.profile", "pipeline.quiet", "pipeline.gpus"}
+        "pipeline.measure", "pipeline.roofline", "pipeline.profile", "pipeline.quiet", "pipeline.gpus",
+        "pipeline.quiet_timing"}
 
 
 def modules() -> dict[str, Path]:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from rich.progress import Progress
 
-from pipeline import measure, roofline
+from pipeline import measure, quiet_timing, roofline
 from pipeline.contract import (MEAN, REPLICA_SUM, WORST, BaseStage, Problem, RunContext, StageError, StageResult,
                                across, workload_context)
 from stages.generate import engines
@@ -171,12 +171,18 @@ class Generate(BaseStage):
                 bar.advance(task)
             for hook in ctx.workload_hooks:
                 hook_tags.update(hook.after_warmup(model))
-            measure.reset_peaks(devices)
-            graphs_before = compiled_graphs()
-            for _ in range(c.repeats):
-                timing, outputs = self._one_run(model, inputs, kwargs, devices)
-                summary.runs.append(timing)
-                bar.advance(task)
+            # beside other jobs of a sweep (launcher.split_devices): timed only while none loads or compiles
+            with quiet_timing.quiet_host(ctx.dist.rank == 0) as quiet:
+                measure.reset_peaks(devices)
+                graphs_before = compiled_graphs()
+                for _ in range(c.repeats):
+                    timing, outputs = self._one_run(model, inputs, kwargs, devices)
+                    summary.runs.append(timing)
+                    bar.advance(task)
+            if quiet:
+                hook_tags["generate.timed_beside_jobs"] = f"quiet host (waited {quiet['waited_s']:.1f} s for neighbours)"
+            elif ctx.cfg is not None and ctx.cfg.get("launcher", {}).get("split_devices"):
+                hook_tags["generate.timed_beside_jobs"] = "neighbours may load or compile (launcher.quiet_timing=false)"
             profile = self._profile(ctx, model, inputs, kwargs, devices) if c.profile else {}
         hook_tags.update({"generate.engine": engine.name, **engine.tags(model)})
         metrics = summary.metrics()

@@ -84,6 +84,7 @@ BAD_VALUES = [
     (("launcher=torchrun", "launcher.nproc_per_node=0"), "launcher.nproc_per_node", "launcher.nproc_per_node=1"),
     (("launcher=torchrun", "launcher.nnodes=2"), "launcher.rdzv_endpoint", ":29500"),
     (("launcher.kind=slurm",), "launcher.kind", "launcher=local|torchrun"),
+    (("++launcher.split_devices=true",), "launcher.split_devices", "launcher=torchrun"),
     (("tracker.kind=wandb",), "tracker.kind", "tracker=mlflow or tracker=none"),
     (("pipeline.memory_budget_gib=-1",), "pipeline.memory_budget_gib", "pipeline.memory_budget_gib=null"),
     (("pipeline.resume_from=abc",), "pipeline.resume_from", "32 hex digits"),
