@@ -8,8 +8,8 @@ against the one-GPU `generate=fast` row of the same batch measured by the same i
     python benchmarks/gpu_table.py --sequential --rows one_gpu_b32,one_gpu_b32+joined,tp2_b32+joined   (A/B)
 
 Rows start in the order given, each as soon as enough of the host's GPUs are free, so on a host
-with more GPUs than a row needs, rows run side by side on disjoint GPUs; `--sequential` runs them
-one at a time (slower, but no neighbour's compile or load beside a timed row). With `--set
+with more GPUs than a row needs, rows run side by side on disjoint GPUs, each timed only while no
+other row loads or compiles (pipeline/quiet_timing.py); `--sequential` runs them one at a time. With `--set
 generate.profile=true` each row's profile reports (one per rank) are copied to `OUT/profiles/ROW/`.
 
 `--gptfast DIR` adds gpt-fast's own one-GPU and tensor-parallel rows (a copy of
@@ -32,6 +32,7 @@ from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from pipeline import quiet_timing  # noqa: E402
 from pipeline.launch import OUTCOME_FILE  # noqa: E402
 from pipeline.report import write_section  # noqa: E402
 from pipeline.tracking import _client  # noqa: E402
@@ -112,13 +113,15 @@ def file_stem(name: str) -> str:
     return name.replace("+", "__")
 
 
-def job(name: str, out: Path, timeout: int, extra: list[str], devices: list[int]) -> dict:
+def job(name: str, out: Path, timeout: int, extra: list[str], devices: list[int], side_by_side: bool = False) -> dict:
     _, batch, overrides, _ = row_spec(name)
     store = f"sqlite:///{out / 'gpu_table.db'}"
     cmd = [sys.executable, "-m", "pipeline", *COMMON, *overrides, f"generate.batch_size={batch}", *extra,
            f"tracker.uri={store}", f"tracker.run_name={name}", f"hydra.run.dir={out / 'runs' / file_stem(name)}",
            "pipeline.allow_outside_outputs=true"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices)), "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    if side_by_side:  # a row is timed only while no other row loads or compiles (pipeline/quiet_timing.py)
+        env[quiet_timing.ENV] = str(out / quiet_timing.FILE_NAME)
     start = time.time()
     with open(out / f"{file_stem(name)}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -264,7 +267,7 @@ def run(names: list[str], out: Path, timeout: int, gptfast: Path | None, extra: 
     while pending or running:
         while pending and need(pending[0], gpus) <= len(free) and not (sequential and running):
             need_now = need(pending[0], gpus)
-            running.append(job(pending.pop(0), out, timeout, extra, free[:need_now]))
+            running.append(job(pending.pop(0), out, timeout, extra, free[:need_now], not sequential))
             free = free[need_now:]
         ended = next((j for j in running if j["proc"].poll() is not None
                       or time.time() - j["start"] > j["timeout"]), None)

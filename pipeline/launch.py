@@ -186,7 +186,6 @@ def run_worker(resolved, output_dir: Path) -> None:
     from pipeline.runner import execute, make_plan
 
     die_with_parent(os.getppid())  # and a rank stops when its torchrun agent dies
-    quiet_timing.start_busy()  # a rank loads and compiles only while no neighbour job is timed
     dist_info = join_group(resolved.launcher.collective_timeout_s)
     try:
         plan = make_plan(resolved)

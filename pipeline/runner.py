@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import quiet_timing
 from pipeline.contract import DistInfo, LoadPlan, RunContext, StageError, StageResult
 from pipeline.stopping import interrupted_why
 from pipeline.tracking import JobInfo, Tracker
@@ -108,6 +109,7 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
     ctx = None
     try:
         tracker.start(job)  # inside: a Ctrl-C while the run is being created still ends it KILLED
+        quiet_timing.start_busy()  # beside other jobs (if asked): load and compile only while none is timed
         ctx = open_context(resolved, plan, output_dir, dist)
         for name, stage in resolved.stages.items():
             start = time.perf_counter()

@@ -156,7 +156,8 @@ def test_rows_run_on_the_gpus_named(tmp_path, monkeypatch):
 
     started = []
 
-    def fake_job(name, out, timeout, extra, devices):
+    def fake_job(name, out, timeout, extra, devices, side_by_side):
+        assert side_by_side  # rows beside each other are timed only while the others are quiet
         started.append((name, devices))
         return {"name": name, "proc": SimpleNamespace(poll=lambda: 0), "start": 0.0, "timeout": 1e9, "devices": devices}
 
