@@ -109,7 +109,8 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
     ctx = None
     try:
         tracker.start(job)  # inside: a Ctrl-C while the run is being created still ends it KILLED
-        quiet_timing.start_busy()  # beside other jobs (if asked): load and compile only while none is timed
+        # beside other jobs (if asked): load and compile only while none is timed
+        quiet_timing.start_busy(holder=(dist or DistInfo()).local_rank == 0)
         ctx = open_context(resolved, plan, output_dir, dist)
         for name, stage in resolved.stages.items():
             start = time.perf_counter()
