@@ -30,6 +30,12 @@ POLL_S = 0.05
 MAX_WAIT_S = 120.0  # the longest a job waits for the host (a neighbour's load and compile take ~100 s)
 
 
+def wait_limit(collective_timeout_s: float) -> float:
+    """How long a job waits for the host: ``MAX_WAIT_S``, or less where its ranks' collectives time
+    out sooner (they wait for the job's first process at a barrier meanwhile)."""
+    return min(MAX_WAIT_S, collective_timeout_s / 3)
+
+
 class _HostLock:
     """This process's hold on the host: ``rw`` the reader-writer lock, ``gate`` in front of it."""
 

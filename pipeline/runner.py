@@ -110,7 +110,8 @@ def execute(resolved: Resolved, plan: LoadPlan, output_dir: Path, tracker: Track
     try:
         tracker.start(job)  # inside: a Ctrl-C while the run is being created still ends it KILLED
         # beside other jobs (if asked): load and compile only while none is timed
-        quiet_timing.start_busy(holder=(dist or DistInfo()).local_rank == 0)
+        quiet_timing.start_busy(holder=(dist or DistInfo()).local_rank == 0,
+                                max_wait_s=quiet_timing.wait_limit(resolved.launcher.collective_timeout_s))
         ctx = open_context(resolved, plan, output_dir, dist)
         for name, stage in resolved.stages.items():
             start = time.perf_counter()

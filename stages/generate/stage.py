@@ -178,7 +178,7 @@ class Generate(BaseStage):
             for hook in ctx.workload_hooks:
                 hook_tags.update(hook.after_warmup(model))
             # beside other jobs of a sweep (launcher.split_devices): timed only while none loads or compiles
-            wait_s = min(quiet_timing.MAX_WAIT_S, launcher_setting(ctx, "collective_timeout_s", 300.0) / 3)
+            wait_s = quiet_timing.wait_limit(launcher_setting(ctx, "collective_timeout_s", 300.0))
             with quiet_timing.quiet_host(ctx.dist.local_rank == 0, max_wait_s=wait_s) as quiet:
                 measure.reset_peaks(devices)
                 graphs_before = compiled_graphs()
