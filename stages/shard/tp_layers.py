@@ -164,6 +164,9 @@ def _head(module: torch.nn.Linear, reduce: AllReduce, rank: int, world: int, voc
     module.__class__ = VocabParallelHead
     module.reduce, module.vocab, module.first = reduce, vocab, min(rank * -(-vocab // world), vocab)
     module.out_features = module.weight.shape[0]
+    # on the instance from the start: local_logits() sets it there, and a compiled graph traced while it
+    # was still the class's (the prefill) guards on its absence and compiles again on the next call
+    module.full_logits = True
 
 
 def _supported(module: torch.nn.Module, style: str) -> bool:
