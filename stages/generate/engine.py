@@ -291,9 +291,18 @@ class FastDecoder:
                 produced += 1
                 if clock is not None:
                     clock(input_ids, logits)
-                if produced % self.stop_check_every == 0 and bool(done.all()):
+                if stop_check_due(produced, min_new_tokens, max_new_tokens, self.stop_check_every) and bool(done.all()):
                     break  # one device→host read per stop_check_every tokens, not per token
         return torch.cat([input_ids, trim_finished(out[:, :produced], eos)], dim=1)
+
+
+def stop_check_due(produced: int, min_new_tokens: int, max_new_tokens: int, every: int) -> bool:
+    """Whether to read "has every row finished?" from the device after ``produced`` tokens: every
+    ``every`` tokens, never while EOS is still banned (fewer than ``min_new_tokens``: no row can have
+    finished) and not after the last token. The read waits for the GPU to drain; the step after it
+    starts only when the host has queued it, so in a benchmark (min_new_tokens = max_new_tokens) each
+    read made a slow step."""
+    return min_new_tokens <= produced < max_new_tokens and produced % every == 0
 
 
 def trim_finished(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:

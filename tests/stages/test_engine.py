@@ -58,6 +58,26 @@ def test_greedy_equals_generate_with_padding_and_early_eos(tiny_model, compile_m
         assert torch.equal(engine.generate(short, short_mask, 6, [], 0), plain(tiny_model, short, short_mask, 6, eos=[]))
 
 
+def test_no_stop_check_waits_for_the_device_while_eos_is_banned(tiny_model, monkeypatch):
+    """"Has every row finished?" is a device→host read that drains the GPU; while EOS is banned
+    (min_new_tokens, a benchmark's whole run) no row can have finished, so it is never asked."""
+    from stages.generate import engine as E
+
+    due = [E.stop_check_due(*case, 16) for case in ((16, 256, 256), (256, 256, 256), (16, 0, 256), (15, 0, 256),
+                                                     (256, 0, 256), (240, 200, 256))]
+    assert due == [False, False, True, False, False, True]
+    asked = []
+    real = E.stop_check_due
+    monkeypatch.setattr(E, "stop_check_due", lambda *a: asked.append(real(*a)) or asked[-1])
+    ids, mask = left_padded_batch(tiny_model.config.vocab_size)
+    engine = FastDecoder(tiny_model, compile_mode=None, stop_check_every=1)
+    engine.generate(ids, mask, 12, [], pad_token_id=0, min_new_tokens=12)  # benchmark mode
+    assert len(asked) == 11 and not any(asked)  # tokens 2..12: consulted, never due
+    asked.clear()
+    engine.generate(ids, mask, 12, [], pad_token_id=0, min_new_tokens=4)
+    assert asked == [False, False] + [True] * 8 + [False]  # due once EOS may come, not after the last token
+
+
 @pytest.mark.parametrize("rows", [3, 1])
 def test_joined_projections_run_one_matmul_per_group_with_generates_tokens(tiny_dir, rows):
     """fuse_projections: q/k/v and gate/up each run as one matmul in the compiled step (2 layers: 15
