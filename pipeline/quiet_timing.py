@@ -39,9 +39,10 @@ def wait_limit(collective_timeout_s: float) -> float:
 class _HostLock:
     """This process's hold on the host: ``rw`` the reader-writer lock, ``gate`` in front of it."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, max_wait_s: float) -> None:
         self.rw: IO[str] = open(path, "a+")
         self.gate: IO[str] = open(path + ".gate", "a+")
+        self.max_wait_s = max_wait_s  # every wait of this job for the host
 
     @staticmethod
     def _take(f: IO[str], mode: int, deadline: float) -> bool:
@@ -54,9 +55,9 @@ class _HostLock:
                     return False
                 time.sleep(POLL_S)
 
-    def through_gate(self, mode: int, max_wait_s: float) -> bool:
+    def through_gate(self, mode: int) -> bool:
         """``rw`` in ``mode``, asked for behind the gate: while a job waits to be timed, no new work starts."""
-        deadline = time.monotonic() + max_wait_s
+        deadline = time.monotonic() + self.max_wait_s
         if not self._take(self.gate, fcntl.LOCK_EX, deadline):
             return False
         try:
@@ -64,16 +65,23 @@ class _HostLock:
         finally:
             fcntl.flock(self.gate, fcntl.LOCK_UN)
 
-    def busy_again(self, max_wait_s: float) -> bool:
+    def busy_again(self) -> bool:
         """Shared again after this job's timed runs, past the gate (waits only for a job being timed):
         a job that waits at the gate for the host may be waiting for this one to end."""
-        return self._take(self.rw, fcntl.LOCK_SH, time.monotonic() + max_wait_s)
+        return self._take(self.rw, fcntl.LOCK_SH, time.monotonic() + self.max_wait_s)
 
     def release(self) -> None:
         fcntl.flock(self.rw, fcntl.LOCK_UN)
 
 
 _lock: _HostLock | None = None  # set in the job's first process on this host when the launcher asks
+
+
+def describe(info: dict[str, float]) -> str:
+    """How a job's timed runs met the host, for its tag (``info`` from ``quiet_host``)."""
+    if info["quiet"]:
+        return f"quiet host (waited {info['waited_s']:.1f} s for neighbours)"
+    return f"NOT QUIET: neighbours still busy after {info['waited_s']:.0f} s, timed beside them"
 
 
 def group_barrier() -> Callable[[], None]:
@@ -91,19 +99,19 @@ def asked() -> bool:
 
 def start_busy(holder: bool, barrier: Callable[[], None] | None = None, max_wait_s: float = MAX_WAIT_S) -> None:
     """At a job's start: its first process on the host (``holder``) holds the host shared, waiting
-    while a job is timed or waits to be; the job's other ranks wait for it at the barrier."""
+    while a job is timed or waits to be; the job's other ranks wait for it at the barrier.
+    ``max_wait_s`` bounds this wait and the job's later ones (``wait_limit``)."""
     global _lock
     if not asked():
         return
     if holder and _lock is None:
-        _lock = _HostLock(os.environ[ENV])
-        _lock.through_gate(fcntl.LOCK_SH, max_wait_s)  # bounded: past it the job works beside a timed one
+        _lock = _HostLock(os.environ[ENV], max_wait_s)
+        _lock.through_gate(fcntl.LOCK_SH)  # bounded: past it the job works beside a timed one
     (barrier or group_barrier())()
 
 
 @contextmanager
-def quiet_host(holder: bool, barrier: Callable[[], None] | None = None,
-               max_wait_s: float = MAX_WAIT_S) -> Iterator[dict[str, float]]:
+def quiet_host(holder: bool, barrier: Callable[[], None] | None = None) -> Iterator[dict[str, float]]:
     """The block (a job's timed runs) runs while no other job of the host works. Yields
     ``{"waited_s": …, "quiet": 1.0 or 0.0}`` (the holder's view) when quiet timing was asked for, else ``{}``."""
     info: dict[str, float] = {}
@@ -115,7 +123,7 @@ def quiet_host(holder: bool, barrier: Callable[[], None] | None = None,
     quiet = False
     if holder and _lock is not None:
         _lock.release()
-        quiet = _lock.through_gate(fcntl.LOCK_EX, max_wait_s)
+        quiet = _lock.through_gate(fcntl.LOCK_EX)
     barrier()  # no rank starts its clock before the host is quiet
     info.update(waited_s=time.monotonic() - start, quiet=float(quiet))
     try:
@@ -125,4 +133,4 @@ def quiet_host(holder: bool, barrier: Callable[[], None] | None = None,
             _lock.release()  # failing: let the host go, wait for nothing
         raise
     if holder and _lock is not None:
-        _lock.busy_again(max_wait_s)  # from exclusive: shared at once; after a timeout: waits for a timed job
+        _lock.busy_again()  # from exclusive: shared at once; after a timeout: waits for a timed job

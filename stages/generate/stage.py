@@ -61,10 +61,10 @@ def decode_text(metrics: dict[str, float]) -> str:
     return f"{metrics['decode_tokens_per_s']:.1f} tok/s decode"
 
 
-def launcher_setting(ctx: RunContext, key: str, default: Any) -> Any:
-    """``launcher.<key>`` of the job (a local launcher's config holds only what it sets)."""
+def split_devices(ctx: RunContext) -> bool:
+    """Whether the job leased its GPUs beside other jobs (a local launcher's config has no such key)."""
     launcher = ctx.cfg.get("launcher") if ctx.cfg is not None else None
-    return launcher.get(key, default) if launcher is not None else default
+    return bool(launcher is not None and launcher.get("split_devices", False))
 
 
 class Generate(BaseStage):
@@ -178,8 +178,7 @@ class Generate(BaseStage):
             for hook in ctx.workload_hooks:
                 hook_tags.update(hook.after_warmup(model))
             # beside other jobs of a sweep (launcher.split_devices): timed only while none loads or compiles
-            wait_s = quiet_timing.wait_limit(launcher_setting(ctx, "collective_timeout_s", 300.0))
-            with quiet_timing.quiet_host(ctx.dist.local_rank == 0, max_wait_s=wait_s) as quiet:
+            with quiet_timing.quiet_host(ctx.dist.local_rank == 0) as quiet:
                 measure.reset_peaks(devices)
                 graphs_before = compiled_graphs()
                 for _ in range(c.repeats):
@@ -187,10 +186,8 @@ class Generate(BaseStage):
                     summary.runs.append(timing)
                     bar.advance(task)
             if quiet:
-                hook_tags["generate.timed_beside_jobs"] = (
-                    f"quiet host (waited {quiet['waited_s']:.1f} s for neighbours)" if quiet["quiet"] else
-                    f"NOT QUIET: neighbours still busy after {quiet['waited_s']:.0f} s, timed beside them")
-            elif launcher_setting(ctx, "split_devices", False):
+                hook_tags["generate.timed_beside_jobs"] = quiet_timing.describe(quiet)
+            elif split_devices(ctx):
                 hook_tags["generate.timed_beside_jobs"] = "neighbours may load or compile (launcher.quiet_timing=false)"
             profile = self._profile(ctx, model, inputs, kwargs, devices) if c.profile else {}
         hook_tags.update({"generate.engine": engine.name, **engine.tags(model)})

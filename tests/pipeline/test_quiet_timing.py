@@ -33,9 +33,9 @@ def rank(lock: str, log, holder: bool, barrier, after, waiting, timing, max_wait
     """A rank of a two-process job: the holder takes the host's lock, the other waits at the barrier."""
     os.environ[quiet_timing.ENV] = lock
     after.wait(10)  # the first neighbour is busy by now
-    quiet_timing.start_busy(holder, barrier=lambda: barrier.wait(10))
+    quiet_timing.start_busy(holder, barrier=lambda: barrier.wait(10), max_wait_s=max_wait_s)
     waiting.set()
-    with quiet_timing.quiet_host(holder, barrier=lambda: barrier.wait(10), max_wait_s=max_wait_s) as info:
+    with quiet_timing.quiet_host(holder, barrier=lambda: barrier.wait(10)) as info:
         log.put((f"timed_from_{int(holder)}", time.monotonic()))
         timing.set()
         time.sleep(0.5)
