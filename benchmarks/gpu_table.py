@@ -76,10 +76,14 @@ VARIANTS = {
     "cublas": (NO_CD, "cuBLAS matmuls"),
     "gather": (["shard.split_greedy=false"], "greedy over gathered logits"),
     "unfusednorm": (["shard.fuse_norm=false"], "all-reduce, add and RMSNorm as separate kernels"),
+    # TP's default levers (together, split_kv, PDL) as variants: on for one GPU, off for TP (A/B either way)
     "together": (["shard.fuse_norm_wait=together"], "the fused kernel polls every peer's row at once"),
+    "inturn": (["shard.fuse_norm_wait=in_turn"], "the fused kernel waits for one peer after another"),
     "pdl": (["generate.fast_pdl=true"], "programmatic dependent launch"),
+    "nopdl": (["generate.fast_pdl=false"], "stream-order launch"),
     "realize30": (["generate.fast_realize_opcount=null"], "inductor's own realize threshold (30)"),
     "splitkv": (["generate.fast_decode_attention=split_kv"], "our split decode-attention kernel"),
+    "sdpa": (["generate.fast_decode_attention=sdpa"], "SDPA decode attention"),
     # inductor also tunes the matmuls (Triton templates against cuBLAS): for the split-K kernels at batch 32
     "autotune": (["generate.fast_compile_mode=max-autotune"], "max-autotune"),
 }

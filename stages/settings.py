@@ -84,9 +84,9 @@ class TpLayerSettings:
     one_shot_max_kib: int = 1024  # larger messages (prefill) take the process group's all-reduce
     agreed_tuning: bool = True  # ranks tune the decode step's kernels together and pick the same configurations
     fuse_norm: bool = True  # generate=fast: all-reduce + residual add + RMSNorm as one kernel in the decode step
-    # how that kernel waits for the other ranks' rows: in_turn (one peer after another) | together (all
-    # peers in one load a poll, residual and weight read first; opt-in until measured beside in_turn)
-    fuse_norm_wait: str = "in_turn"
+    # how that kernel waits for the other ranks' rows: together (all peers in one load a poll, residual
+    # and weight read first; TP4 batch 1 about 2 % faster on 4 x H200) | in_turn (one peer after another)
+    fuse_norm_wait: str = "together"
 
 
 @dataclass
@@ -125,8 +125,9 @@ class GenerateConfig:
     fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
     fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
     # fast engine, grouped-query decode steps: sdpa (PyTorch's kernel on the packed heads) | split_kv
-    # (ours: the cache's length split over thread blocks, then combined; CUDA and Triton)
-    fast_decode_attention: str = "sdpa"
+    # (ours: the cache's length split over thread blocks, then combined; CUDA and Triton) | auto:
+    # split_kv with tensor parallel where it can run, sdpa otherwise (stages/generate/auto_levers.py)
+    fast_decode_attention: str = "auto"
     fast_coordinate_descent: bool = True  # fast engine: inductor tunes the step's kernels (M=1 matmuls as reductions)
     # fast engine: q/k/v and gate/up each one matmul in compiled steps (weights joined, no copy);
     # null: whenever the step compiles and the weights are plain tensors (not quantized)
@@ -136,8 +137,9 @@ class GenerateConfig:
     # matmul, as a reduction, would recompute it for every output row. null: inductor's own (30)
     fast_realize_opcount: Optional[int] = 4
     # fast engine, Hopper and newer GPUs: the compiled step's kernels launch before the previous one
-    # ends and wait for its results inside (inductor's programmatic dependent launch); opt-in until measured
-    fast_pdl: bool = False
+    # ends and wait for its results inside (inductor's programmatic dependent launch); null: on with
+    # tensor parallel where it can run, off on one process (not measured there; auto_levers.py)
+    fast_pdl: Optional[bool] = None
     profile: bool = False  # one more run under the PyTorch profiler: generate_profile_b<batch>.md
 
 

@@ -106,6 +106,7 @@ class FastDecoder:
                  realize_opcount: int | None = None, decode_kernel: str = GQA_SDPA, pdl: bool = False) -> None:
         self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
         self.decode_kernel, self.pdl = decode_kernel, pdl
+        self.levers = "as set"  # how the engine chose decode_kernel and pdl (auto_levers.py; a tag)
         self.coordinate_descent, self.realize_opcount = coordinate_descent, realize_opcount
         # q/k/v and gate/up as one matmul each in compiled code (eager calls run them apart, as before)
         self.fuse_projections = fuse_projections

@@ -21,6 +21,8 @@ from pipeline.registry import built_in_or_allowed
 from stages.attention.gqa_decode import KERNELS as DECODE_KERNELS, SPLIT_KV
 from stages.convert import COMPILE_MODES
 from stages.load.sources import architecture
+from stages.generate import auto_levers
+from stages.generate.auto_levers import AUTO
 from stages.generate.engine import FastDecoder, Sampling
 
 
@@ -86,9 +88,9 @@ class FastEngine:
         if c.fast_realize_opcount is not None and c.fast_realize_opcount < 1:
             out.append(Problem("generate.fast_realize_opcount", f"{c.fast_realize_opcount} is not a number of ops",
                                "generate.fast_realize_opcount=4, or null for inductor's own threshold"))
-        if c.fast_decode_attention not in DECODE_KERNELS:
+        if c.fast_decode_attention not in (AUTO, *DECODE_KERNELS):
             out.append(Problem("generate.fast_decode_attention", f"unknown kernel {c.fast_decode_attention!r}",
-                               f"generate.fast_decode_attention=<one of {', '.join(DECODE_KERNELS)}>"))
+                               f"generate.fast_decode_attention=<one of {', '.join((AUTO, *DECODE_KERNELS))}>"))
         elif c.fast_decode_attention == SPLIT_KV:
             out.extend(split_kv_problems(c, root))
         if c.fast_pdl:
@@ -122,9 +124,11 @@ class FastEngine:
         found = getattr(model, "_optipipe_fast_decoder", None)
         if found is None:
             sampling = Sampling(c.do_sample, c.temperature, c.top_k, c.top_p)
+            levers = auto_levers.for_model(model, c)  # after the shard stage: whether the layers are TP's
             found = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention,
                                 c.fast_compile_prefill, c.fast_coordinate_descent, self.joins_projections(model),
-                                c.fast_realize_opcount, c.fast_decode_attention, c.fast_pdl)
+                                c.fast_realize_opcount, levers.decode_attention, levers.pdl)
+            found.levers = levers.why
             model._optipipe_fast_decoder = found
         return found
 
@@ -145,7 +149,7 @@ class FastEngine:
         return {"generate.decode_attention": decoder.decode_attention(), "generate.kernel_tuning": decoder.kernel_tuning(),
                 "generate.fused_projections": decoder.fused_projections(), "generate.token_choice": decoder.token_choice(),
                 "generate.all_reduce_norm": decoder.all_reduce_norm(), "generate.realize_opcount": decoder.realize_threshold(),
-                "generate.kernel_launch": decoder.launch()}
+                "generate.kernel_launch": decoder.launch(), "generate.levers": decoder.levers}
 
 
 def split_kv_problems(c: Any, root: Any) -> list[Problem]:

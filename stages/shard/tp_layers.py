@@ -104,6 +104,12 @@ def split_head(model: Any) -> VocabParallelHead | None:
     return head if usable else None
 
 
+def holds_shards(model: Any) -> bool:
+    """Whether ``model`` runs our tensor-parallel layers (``localize`` took it over): its row-wise
+    layers sum over ranks, so each decode step holds all-reduces."""
+    return any(isinstance(m, RowParallelLinear) for m in model.modules())
+
+
 def plan_style(name: str, plan: dict[str, str]) -> str | None:
     """The plan's style for module ``name`` (layer numbers written as ``*`` in the plan)."""
     return plan.get(name) or plan.get(re.sub(r"\.\d+(?=\.|$)", ".*", name))

@@ -128,6 +128,9 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
         "agreed_over_ranks", "coordinate_descent_agreed_over_ranks")
     # all-reduce + add + RMSNorm became one op in the compiled step; without peer memory it runs unfused
     assert (tags["generate.all_reduce_norm"], hf_run.data.tags["generate.all_reduce_norm"]) == ("unfused", "off")
+    # the unset levers saw our TP layers, and that neither split_kv nor PDL can run on a CPU
+    assert tags["generate.levers"].startswith("decode attention sdpa, stream-order launch: tensor-parallel layers (")
+    assert hf_run.data.tags["generate.levers"] == "decode attention sdpa, stream-order launch: one process"
     assert tp_run.data.metrics["shard/local_tp_layers"] > 0 and tp_run.data.metrics["shard/dtensor_parameters_left"] == 0
     # both ranks run the same tokens: throughput is one replica's, not the sum of two
     m = tp_run.data.metrics
@@ -458,10 +461,10 @@ def test_tensor_parallel_over_gpus_gives_the_one_gpu_text(tmp_path, ranks):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_tensor_parallel_opt_in_kernels_give_the_one_gpu_text(tmp_path, ranks):
-    """The opt-in levers of the TP decode step together — the fused all-reduce polling every peer at
-    once (shard.fuse_norm_wait=together), our split decode attention, programmatic dependent launch —
-    give the text of one GPU running the defaults, and the tags say each of them ran."""
+def test_tensor_parallel_default_levers_give_the_one_gpu_text(tmp_path, ranks):
+    """TP's default levers — the fused all-reduce polling every peer at once (shard.fuse_norm_wait), our
+    split decode attention and programmatic dependent launch (both chosen for TP layers:
+    stages/generate/auto_levers.py) — give the text of one GPU, which runs neither, and the tags say so."""
     import torch
 
     if torch.cuda.device_count() < ranks:
@@ -469,12 +472,11 @@ def test_tensor_parallel_opt_in_kernels_give_the_one_gpu_text(tmp_path, ranks):
     # grouped-query on every rank: 2 query heads over 1 key/value head each
     heads = ("+model.config_overrides.num_attention_heads=8", "+model.config_overrides.num_key_value_heads=4") \
         if ranks > 2 else ()
-    levers = ("shard.fuse_norm_wait=together", "generate.fast_decode_attention=split_kv", "generate.fast_pdl=true")
     for batch in (1, 4):
         common = (*TINY, *heads, "generate.max_new_tokens=32", "generate.benchmark=true", "generate=fast",
                   "load.dtype=float32", f"generate.batch_size={batch}")
         generate_in_process(tmp_path / f"one{batch}", *common)
-        run_cli(*common, *levers, "launcher=torchrun", f"launcher.nproc_per_node={ranks}", "shard=tensor_parallel",
+        run_cli(*common, "launcher=torchrun", f"launcher.nproc_per_node={ranks}", "shard=tensor_parallel",
                 "shard.all_reduce=symm_mem", f"hydra.run.dir={tmp_path}/tp{batch}", cwd=tmp_path, check=0,
                 timeout=600)
         one = [s["output"] for s in samples(tmp_path / f"one{batch}", "generate_samples.jsonl")]
@@ -486,3 +488,6 @@ def test_tensor_parallel_opt_in_kernels_give_the_one_gpu_text(tmp_path, ranks):
     hopper = torch.cuda.get_device_capability()[0] >= 9
     assert all(t["generate.kernel_launch"] == "programmatic_dependent" if hopper
                else t["generate.kernel_launch"].startswith("stream_order") for t in tags)
+    if hopper:  # every lever could run: nothing left off
+        assert {t["generate.levers"] for t in tags} == {
+            "decode attention split_kv, programmatic dependent launch: tensor-parallel layers"}

@@ -213,7 +213,7 @@ def test_fast_engine_rules():
                          "generate.fast_compile_mode=null"))
     assert [p.fix for p in e.value.problems if p.key == "generate.fast_pdl"] == [
         "generate.fast_pdl=false, or a generate.fast_compile_mode", "generate.fast_pdl=false (on CPU)"]
-    with pytest.raises(ConfigProblems, match="one of sdpa, split_kv"):
+    with pytest.raises(ConfigProblems, match="one of auto, sdpa, split_kv"):
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_decode_attention=flash"))
     with pytest.raises(ConfigProblems, match="bitsandbytes kernels cannot be compiled"):
         resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "quantize=nf4"))
