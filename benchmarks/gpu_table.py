@@ -10,7 +10,7 @@ against the one-GPU `generate=fast` row of the same batch measured by the same i
 Rows start in the order given, each as soon as enough of the host's GPUs are free, so on a host
 with more GPUs than a row needs, rows run side by side on disjoint GPUs, each timed only while no
 other row loads or compiles (pipeline/quiet_timing.py); `--sequential` runs them one at a time. With `--set
-generate.profile=true` each row's profile reports (one per rank) are copied to `OUT/profiles/ROW/`.
+generate.profile=true` each row's profile reports (one per rank) are gathered into `OUT/profile_ROW.md`.
 
 `--gptfast DIR` adds gpt-fast's own one-GPU and tensor-parallel rows (a copy of
 ../shared/anchors/gptfast, measuring only). `--into` replaces the section between the
@@ -154,17 +154,16 @@ def finish(j: dict, out: Path) -> dict:
     return row
 
 
-def shallow_profiles(name: str, out: Path) -> list[str]:
-    """Copy a row's profile reports (``generate.profile=true``: one per rank) from wherever its job
-    wrote them to ``out/profiles/<row>/``; their paths relative to ``out``. A job's own folder can nest
-    deeper than some file-transfer tools follow."""
-    import shutil
-
+def gather_profiles(name: str, out: Path) -> str | None:
+    """A row's profile reports (``generate.profile=true``: one per rank) from wherever its job wrote
+    them, one after another in ``out/profile_<row>.md``; that name relative to ``out``, None without
+    reports. A job's own folder nests deeper, and holds more files, than some file-transfer tools take."""
     found = sorted((out / "runs" / file_stem(name)).rglob("generate_profile_*.md"))
-    for path in found:
-        (out / "profiles" / file_stem(name)).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, out / "profiles" / file_stem(name) / path.name)
-    return [f"profiles/{file_stem(name)}/{path.name}" for path in found]
+    if not found:
+        return None
+    target = f"profile_{file_stem(name)}.md"
+    (out / target).write_text("\n".join(path.read_text() for path in found))
+    return target
 
 
 def read_run(row: dict, out: Path) -> dict:
@@ -182,9 +181,9 @@ def read_run(row: dict, out: Path) -> dict:
                recompiles_timed=m.get("generate/recompiles_timed"),
                # where a job's seconds go (load, compile inside the warm-up, timed runs): JSON only
                seconds={k: round(v, 1) for k, v in m.items() if k.endswith(("stage_seconds", "warmup_seconds"))})
-    profiles = shallow_profiles(row["name"], out)
-    if profiles:
-        row["profiles"] = profiles
+    profile = gather_profiles(row["name"], out)
+    if profile:
+        row["profile"] = profile
     samples = sorted((out / "runs" / file_stem(row["name"])).glob("generate_samples*.jsonl"))
     if samples:
         row["outputs"] = [json.loads(line)["token_ids"] for line in samples[0].read_text().splitlines()]

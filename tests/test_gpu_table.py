@@ -118,12 +118,13 @@ def test_a_row_reads_its_job_back_from_the_store_with_the_timed_recompiles(tmp_p
     job_dir.mkdir(parents=True)
     (job_dir / "generate_samples.jsonl").write_text('{"token_ids": [5, 6]}\n')
     (job_dir / "rank1" / "deep").mkdir(parents=True)
-    (job_dir / "rank1" / "deep" / "generate_profile_b1_rank1.md").write_text("# where the time goes\n")
+    (job_dir / "rank1" / "deep" / "generate_profile_b1_rank1.md").write_text("# rank 1\n")
+    (job_dir / "generate_profile_b1_rank0.md").write_text("# rank 0\n")
     row = gpu_table.read_run({"name": "one_gpu_b1+prefill"}, tmp_path)
     assert (row["status"], row["tok_s"], row["ttft_ms"]) == ("FINISHED", 202.2, 14.1)
     assert row["outputs"] == [[5, 6]]
-    assert row["profiles"] == ["profiles/one_gpu_b1__prefill/generate_profile_b1_rank1.md"]  # copied near the top
-    assert (tmp_path / row["profiles"][0]).read_text() == "# where the time goes\n"
+    assert row["profile"] == "profile_one_gpu_b1__prefill.md"  # every rank's report in one file at the top
+    assert (tmp_path / row["profile"]).read_text() == "# rank 0\n\n# rank 1\n"
     assert row["recompiles_timed"] == 1.0 and row["seconds"] == {"load/stage_seconds": 12.3}
     assert gpu_table.read_run({"name": "tp2_b1"}, tmp_path) == {"name": "tp2_b1"}  # no such job: as it was
 
