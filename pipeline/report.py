@@ -78,8 +78,9 @@ def sweep_rows(client: Any, parent_run_id: str) -> list[Row]:
 # What a scaling sweep varies: the number of processes and how the model is spread over them.
 PROCESSES, SPREAD = "launcher.nproc_per_node=", "shard="
 # Overrides that say how a sweep was run, not what its jobs measure: a resumed sweep's new jobs carry
-# them and its reused jobs do not, yet both are the same configurations (matched and labelled as such).
-BOOKKEEPING = ("pipeline.resume=", "pipeline.resume_from=")
+# them and its reused jobs do not, yet both are the same configurations (matched and labelled as such);
+# and where a run was logged (a store's path in every row of the table says nothing about the job).
+BOOKKEEPING = ("pipeline.resume=", "pipeline.resume_from=", "tracker.")
 
 
 def measured_overrides(row: Row) -> list[str]:
@@ -169,7 +170,7 @@ def markdown(rows: list[Row]) -> str:
     lines = ["| overrides | status | gate | " + " | ".join(cols) + " |",
              "|" + "---|" * (3 + len(cols))]
     for r in rows:
-        lines.append(f"| {r.overrides} | {r.status_text} | {r.gate} | "
+        lines.append(f"| {' '.join(measured_overrides(r))} | {r.status_text} | {r.gate} | "
                      + " | ".join(_cell(r.value(c)) for c in cols) + " |")
     return "\n".join(lines)
 

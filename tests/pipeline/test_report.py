@@ -92,7 +92,7 @@ def test_a_sweep_over_processes_is_compared_with_one_process(tmp_path):
 def test_a_resumed_sweeps_new_jobs_are_compared_and_plotted_with_its_reused_ones():
     """The jobs a resumed sweep runs carry ``pipeline.resume=True``; those it reuses do not."""
     def job(nproc, batch, tok_s, resumed):
-        overrides = f"shard=tp launcher.nproc_per_node={nproc} generate.batch_size={batch}"
+        overrides = f"shard=tp launcher.nproc_per_node={nproc} generate.batch_size={batch} tracker.uri=sqlite:///s.db"
         return report.Row(f"{nproc}b{batch}", overrides + (" ++pipeline.resume=True" if resumed else ""),
                           "FINISHED", "not set", {"tokens_per_s": tok_s}, reused=not resumed)
 
@@ -102,6 +102,9 @@ def test_a_resumed_sweeps_new_jobs_are_compared_and_plotted_with_its_reused_ones
     assert report.scaling_lines(rows) == {"generate.batch_size=1": [(1, 1.0), (4, 2.25)],
                                           "generate.batch_size=32": [(1, 1.0), (4, 2.0)]}
     assert report.short_labels(rows)[2] == "launcher.nproc_per_node=4 generate.batch_size=1"
+    # the table names what each job measured: not where it was logged, nor how the sweep was resumed
+    assert "| shard=tp launcher.nproc_per_node=4 generate.batch_size=1 | FINISHED" in report.markdown(rows)
+    assert "tracker.uri" not in report.markdown(rows) and "tracker.uri" in report.csv_text(rows)
 
 
 def test_a_section_is_replaced_only_where_its_markers_are(tmp_path):
