@@ -125,6 +125,8 @@ class FastDecoder:
         self.split_head = None if self.sampling.do_sample else split_head(model)
         self.cache, self.cache_shape = None, None
         self._step: Callable | None = None
+        # CUDA graphs inductor declined for the step when it compiled (None: not compiled yet)
+        self.graph_skips: int | None = None
         # transformers renamed past_key_values to cache (5.2x); speak whichever this version takes
         params = inspect.signature(type(model).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -237,6 +239,21 @@ class FastDecoder:
             return "stream_order (programmatic dependent launch needs compute capability 9.0)"
         return "programmatic_dependent"
 
+    def cuda_graphs(self) -> str:
+        """Whether the compiled step runs as a CUDA graph, as its mode asks (for the run's tags): a step
+        that inductor could not capture still runs, kernel launch by launch, and much slower at batch 1."""
+        if self.compile_mode not in ("reduce-overhead", "max-autotune"):
+            return f"not asked (compile mode {self.compile_mode})"
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        if device.type != "cuda":
+            return f"none ({device.type}: CUDA graphs are a CUDA feature)"
+        if self.graph_skips is None:
+            return "not compiled yet"
+        if self.graph_skips:
+            return (f"NOT CAPTURED ({self.graph_skips} graph(s) skipped): the step runs kernel by kernel; "
+                    "TORCH_LOGS=cudagraphs says why")
+        return "captured"
+
     def realize_threshold(self) -> str:
         """inductor's realize threshold in the compiled step (for the run's tags)."""
         if self.compile_mode is None:
@@ -278,6 +295,7 @@ class FastDecoder:
         out[:, :1] = token
         position, cache_position = position[:, -1:] + 1, cache_position[-1:] + 1
         pad = torch.tensor(pad_token_id, device=device)
+        fresh = self._step is None and self.compile_mode is not None  # this call compiles the step
         step, produced = self._compiled_step(), 1
         with self.split_head.local_logits() if self.split_head else nullcontext():
             while produced < max_new_tokens:
@@ -286,8 +304,11 @@ class FastDecoder:
                 if self.compile_mode in ("reduce-overhead", "max-autotune"):  # the modes that capture CUDA graphs
                     torch.compiler.cudagraph_mark_step_begin()  # a new replay may reuse the last outputs' memory
                 # the graph's outputs live in its pool and are overwritten by the next replay: keep copies
+                skips = graph_skips_so_far()
                 token, position, cache_position, done = (t.clone() for t in step(
                     token, position, cache_position, mask, done, banned, pad, eos))
+                if fresh:  # inductor decides at compile time whether the step can be a CUDA graph
+                    self.graph_skips, fresh = graph_skips_so_far() - skips, False
                 out[:, produced:produced + 1] = token
                 produced += 1
                 if clock is not None:
@@ -295,6 +316,14 @@ class FastDecoder:
                 if stop_check_due(produced, min_new_tokens, max_new_tokens, self.stop_check_every) and bool(done.all()):
                     break  # one device→host read per stop_check_every tokens, not per token
         return torch.cat([input_ids, trim_finished(out[:, :produced], eos)], dim=1)
+
+
+def graph_skips_so_far() -> int:
+    """How many compiled graphs inductor has run without the CUDA graph their mode asked for, in
+    this process (a mutated input, a CPU tensor, dynamic shapes…; ``TORCH_LOGS=cudagraphs`` says why)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def stop_check_due(produced: int, min_new_tokens: int, max_new_tokens: int, every: int) -> bool:

@@ -149,7 +149,8 @@ class FastEngine:
         return {"generate.decode_attention": decoder.decode_attention(), "generate.kernel_tuning": decoder.kernel_tuning(),
                 "generate.fused_projections": decoder.fused_projections(), "generate.token_choice": decoder.token_choice(),
                 "generate.all_reduce_norm": decoder.all_reduce_norm(), "generate.realize_opcount": decoder.realize_threshold(),
-                "generate.kernel_launch": decoder.launch(), "generate.levers": decoder.levers}
+                "generate.kernel_launch": decoder.launch(), "generate.levers": decoder.levers,
+                "generate.cuda_graphs": decoder.cuda_graphs()}
 
 
 def split_kv_problems(c: Any, root: Any) -> list[Problem]:

@@ -53,6 +53,10 @@ def test_greedy_equals_generate_with_padding_and_early_eos(tiny_model, compile_m
         graphs.append(counters["stats"]["unique_graphs"])
     assert engine._step is not None  # the step was built once and reused across calls
     assert graphs[1] == graphs[0]  # the second call (a benchmark's timed run) compiles nothing
+    if compile_mode:  # inductor runs a CPU step without the CUDA graph its mode asks for: counted, and said
+        assert engine.graph_skips >= 1 and engine.cuda_graphs().startswith("none (cpu")
+    else:
+        assert engine.graph_skips is None and engine.cuda_graphs() == "not asked (compile mode None)"
     if compile_prefill:  # a prompt of another length: the compiled prefill follows (dynamic shapes)
         short, short_mask = ids[:, 3:], mask[:, 3:]
         assert torch.equal(engine.generate(short, short_mask, 6, [], 0), plain(tiny_model, short, short_mask, 6, eos=[]))
@@ -239,6 +243,7 @@ def test_fast_engine_with_cuda_graphs_equals_generate(tiny_model):
         engine = FastDecoder(model, compile_mode="reduce-overhead", stop_check_every=4)
         for _ in range(2):  # the second call replays the captured graph
             assert torch.equal(engine.generate(ids, mask, 24, eos, pad_token_id=0), plain(model, ids, mask, 24, eos))
+        assert (engine.graph_skips, engine.cuda_graphs()) == (0, "captured")
         # batch 1: with coordinate descent every matmul of the step is an M=1 reduction of inductor's
         one = FastDecoder(model, compile_mode="reduce-overhead", coordinate_descent=True)
         assert torch.equal(one.generate(ids[-1:], mask[-1:], 24, [], pad_token_id=0),
