@@ -432,15 +432,18 @@ def test_tensor_parallel_over_one_gpu_process_runs_the_whole_model_on_the_gpu(tm
 @pytest.mark.gpu
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_tensor_parallel_over_gpus_gives_the_one_gpu_text(tmp_path, ranks):
-    """On 2 (and 4) GPUs with peer access: our layers with the one-shot symmetric-memory all-reduce
-    (symm_mem: no silent fallback) and the fused all-reduce + add + RMSNorm kernel inside the CUDA
-    graph give the one-GPU text, batch 1 and 4."""
+    """On 2 (and 4) GPUs with peer access, TP as it runs by default: our layers with the one-shot
+    symmetric-memory all-reduce (symm_mem: no silent fallback), the fused all-reduce + add + RMSNorm
+    kernel polling every peer at once, our split decode attention and programmatic dependent launch
+    (both chosen for TP layers: stages/generate/auto_levers.py), inside the CUDA graph, give the text
+    of one GPU, which runs neither lever, at batch 1 and 4; the tags say each of them ran."""
     import torch
 
     if torch.cuda.device_count() < ranks:
         pytest.skip(f"needs {ranks} GPUs")
-    # 4 key/value heads so that 4 ranks each hold one
-    heads = ("+model.config_overrides.num_key_value_heads=4",) if ranks > 2 else ()
+    # grouped-query on every rank (so the split decode attention runs): 2 query heads over 1 key/value head
+    heads = ("+model.config_overrides.num_attention_heads=8", "+model.config_overrides.num_key_value_heads=4") \
+        if ranks > 2 else ()
     for batch in (1, 4):
         common = (*TINY, *heads, "generate.max_new_tokens=32", "generate.benchmark=true", "generate=fast",
                   "load.dtype=float32", f"generate.batch_size={batch}")
@@ -451,43 +454,17 @@ def test_tensor_parallel_over_gpus_gives_the_one_gpu_text(tmp_path, ranks):
         one = [s["output"] for s in samples(tmp_path / f"one{batch}", "generate_samples.jsonl")]
         assert [s["output"] for s in samples(tmp_path / f"tp{batch}", "generate_samples_rank0.jsonl")] == one
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
-    tp_runs = [r for r in runs if r.data.tags.get("choice.shard") == "tensor_parallel"]
-    assert {r.data.tags["shard.collective"] for r in tp_runs} == {"symm_mem_one_shot"}
-    # every all-reduce + residual add + RMSNorm of the decode step ran as the one pushing kernel
-    assert {r.data.tags["generate.all_reduce_norm"] for r in tp_runs} == {"push_kernel"}
-    # coordinate-descent tuning ran on both ranks with agreed times and still gave the one-GPU text
-    assert {r.data.tags["generate.kernel_tuning"] for r in tp_runs} == {"coordinate_descent_agreed_over_ranks"}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_tensor_parallel_default_levers_give_the_one_gpu_text(tmp_path, ranks):
-    """TP's default levers — the fused all-reduce polling every peer at once (shard.fuse_norm_wait), our
-    split decode attention and programmatic dependent launch (both chosen for TP layers:
-    stages/generate/auto_levers.py) — give the text of one GPU, which runs neither, and the tags say so."""
-    import torch
-
-    if torch.cuda.device_count() < ranks:
-        pytest.skip(f"needs {ranks} GPUs")
-    # grouped-query on every rank: 2 query heads over 1 key/value head each
-    heads = ("+model.config_overrides.num_attention_heads=8", "+model.config_overrides.num_key_value_heads=4") \
-        if ranks > 2 else ()
-    for batch in (1, 4):
-        common = (*TINY, *heads, "generate.max_new_tokens=32", "generate.benchmark=true", "generate=fast",
-                  "load.dtype=float32", f"generate.batch_size={batch}")
-        generate_in_process(tmp_path / f"one{batch}", *common)
-        run_cli(*common, "launcher=torchrun", f"launcher.nproc_per_node={ranks}", "shard=tensor_parallel",
-                "shard.all_reduce=symm_mem", f"hydra.run.dir={tmp_path}/tp{batch}", cwd=tmp_path, check=0,
-                timeout=600)
-        one = [s["output"] for s in samples(tmp_path / f"one{batch}", "generate_samples.jsonl")]
-        assert [s["output"] for s in samples(tmp_path / f"tp{batch}", "generate_samples_rank0.jsonl")] == one
-    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     tags = [r.data.tags for r in runs if r.data.tags.get("choice.shard") == "tensor_parallel"]
+    assert {t["shard.collective"] for t in tags} == {"symm_mem_one_shot"}
+    # every all-reduce + residual add + RMSNorm of the decode step ran as the one pushing kernel
     assert {t["generate.all_reduce_norm"] for t in tags} == {"push_kernel_together"}
+    # coordinate-descent tuning ran on every rank with agreed times and still gave the one-GPU text
+    assert {t["generate.kernel_tuning"] for t in tags} == {"coordinate_descent_agreed_over_ranks"}
     assert {t["generate.decode_attention"] for t in tags} == {"optipipe_gqa_decode + split_kv kernel"}
-    hopper = torch.cuda.get_device_capability()[0] >= 9
-    assert all(t["generate.kernel_launch"] == "programmatic_dependent" if hopper
-               else t["generate.kernel_launch"].startswith("stream_order") for t in tags)
-    if hopper:  # every lever could run: nothing left off
+    assert {t["generate.cuda_graphs"] for t in tags} == {"captured"}
+    if torch.cuda.get_device_capability()[0] >= 9:  # every lever could run: nothing left off
+        assert {t["generate.kernel_launch"] for t in tags} == {"programmatic_dependent"}
         assert {t["generate.levers"] for t in tags} == {
             "decode attention split_kv, programmatic dependent launch: tensor-parallel layers"}
+    else:
+        assert all(t["generate.kernel_launch"].startswith("stream_order") for t in tags)
