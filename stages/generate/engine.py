@@ -22,6 +22,7 @@ import torch
 from stages import kernel_launch
 from stages.generate.clock import StepClock
 from stages.generate.joined_projections import MergeRepeatedOps, join as join_projections
+from stages.generate.step_state import StepState
 from stages.attention.gqa_decode import NAME as GQA_DECODE_ATTENTION, SDPA as GQA_SDPA, GqaDecodeAttention
 from stages.shard import agreed_tuning, all_reduce_norm
 from stages.shard.tp_layers import split_head
@@ -124,6 +125,7 @@ class FastDecoder:
         # tensor parallel, greedy: each rank picks from its own slice of the vocabulary
         self.split_head = None if self.sampling.do_sample else split_head(model)
         self.cache, self.cache_shape = None, None
+        self.state: StepState | None = None  # the step's inputs, at fixed addresses (step_state.py)
         self._step: Callable | None = None
         # CUDA graphs inductor declined for the step when it compiled (None: not compiled yet)
         self.graph_skips: int | None = None
@@ -139,10 +141,18 @@ class FastDecoder:
             return
         self.cache = StaticCache(config=self.model.config, max_cache_len=length)
         self.cache_shape = (batch, length)
+        self.state = None
         self._step = None  # new buffers: capture again
 
-    def _decode_step(self, token, position, cache_position, mask, done, banned, pad, eos):
-        """One token for every row: forward, choice, finished-row bookkeeping, next positions."""
+    def _ensure_state(self, batch: int, length: int, mask_dtype: torch.dtype, device: torch.device) -> StepState:
+        if self.state is None or not self.state.fits(batch, length, mask_dtype, device):
+            self.state = StepState.allocate(batch, length, mask_dtype, device)
+            self._step = None  # the step is captured reading these addresses
+        return self.state
+
+    def _decode_step(self, token, position, cache_position, mask, done, banned, pad, eos, tokens) -> None:
+        """One token for every row: forward, choice, finished-row bookkeeping, next positions — all
+        written in place into the step's state (``StepState.tensors()``), so a replay needs no copies."""
         logits = self.model(input_ids=token, position_ids=position, cache_position=cache_position,
                             attention_mask=mask, use_cache=True, **{self.cache_kw: self.cache}).logits[:, -1]
         if self.split_head is not None:  # logits are this rank's columns (local_logits is open)
@@ -150,7 +160,11 @@ class FastDecoder:
         else:
             nxt = choose(logits.masked_fill(banned, float("-inf")), self.sampling)
         nxt = torch.where(done, pad, nxt)  # rows that met EOS keep emitting pad, as generate does
-        return nxt[:, None], position + 1, cache_position + 1, done | torch.isin(nxt, eos)
+        done.logical_or_(torch.isin(nxt, eos))
+        token.copy_(nxt[:, None])
+        position.add_(1)
+        cache_position.add_(1)
+        tokens.index_copy_(1, cache_position, nxt[:, None])  # the token's own column
 
     def _compiled_step(self) -> Callable:
         if self._step is None:
@@ -164,15 +178,15 @@ class FastDecoder:
                                                                 options=options))
         return self._step
 
-    def _prefill(self, input_ids, attention_mask, max_new_tokens):
-        """The prompt into the cache (eager: one call per generation). Returns the last logits and
-        what the decode steps start from: the full-length mask, positions and cache positions."""
-        batch, prompt = input_ids.shape
+    def _prefill(self, input_ids, attention_mask, mask):
+        """The prompt into the cache (eager: one call per generation) and its mask into ``mask``.
+        Returns the last logits and the prompt's positions."""
+        prompt = input_ids.shape[1]
         # Positions as transformers derives them from a left-padded mask; the mask spans the whole
         # cache (future slots 1: causality hides them) so its shape never changes between steps.
         position = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        mask = torch.ones(batch, prompt + max_new_tokens, dtype=attention_mask.dtype, device=input_ids.device)
-        mask[:, :prompt] = attention_mask
+        mask[:, :prompt].copy_(attention_mask)
+        mask[:, prompt:].fill_(1)
         cache_position = torch.arange(prompt, device=input_ids.device)
         if self.compile_prefill and not self._cache_allocated():
             # transformers' static cache allocates its buffers in its first update; compiled against
@@ -180,8 +194,7 @@ class FastDecoder:
             # One eager prefill allocates them, the cache is cleared, and the compiled one follows.
             self._forward(input_ids, mask, position, cache_position)
             self.cache.reset()
-        logits = self._prefill_forward(input_ids, mask, position, cache_position)
-        return logits, mask, position, cache_position
+        return self._prefill_forward(input_ids, mask, position, cache_position), position
 
     def _cache_allocated(self) -> bool:
         return all(getattr(layer, "is_initialized", True) for layer in getattr(self.cache, "layers", ()))
@@ -279,43 +292,39 @@ class FastDecoder:
 
     def _generate(self, input_ids, attention_mask, max_new_tokens, eos_token_ids, pad_token_id,
                   min_new_tokens, clock) -> torch.Tensor:
-        batch, device = input_ids.shape[0], input_ids.device
-        self._ensure_cache(batch, input_ids.shape[1] + max_new_tokens)
-        logits, mask, position, cache_position = self._prefill(input_ids, attention_mask, max_new_tokens)
-        eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+        (batch, prompt), device = input_ids.shape, input_ids.device
+        self._ensure_cache(batch, prompt + max_new_tokens)
+        s = self._ensure_state(batch, prompt + max_new_tokens, attention_mask.dtype, device)
+        logits, position = self._prefill(input_ids, attention_mask, s.mask)
         # EOS is banned until min_new_tokens are out, as transformers' MinNewTokens processor does.
-        vocab = logits.shape[-1]
-        free = torch.zeros(vocab, dtype=torch.bool, device=device)
-        banned = free.clone().index_fill_(0, eos, True) if min_new_tokens > 0 else free
-        token = choose(logits.masked_fill(banned, float("-inf")), self.sampling)[:, None]
-        done = torch.isin(token[:, 0], eos)
+        s.set_stops(logits.shape[-1], eos_token_ids, pad_token_id, ban_eos=min_new_tokens > 0)
+        token = choose(logits.masked_fill(s.banned, float("-inf")), self.sampling)
         if clock is not None:
             clock(input_ids, logits)
-        out = torch.full((batch, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
-        out[:, :1] = token
-        position, cache_position = position[:, -1:] + 1, cache_position[-1:] + 1
-        pad = torch.tensor(pad_token_id, device=device)
+        s.done.copy_(torch.isin(token, s.eos))
+        s.token.copy_(token[:, None])
+        s.position.copy_(position[:, -1:] + 1)
+        s.cache_position.fill_(prompt)
+        s.tokens[:, prompt] = token
         fresh = self._step is None and self.compile_mode is not None  # this call compiles the step
         step, produced = self._compiled_step(), 1
         with self.split_head.local_logits() if self.split_head else nullcontext():
             while produced < max_new_tokens:
-                if produced >= min_new_tokens:
-                    banned = free
+                if produced == min_new_tokens:
+                    s.banned.zero_()  # EOS allowed from this token on
                 if self.compile_mode in ("reduce-overhead", "max-autotune"):  # the modes that capture CUDA graphs
-                    torch.compiler.cudagraph_mark_step_begin()  # a new replay may reuse the last outputs' memory
-                # the graph's outputs live in its pool and are overwritten by the next replay: keep copies
+                    torch.compiler.cudagraph_mark_step_begin()
                 skips = graph_skips_so_far()
-                token, position, cache_position, done = (t.clone() for t in step(
-                    token, position, cache_position, mask, done, banned, pad, eos))
+                step(*s.tensors())
                 if fresh:  # inductor decides at compile time whether the step can be a CUDA graph
                     self.graph_skips, fresh = graph_skips_so_far() - skips, False
-                out[:, produced:produced + 1] = token
                 produced += 1
                 if clock is not None:
                     clock(input_ids, logits)
-                if stop_check_due(produced, min_new_tokens, max_new_tokens, self.stop_check_every) and bool(done.all()):
+                if stop_check_due(produced, min_new_tokens, max_new_tokens, self.stop_check_every) and bool(s.done.all()):
                     break  # one device→host read per stop_check_every tokens, not per token
-        return torch.cat([input_ids, trim_finished(out[:, :produced], eos)], dim=1)
+        # a copy: the buffer is the next call's
+        return torch.cat([input_ids, trim_finished(s.tokens[:, prompt:prompt + produced].clone(), s.eos)], dim=1)
 
 
 def graph_skips_so_far() -> int:

@@ -82,6 +82,24 @@ def test_no_stop_check_waits_for_the_device_while_eos_is_banned(tiny_model, monk
     assert asked == [False, False] + [True] * 8 + [False]  # due once EOS may come, not after the last token
 
 
+def test_the_step_reads_and_updates_static_buffers_in_place(tiny_model):
+    """Every input of the decode step is a buffer marked static, at the same address call after call
+    (a CUDA graph then copies nothing in before a replay, and nothing is cloned out after it); a call
+    with other EOS ids or another number of them still gives generate's tokens."""
+    ids, mask = left_padded_batch(tiny_model.config.vocab_size)
+    engine = FastDecoder(tiny_model, compile_mode=None)
+    free_run = plain(tiny_model, ids, mask, 12, eos=[])
+    engine.generate(ids, mask, 12, [], pad_token_id=0)
+    assert all(getattr(t, "_dynamo_static_input_type", None) for t in engine.state.tensors())
+    kept = ("token", "position", "cache_position", "mask", "done", "pad", "tokens", "banned")
+    addresses = {name: getattr(engine.state, name).data_ptr() for name in kept}
+    for eos in ([int(free_run[0, ids.shape[1] + 3])], [int(free_run[1, ids.shape[1] + 2]), int(free_run[0, -1])]):
+        assert torch.equal(engine.generate(ids, mask, 12, eos, pad_token_id=0), plain(tiny_model, ids, mask, 12, eos))
+    assert {name: getattr(engine.state, name).data_ptr() for name in kept} == addresses  # only eos was resized
+    engine.generate(ids[:2], mask[:2], 12, [], pad_token_id=0)  # another batch: new buffers, as for the cache
+    assert engine.state.tokens.shape[0] == 2
+
+
 @pytest.mark.parametrize("rows", [3, 1])
 def test_joined_projections_run_one_matmul_per_group_with_generates_tokens(tiny_dir, rows):
     """fuse_projections: q/k/v and gate/up each run as one matmul in the compiled step (2 layers: 15
