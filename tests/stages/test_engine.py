@@ -100,6 +100,30 @@ def test_the_step_reads_and_updates_static_buffers_in_place(tiny_model):
     assert engine.state.tokens.shape[0] == 2
 
 
+def test_every_input_of_the_compiled_step_is_static(tiny_model):
+    """torch.compile's own account of the step's inputs (the log its CUDA graphs use to decide what
+    to copy before each replay, written on CPU too): weights, cache and every state buffer static,
+    none copied."""
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("torch._functorch._aot_autograd.frontend_utils.__cudagraph_static_inputs")
+    logger.addHandler(handler)
+    torch._logging.set_logs(cudagraph_static_inputs=True)
+    try:
+        ids, mask = left_padded_batch(tiny_model.config.vocab_size)
+        FastDecoder(tiny_model, compile_mode="reduce-overhead").generate(ids, mask, 4, [], 0)
+    finally:
+        torch._logging.set_logs()
+        logger.removeHandler(handler)
+    static = {m.rpartition("source ")[2] for m in seen if m.startswith("Adding static input")}
+    assert {f"L['{name}']" for name in ("token", "position", "cache_position", "mask", "done", "banned", "pad",
+                                        "eos", "tokens")} <= static
+    assert not [m for m in seen if m.startswith("Non-static input")]
+
+
 @pytest.mark.parametrize("rows", [3, 1])
 def test_joined_projections_run_one_matmul_per_group_with_generates_tokens(tiny_dir, rows):
     """fuse_projections: q/k/v and gate/up each run as one matmul in the compiled step (2 layers: 15
