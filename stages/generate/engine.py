@@ -104,10 +104,11 @@ class FastDecoder:
                  stop_check_every: int = 16, sampling: Sampling | None = None,
                  gqa_attention: bool = True, compile_prefill: bool = False,
                  coordinate_descent: bool = True, fuse_projections: bool = False,
-                 realize_opcount: int | None = None, decode_kernel: str = GQA_SDPA, pdl: bool = False) -> None:
+                 realize_opcount: int | None = None, decode_kernel: str = GQA_SDPA, pdl: bool = False,
+                 levers: str = "as set") -> None:
         self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
         self.decode_kernel, self.pdl = decode_kernel, pdl
-        self.levers = "as set"  # how the engine chose decode_kernel and pdl (auto_levers.py; a tag)
+        self.levers = levers  # how decode_kernel and pdl were chosen (auto_levers.py; a tag)
         self.coordinate_descent, self.realize_opcount = coordinate_descent, realize_opcount
         # q/k/v and gate/up as one matmul each in compiled code (eager calls run them apart, as before)
         self.fuse_projections = fuse_projections

@@ -127,8 +127,7 @@ class FastEngine:
             levers = auto_levers.for_model(model, c)  # after the shard stage: whether the layers are TP's
             found = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention,
                                 c.fast_compile_prefill, c.fast_coordinate_descent, self.joins_projections(model),
-                                c.fast_realize_opcount, levers.decode_attention, levers.pdl)
-            found.levers = levers.why
+                                c.fast_realize_opcount, levers.decode_attention, levers.pdl, levers.why)
             model._optipipe_fast_decoder = found
         return found
 
