@@ -23,6 +23,11 @@ def cuda_devices_in_use(model: torch.nn.Module | None = None) -> list[int]:
     return sorted(found)
 
 
+def parameter_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def input_device(model: torch.nn.Module) -> torch.device:
     """Where inputs go: the first device of an accelerate placement (disk and meta mean CPU)."""
     placement = getattr(model, "hf_device_map", None)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline import measure
 from stages.attention.split_kv_decode import decode_attention, reserve_counts
 
 NAME = "optipipe_gqa_decode"
@@ -76,7 +77,7 @@ class GqaDecodeAttention:
         self.before = getattr(self.config, "_attn_implementation", None)
         self.active = self.before == "sdpa" and _is_gqa(self.config)
         self.kernel = kernel  # SDPA on the packed heads, or SPLIT_KV (stages/attention/split_kv_decode.py; CUDA)
-        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))  # where its cache lives
+        self.device = measure.parameter_device(model)  # where its cache lives
 
     def __enter__(self) -> "GqaDecodeAttention":
         if self.active:

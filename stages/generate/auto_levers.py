@@ -15,8 +15,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from pipeline import measure
 from stages import kernel_launch
 from stages.attention.gqa_decode import SDPA, SPLIT_KV
 from stages.shard.tp_layers import holds_shards
@@ -51,7 +50,7 @@ def decide(kernel: str, pdl: bool | None, tensor_parallel: bool, split_kv_ok: bo
 
 def for_model(model: Any, settings: Any) -> Levers:
     """``decide`` for ``model`` as it is now (sharded or not, on its device) and ``settings`` (generate's)."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = measure.parameter_device(model)
     cuda = device.type == "cuda"
     split_kv_ok = cuda and settings.fast_gqa_attention and importlib.util.find_spec("triton") is not None
     return decide(settings.fast_decode_attention, settings.fast_pdl, holds_shards(model), split_kv_ok,

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from pipeline import measure
 from stages import kernel_launch
 from stages.generate.clock import StepClock
 from stages.generate.joined_projections import MergeRepeatedOps, join as join_projections
@@ -26,6 +27,9 @@ from stages.generate.step_state import StepState
 from stages.attention.gqa_decode import NAME as GQA_DECODE_ATTENTION, SDPA as GQA_SDPA, GqaDecodeAttention
 from stages.shard import agreed_tuning, all_reduce_norm
 from stages.shard.tp_layers import split_head
+
+
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that capture CUDA graphs
 
 
 @dataclass
@@ -248,17 +252,16 @@ class FastDecoder:
         emits it on a Hopper or newer GPU), or stream_order (each starts when the last has ended)."""
         if not self.launches_dependent():
             return "stream_order"
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        if not kernel_launch.capable(device):
+        if not kernel_launch.capable(measure.parameter_device(self.model)):
             return "stream_order (programmatic dependent launch needs compute capability 9.0)"
         return "programmatic_dependent"
 
     def cuda_graphs(self) -> str:
         """Whether the compiled step runs as a CUDA graph, as its mode asks (for the run's tags): a step
         that inductor could not capture still runs, kernel launch by launch, and much slower at batch 1."""
-        if self.compile_mode not in ("reduce-overhead", "max-autotune"):
+        if self.compile_mode not in GRAPH_MODES:
             return f"not asked (compile mode {self.compile_mode})"
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        device = measure.parameter_device(self.model)
         if device.type != "cuda":
             return f"none ({device.type}: CUDA graphs are a CUDA feature)"
         if self.graph_skips is None:
@@ -313,9 +316,9 @@ class FastDecoder:
             while produced < max_new_tokens:
                 if produced == min_new_tokens:
                     s.banned.zero_()  # EOS allowed from this token on
-                if self.compile_mode in ("reduce-overhead", "max-autotune"):  # the modes that capture CUDA graphs
+                if self.compile_mode in GRAPH_MODES:
                     torch.compiler.cudagraph_mark_step_begin()
-                skips = graph_skips_so_far()
+                skips = graph_skips_so_far() if fresh else 0
                 step(*s.tensors())
                 if fresh:  # inductor decides at compile time whether the step can be a CUDA graph
                     self.graph_skips, fresh = graph_skips_so_far() - skips, False

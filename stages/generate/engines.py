@@ -187,12 +187,9 @@ def pdl_problems(c: Any, root: Any) -> list[Problem]:
     if not root.stages["load"].device().startswith("cuda"):
         out.append(Problem("generate.fast_pdl", "programmatic dependent launch is a feature of CUDA GPUs "
                            "(compute capability 9.0 and newer)", "generate.fast_pdl=false (on CPU)"))
-    else:
-        from torch._inductor import config as inductor_config
-
-        if not hasattr(inductor_config.triton, "enable_pdl"):
-            out.append(Problem("generate.fast_pdl", f"this torch ({torch.__version__}) has no inductor option "
-                               "triton.enable_pdl", "generate.fast_pdl=false, or a newer torch"))
+    elif not auto_levers.inductor_has_pdl():
+        out.append(Problem("generate.fast_pdl", f"this torch ({torch.__version__}) has no inductor option "
+                           "triton.enable_pdl", "generate.fast_pdl=false, or a newer torch"))
     return out
 
 
