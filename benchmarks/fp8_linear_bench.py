@@ -89,6 +89,12 @@ def main() -> None:
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fp8_linear_bench.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(results: list[dict]) -> None:
+    """One markdown row per (variant, rows): µs per call (weight GB/s) for each shape, and the
+    per-token total over 32 layers and the head."""
     print(f"\n{torch.cuda.get_device_name()} · torch {torch.__version__}\n")
     print("| variant | rows | " + " | ".join(f"{s} µs (GB/s)" for s in SHAPES) + " | ms/token |")
     print("|---|---|" + "---|" * (len(SHAPES) + 1))
@@ -100,7 +106,6 @@ def main() -> None:
             per_token = (sum(got[s]["us"] * per for s, (_, per) in SHAPES.items()) / 1e3
                          if all("us" in got.get(s, {}) for s in SHAPES) else float("nan"))
             print(f"| {name} | {m} | " + " | ".join(cells) + f" | {per_token:.2f} |")
-
 
 if __name__ == "__main__":
     main()

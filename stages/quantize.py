@@ -169,6 +169,15 @@ TORCHAO_WEIGHTS = ("int4", "int8", "fp8")
 # by how much).
 TORCHAO_ACTIVATIONS = {"int4": ("none",), "int8": ("none",), "fp8": ("dynamic",)}
 FP8_MIN_CAPABILITY = 8.9  # FP8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
+# the class torchao makes each int4 weight on each device: how apply checks the kernel named is the one that runs
+INT4_WEIGHT_CLASS = {"tinygemm": "Int4TilePackedTo4dTensor", "cpu": "IntxUnpackedToInt8Tensor"}
+
+
+def int4_kernel(device: str) -> tuple[str, str]:
+    """(the int4 kernel a job runs, what it is), for the run's tags."""
+    if device.startswith("cuda"):
+        return "tinygemm", "torchao's int4 CUDA kernel, made for one activation row"
+    return "cpu", "a CPU has no int4 matmul: the int4 grid is stored as int8, for quality measurements"
 
 
 def fp8_problems(device: str, capabilities: Callable[[], list[float] | None]) -> list[Problem]:
@@ -230,9 +239,9 @@ class TorchAo(BaseStage):
         batch = getattr(root.stages["generate"].cfg, "batch_size", 1)
         if c.weights == "int4" and load.device().startswith("cuda") and batch > 1:
             # tinygemm multiplies one activation row at a time well, many badly (BENCHMARKS.md, one GPU)
-            out.append(warning("quantize", f"int4 on CUDA runs tinygemm, made for one row: on an H200 it decoded "
-                               f"1.38× bf16 at batch 1 but 0.44× at batch 32, with a 2 s TTFT (batch "
-                               f"{batch} asked; sizes between unmeasured)",
+            out.append(warning("quantize", f"int4 on CUDA runs tinygemm, made for one row: on H200s it decoded "
+                               f"1.01–1.38× bf16 at batch 1 but 0.31–0.44× at batch 32, with a 2 s TTFT "
+                               f"(batch {batch} asked; sizes between unmeasured)",
                                "generate.batch_size=1, or quantize=int8_torchao / quantize=none for batches"))
         if dynamic_fp8:
             out += fp8_problems(load.device(), gpus.compute_capabilities)
@@ -271,7 +280,7 @@ class TorchAo(BaseStage):
             # per-row scales (the weights', and each activation row's): finer than one scale per
             # tensor, and what the FP8 row-wise scaled matmul takes
             return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-        if device.startswith("cuda"):
+        if int4_kernel(device)[0] == "tinygemm":
             return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
         from torchao.quantization import IntxWeightOnlyConfig, PerGroup
         from torchao.quantization.quant_primitives import MappingType
@@ -283,6 +292,7 @@ class TorchAo(BaseStage):
         from transformers import TorchAoConfig
 
         self.chosen_group = self.group_size(plan.model) if self.cfg.weights == "int4" else None
+        self.chosen_kernel = int4_kernel(plan.device) if self.cfg.weights == "int4" else None
         config = TorchAoConfig(self.torchao_config(plan.device, self.chosen_group),
                                include_input_output_embeddings=self.cfg.include_embeddings,
                                untie_embedding_weights=self.cfg.include_embeddings)
@@ -299,6 +309,11 @@ class TorchAo(BaseStage):
         if quantized == 0:
             raise StageError(self.name, f"asked for torchao {self.cfg.weights} but no Linear weight "
                              "was quantized", "quantize=none, or check the model's Linear shapes")
+        kernel = getattr(self, "chosen_kernel", None)
+        if kernel and set(kinds) != {INT4_WEIGHT_CLASS[kernel[0]]}:
+            raise StageError(self.name, f"int4 for {kernel[0]} should have made every quantized weight a "
+                             f"{INT4_WEIGHT_CLASS[kernel[0]]}; torchao made {kinds}",
+                             "quantize=int8_torchao, or pin torchao to the version in pyproject.toml")
         dtype = next(p.dtype for p in model.parameters() if not measure.is_wrapper(p))
         left = count_linear(model) - quantized
         sizes = size_metrics(model, quantized, left, str(dtype).removeprefix("torch."))
@@ -307,7 +322,8 @@ class TorchAo(BaseStage):
             metrics=sizes, across_ranks=SIZES_ACROSS_RANKS,
             tags={"quantize.method": f"torchao_{self.cfg.weights}", "quantize.format": str(kinds),
                   "quantize.activations": self.cfg.activations,
-                  "quantize.group_size": str(getattr(self, "chosen_group", None))},
+                  "quantize.group_size": str(getattr(self, "chosen_group", None)),
+                  **({"quantize.int4_kernel": f"{kernel[0]} ({kernel[1]})"} if kernel else {})},
             summary=f"torchao {self.cfg.weights} {self.activation_words()}: {quantized} layers "
                     f"({', '.join(kinds)}), {left} left, {before / 2**30:.2f} → {after / 2**30:.2f} GiB")
 

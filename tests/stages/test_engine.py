@@ -325,11 +325,19 @@ def test_split_kv_kernel_on_the_gpu(tiny_model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_int4_torchao_uses_the_cuda_kernel_and_compiles(tmp_path):
-    result, _ = stage_output(tmp_path / "q", "model=tiny_random", "+model.config_overrides.hidden_size=256",
-                             "+model.config_overrides.intermediate_size=512", "load.dtype=bfloat16",
-                             "quantize=int4_torchao", "generate=fast", "generate.max_new_tokens=8")
+@pytest.mark.parametrize("batch", [1, 4])
+def test_int4_torchao_uses_the_cuda_kernel_and_compiles(tmp_path, batch):
+    overrides = ("model=tiny_random", "+model.config_overrides.hidden_size=256",
+                 "+model.config_overrides.intermediate_size=512", "load.dtype=bfloat16", "quantize=int4_torchao",
+                 "generate=fast", "generate.max_new_tokens=8", f"generate.batch_size={batch}")
+    resolved = resolve(composed("tracker=none", "generate.warmup=1", "generate.repeats=2", *overrides))
+    ctx = open_context(resolved, make_plan(resolved), tmp_path)
+    tags: dict[str, str] = {}
+    for name in ("quantize", "convert", "shard", "generate"):
+        result = resolved.stages[name].apply(ctx)
+        tags.update(result.tags)
     assert result.metrics["recompiles_timed"] == 0 and result.metrics["mbu"] > 0
+    assert tags["quantize.int4_kernel"].startswith("tinygemm (") and tags["generate.cuda_graphs"] == "captured"
 
 
 @pytest.mark.gpu

@@ -89,6 +89,10 @@ def test_torchao_options_quantize_and_compile_with_the_fast_engine(tmp_path, opt
     assert result.metrics["quantized_layers"] == 2 * 7
     assert result.metrics["compression"] > min_compression  # the embedding and head stay bf16
     assert result.tags["quantize.activations"] == "none"
+    if option == "int4_torchao":  # the tag says a CPU has no int4 kernel
+        assert result.tags["quantize.int4_kernel"].startswith("cpu (a CPU has no int4 matmul")
+    else:
+        assert "quantize.int4_kernel" not in result.tags
     for name in ("convert", "shard"):
         resolve(composed("tracker=none", *overrides)).stages[name].apply(ctx)
     gen = resolve(composed("tracker=none", *overrides)).stages["generate"]
@@ -124,7 +128,17 @@ def test_int4_on_cuda_warns_that_batches_decode_slower_than_bf16():
 
     assert warnings(1, "cuda") == [] and warnings(32, "cpu") == []  # one row; CPU has no tinygemm
     (message,) = warnings(32, "cuda")
-    assert "0.44× at batch 32" in message and "batch 32 asked" in message
+    assert "0.31–0.44× at batch 32" in message and "batch 32 asked" in message
+
+
+def test_int4_weights_of_another_kernel_than_named_fail_the_run(tmp_path, monkeypatch):
+    from stages import quantize
+
+    # as if this CPU's int4 were tinygemm's: torchao makes int8-stored weights here, not tinygemm's tiles
+    monkeypatch.setitem(quantize.INT4_WEIGHT_CLASS, "cpu", "Int4TilePackedTo4dTensor")
+    with pytest.raises(StageError, match="should have made every quantized weight a Int4TilePackedTo4dTensor"):
+        quantized(tmp_path, "model=tiny_random", "+model.config_overrides.hidden_size=256",
+                  "+model.config_overrides.intermediate_size=512", "quantize=int4_torchao")
 
 
 def test_fp8_is_refused_on_a_cpu_and_on_gpus_without_fp8_tensor_cores():
