@@ -1,9 +1,12 @@
 """One Linear layer of Llama-3-8B's shapes at 1, 32 and 4096 activation rows (batch 1 and 32 decode, a
-batch of 32 prompts of 128 tokens): bf16 cuBLAS against torchao's two int4 kernels — tinygemm
-(``quantize.int4_kernel=tinygemm``, bf16) and gemlite (``quantize.int4_kernel=gemlite``, float16) —
-each timed under a CUDA graph after one untimed call (gemlite autotunes there). Also prints how long
-each int4 form took to quantize a weight and to make its first call, the costs a run pays at load and
-in its warmup. The output head stays bf16 in the int4 rows, as ``quantize=int4_torchao`` leaves it.
+batch of 32 prompts of 128 tokens): bf16 cuBLAS against two int4 kernels torchao 0.18 can call —
+tinygemm (what ``quantize=int4_torchao`` runs on CUDA, bf16 activations) and gemlite's Triton kernels
+(torchao's ``UIntxWeightOnlyConfig``; float16 activations, since torchao builds those layers from
+float16 scales; needs ``pip install gemlite==0.5.1.post1``, which is not an optipipe dependency: 0.6
+hands torchao 0.18 four tensors where it takes three) — each timed under a CUDA graph after one untimed
+call (gemlite picks its kernel's configuration there). Also prints how long each int4 form took to
+quantize a weight and to make its first call. The output head stays bf16 in the int4 rows, as
+``quantize=int4_torchao`` leaves it. Says whether a 4-bit kernel at hand can beat bf16 at a batch.
 
     python benchmarks/int4_linear_bench.py [--rows 1,32,4096] [--group 128] [--out DIR]     (CUDA only)
 """
