@@ -19,6 +19,7 @@ import gc
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from pipeline import console
+from pipeline import console, stopping
 from pipeline.config import compose
 from pipeline.contract import STAGE_ORDER, ConfigProblems, DistInfo, LoadPlan, RunContext
 from pipeline.runner import make_plan, open_context
@@ -79,13 +80,15 @@ def open_entry(entry: Entry, args: argparse.Namespace, workdir: Path):
     return resolved, ctx, {}
 
 
-def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]]:
+def measure_entry(entry: Entry, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """One configuration at every batch size; each row joins ``rows`` as it is measured, so a later
+    failure or a stop keeps it."""
     from pipeline import measure
 
     workdir = Path(args.out) / "work" / slug(entry.label)
     workdir.mkdir(parents=True, exist_ok=True)
     resolved, ctx, tags = open_entry(entry, args, workdir)
-    generate, rows = resolved.stages["generate"], []
+    generate = resolved.stages["generate"]
     for batch in args.batches:
         generate.cfg.batch_size = batch
         result = generate.apply(ctx)
@@ -100,11 +103,19 @@ def measure_entry(entry: Entry, args: argparse.Namespace) -> list[dict[str, Any]
             (Path(args.out) / f"profile_{slug(entry.label)}_b{batch}.md").write_text(text)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    del ctx
+
+
+def unmeasured(entry: Entry, args: argparse.Namespace, rows: list[dict[str, Any]], why: str) -> list[dict[str, Any]]:
+    """A row for each batch size of ``entry`` that has no numbers, saying why (failed / stopped)."""
+    done = {r["batch"] for r in rows if r["config"] == entry.label}
+    return [{"config": entry.label, "batch": b, "error": why} for b in args.batches if b not in done]
+
+
+def free_memory() -> None:
+    """What one configuration's model held, before the next loads."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return rows
 
 
 def slug(label: str) -> str:
@@ -116,8 +127,8 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     that ratio is: ``x_plain_pm`` is half the repeats' spread of both rows, relative, times the ratio
     (the row's and plain's medians could each sit anywhere in their repeats' range)."""
     nan = float("nan")
-    plain = {r["batch"]: r for r in rows if r["config"] == "plain"}
-    for r in rows:
+    plain = {r["batch"]: r for r in rows if r["config"] == "plain" and "error" not in r}
+    for r in (r for r in rows if "error" not in r):  # a row without numbers has no ratio either
         base = plain.get(r["batch"], {})
         r["x_plain"] = r.get("decode_tokens_per_s", nan) / base.get("decode_tokens_per_s", nan)
         spread = r.get("decode_tokens_per_s_spread_pct", 0.0) + (
@@ -148,6 +159,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     nan = float("nan")
     for r in rows:
+        if "error" in r:  # no numbers: the reason is listed under the table
+            lines.append(f"| {r['config']} | {r['batch']} | " + " | ".join(["n/a"] * (len(head) - 2)) + " |")
+            continue
         peak = r.get("memory_peak_allocated_gib", r.get("memory_peak_rss_gib", nan))
         cells = (r["config"], r["batch"], r["compiled"], cell(r.get("decode_tokens_per_s"), 1), ratio_cell(r),
                  cell(r.get("ttft_ms_p50"), 1), cell(r.get("itl_ms_p50"), 2), cell(r.get("itl_ms_p90"), 2),
@@ -158,12 +172,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     if bandwidth:  # CUDA rows: the limit each row is held against
         lines += ["", f"floor tok/s: the rate at which one decode step only reads its bytes (weights + KV cache) at "
                       f"the card's measured copy bandwidth, {bandwidth:.0f} GB/s; MBU = decode tok/s ÷ floor tok/s"]
+    missing = [r for r in rows if "error" in r]
+    if missing:
+        lines += ["", "rows without numbers:"] + [f"- {r['config']}, batch {r['batch']}: {r['error']}" for r in missing]
     return "\n".join(lines)
 
 
-def track(args: argparse.Namespace, rows: list[dict[str, Any]], files: list[Path]) -> str | None:
-    """One parent run for the bench, one child per (configuration, batch): ``optipipe report
-    --parent`` reads it like a sweep."""
+def track(args: argparse.Namespace, rows: list[dict[str, Any]], files: list[Path], status: str) -> str | None:
+    """One parent run for the bench (``status``: FINISHED, or KILLED when it was stopped), one child
+    per (configuration, batch): ``optipipe report --parent`` reads it like a sweep. A row without
+    numbers is a child FAILED (or KILLED, the row a stop cut short) with its reason."""
     from pipeline.config import TrackerSettings
     from pipeline.contract import StageResult
     from pipeline.environment import describe
@@ -180,11 +198,15 @@ def track(args: argparse.Namespace, rows: list[dict[str, Any]], files: list[Path
         child.start(JobInfo(run_name=f"{r['config']} b{r['batch']}", params={"bench.config": r["config"],
                             "generate.batch_size": r["batch"], "model": args.model},
                             tags={**r.get("tags", {}), "optipipe.overrides": f"{r['config']} batch={r['batch']}",
-                                  "bench.compiled": r["compiled"]}, artifacts=[], parent_run_id=parent.run_id))
+                                  "bench.compiled": r.get("compiled", "n/a")}, artifacts=[],
+                            parent_run_id=parent.run_id))
+        if "error" in r:
+            child.finish("KILLED" if r["error"].startswith(STOPPED) else "FAILED", error=r["error"])
+            continue
         numbers = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "batch"}
         child.log_result("generate", StageResult(metrics=numbers))
         child.finish("FINISHED")
-    parent.finish("FINISHED")
+    parent.finish(status)
     return parent.run_id
 
 
@@ -229,6 +251,20 @@ def header(argv: list[str]) -> str:
                       f"versions: {versions}", f"commit: {env['git_commit'] or 'not a git checkout'}"])
 
 
+STOPPED = "stopped"  # how the error of a row a Ctrl-C or SIGTERM cut short begins
+
+
+def write(out: Path, argv: list[str], args: argparse.Namespace, rows: list[dict[str, Any]], start: float,
+          state: str) -> str:
+    """bench.json and bench.md as they stand (``state``: running, complete, or how it was stopped),
+    rewritten after every configuration so a bench that dies keeps what it measured."""
+    md = table(with_ratios(rows))
+    (out / "bench.json").write_text(json.dumps({"args": vars(args), "state": state, "seconds": time.time() - start,
+                                                "rows": rows}, indent=2, default=str))
+    (out / "bench.md").write_text(header(argv) + f"\n\nstate: {state}\n\n" + md + "\n")
+    return md
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
     try:  # every configuration is validated before the first model loads (and before any folder exists)
@@ -240,16 +276,41 @@ def main(argv: list[str]) -> int:
     out = Path(args.out) / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"  # never over an earlier bench
     out.mkdir(parents=True)
     args.out = str(out)
-    start, rows = time.time(), []
-    for entry in entries(args):
-        rows += measure_entry(entry, args)
-    rows = with_ratios(rows)
-    md = table(rows)
-    (out / "bench.json").write_text(json.dumps({"args": vars(args), "seconds": time.time() - start,
-                                                "rows": rows}, indent=2, default=str))
-    (out / "bench.md").write_text(header(argv) + "\n\n" + md + "\n")
-    print("\n" + md, flush=True)  # plain print: a Markdown table must not be wrapped
-    if not args.no_track:
-        run_id = track(args, rows, [out / "bench.json", out / "bench.md", *sorted(out.glob("profile_*.md"))])
-        console.out.print(f"\nMLflow: parent run {run_id} (optipipe report --parent {run_id})")
-    return 0
+    # `timeout`, a scheduler's cancel: stop as on Ctrl-C, keeping the rows measured so far
+    previous = signal.signal(signal.SIGTERM, stopping.raise_terminated)
+    try:
+        return measure_all(args, argv, out)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def measure_all(args: argparse.Namespace, argv: list[str], out: Path) -> int:
+    """Every configuration in turn; a failing one gives rows without numbers and the bench goes on, a
+    stop keeps what was measured. 0: every row measured, 1: some failed, 130/143: stopped."""
+    start, rows, stopped, state = time.time(), [], None, "complete"
+    try:
+        for entry in entries(args):
+            try:
+                measure_entry(entry, args, rows)
+            except Exception as e:  # a configuration that cannot run here (memory, a kernel) ends its rows only
+                first_line = (str(e).strip().splitlines() or [""])[0][:300]
+                why = f"failed: {type(e).__name__}: {first_line}"
+                console.err.print(f"optipipe bench: {entry.label}: {why}")
+                rows += unmeasured(entry, args, rows, why)
+            free_memory()
+            write(out, argv, args, rows, start, "running")
+    except KeyboardInterrupt as e:
+        stopped, state = e, stopping.interrupted_why(e)
+        console.err.print(f"optipipe bench: {state}; the rows measured so far are kept")
+        for entry in entries(args):  # the row it cut short and those it never reached
+            rows += unmeasured(entry, args, rows, f"{STOPPED}: {state}")
+    with stopping.signals_held():  # a second signal must not leave the files or the runs half written
+        md = write(out, argv, args, rows, start, state)
+        print("\n" + md, flush=True)  # plain print: a Markdown table must not be wrapped
+        if not args.no_track:
+            files = [out / "bench.json", out / "bench.md", *sorted(out.glob("profile_*.md"))]
+            run_id = track(args, rows, files, "KILLED" if stopped else "FINISHED")
+            console.out.print(f"\nMLflow: parent run {run_id} (optipipe report --parent {run_id})")
+    if stopped is not None:
+        return stopping.exit_code(stopped)
+    return 1 if any("error" in r for r in rows) else 0

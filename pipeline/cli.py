@@ -1,7 +1,7 @@
 """The ``optipipe`` command: Hydra composes, we validate, run and report. Nothing else lives here.
 
 Exit codes: 0 done, 1 a stage failed (run marked FAILED), 2 a configuration problem (nothing
-loaded, nothing written to the store), 130 interrupted.
+loaded, nothing written to the store), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pipeline.tracking import PARENT_ENV, RESUME_KEYS, JobInfo, make_tracker
 from pipeline.resolved import Resolved
 from pipeline.validate import resolve
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
+EXIT_FAILED, EXIT_CONFIG = 1, 2
 _state = {"job_started": False}
 
 
@@ -210,7 +210,7 @@ def main() -> None:
         status = "KILLED"
         terminated = isinstance(e, stopping.Terminated)
         console.err.print(f"[bold red]optipipe: {'terminated (SIGTERM)' if terminated else 'interrupted'}[/]")
-        sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+        sys.exit(stopping.exit_code(e))
     except SystemExit as e:
         if e.code == 1 and not _state["job_started"]:
             # Hydra could not compose (unknown key, unknown option): a configuration problem.

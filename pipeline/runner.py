@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +11,7 @@ import torch
 
 from pipeline import quiet_timing
 from pipeline.contract import DistInfo, LoadPlan, RunContext, StageError, StageResult
-from pipeline.stopping import interrupted_why
+from pipeline.stopping import interrupted_why, signals_held
 from pipeline.tracking import JobInfo, Tracker
 from pipeline.resolved import Resolved
 
@@ -82,15 +80,8 @@ def finish_run(tracker: Tracker, status: str, error: str | None = None) -> None:
     """End the run; a second Ctrl-C (or a SIGTERM) arriving meanwhile would stop the closing half
     way and leave the run RUNNING, so both wait until it is closed (the first one already decided
     how the process ends)."""
-    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
+    with signals_held():
         tracker.finish(status, error)
-        return
-    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        tracker.finish(status, error)
-    finally:
-        for sig, handler in held.items():
-            signal.signal(sig, handler)
 
 
 def out_of_memory(e: BaseException) -> bool:

@@ -110,3 +110,105 @@ def test_kernel_names_fall_into_categories():
     assert category("triton_poi_fused__to_copy_bmm_cat_cos_index_copy_mm_mul_neg") == "other"  # pointwise: no matmul
     assert category("triton_poi_fused__to_copy_add_arange_bmm_cat_cos_index_copy_mul_neg_sin_slice") == "other"
     assert category("triton_tem_fused_mm_0") == category("aten::mm") == "matmul"  # max-autotune's templates
+
+
+def fake_row(config: str, batch: int) -> dict:
+    """A measured row as measure_entry appends it (numbers made up: these tests are about the bench's
+    bookkeeping, not about measuring, which the tiny-model test above does)."""
+    return {"config": config, "batch": batch, "compiled": "False", "weight_bytes": 2.0**30,
+            "decode_tokens_per_s": 100.0 * batch, "ttft_ms_p50": 5.0, "itl_ms_p50": 10.0, "itl_ms_p90": 11.0,
+            "tags": {}}
+
+
+def bench_in_process(tmp_path, monkeypatch, measure) -> tuple[int, dict, str, list]:
+    """``optipipe bench`` in this process with ``measure`` standing in for measure_entry: (exit code,
+    bench.json, bench.md, MLflow runs)."""
+    import signal
+
+    from pipeline import bench
+
+    monkeypatch.setattr(bench, "measure_entry", measure)
+    before = signal.getsignal(signal.SIGTERM)
+    store = tmp_path / "mlflow.db"
+    code = bench.main(["--model", "tiny_random", "--batches", "1,2", "--baselines", "", "--out", str(tmp_path / "b"),
+                       "--tracker-uri", f"sqlite:///{store}", "--configs", "convert=sdpa", "generate=fast",
+                       "convert=eager"])
+    assert signal.getsignal(signal.SIGTERM) is before  # the bench's SIGTERM handler does not outlive it
+    (folder,) = (tmp_path / "b").iterdir()
+    _, runs = mlflow_runs(store)
+    return code, json.loads((folder / "bench.json").read_text()), (folder / "bench.md").read_text(), runs
+
+
+def test_a_failing_configuration_costs_its_rows_only_and_says_why(tmp_path, monkeypatch):
+    def measure(entry, args, rows):
+        rows.append(fake_row(entry.label, 1))
+        if entry.label == "generate=fast":  # batch 1 measured, then batch 2 fails
+            raise RuntimeError("CUDA error: no kernel image is available\nsecond line")
+        rows.append(fake_row(entry.label, 2))
+
+    code, data, md, runs = bench_in_process(tmp_path, monkeypatch, measure)
+    assert code == 1 and data["state"] == "complete"
+    rows = {(r["config"], r["batch"]): r for r in data["rows"]}
+    assert len(rows) == 6 and "error" not in rows["generate=fast", 1] and "error" not in rows["convert=eager", 2]
+    assert rows["generate=fast", 2]["error"] == "failed: RuntimeError: CUDA error: no kernel image is available"
+    assert "- generate=fast, batch 2: failed: RuntimeError: CUDA error" in md and "state: complete" in md
+    assert "| generate=fast | 2 | n/a |" in md
+    children = {r.data.tags["mlflow.runName"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert children["generate=fast b2"].info.status == "FAILED"
+    assert "no kernel image" in children["generate=fast b2"].data.tags["optipipe.error"]
+    assert {c.info.status for name, c in children.items() if name != "generate=fast b2"} == {"FINISHED"}
+    (parent,) = [r for r in runs if r.data.tags.get("optipipe.bench") == "true"]
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_stopped_bench_keeps_what_it_measured_and_ends_killed(tmp_path, monkeypatch):
+    from pipeline import stopping
+
+    def measure(entry, args, rows):
+        rows.append(fake_row(entry.label, 1))
+        if entry.label == "generate=fast":  # as SIGTERM arrives in its batch-2 run
+            raise stopping.Terminated
+        rows.append(fake_row(entry.label, 2))
+
+    code, data, md, runs = bench_in_process(tmp_path, monkeypatch, measure)
+    assert code == 143 and data["state"] == "terminated (SIGTERM)" and "state: terminated (SIGTERM)" in md
+    rows = {(r["config"], r["batch"]): r.get("error") for r in data["rows"]}
+    assert rows == {("convert=sdpa", 1): None, ("convert=sdpa", 2): None, ("generate=fast", 1): None,
+                    ("generate=fast", 2): "stopped: terminated (SIGTERM)",
+                    ("convert=eager", 1): "stopped: terminated (SIGTERM)",
+                    ("convert=eager", 2): "stopped: terminated (SIGTERM)"}
+    (parent,) = [r for r in runs if r.data.tags.get("optipipe.bench") == "true"]
+    assert parent.info.status == "KILLED"
+    statuses = sorted(r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags)
+    assert statuses == ["FINISHED"] * 3 + ["KILLED"] * 3
+
+
+@pytest.mark.slow
+def test_sigterm_mid_bench_keeps_the_measured_configuration(tmp_path):
+    """`timeout` or a scheduler's cancel, for real: the first configuration's rows survive."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "bench", "--model", "tiny_random", "--batches", "1",
+                             "--prompt", "8", "--new", "6", "--repeats", "1", "--warmup", "1", "--baselines", "",
+                             "--out", str(tmp_path / "b"), "--configs", "convert=sdpa", "generate=fast"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("b/*/bench.json")):  # written after each configuration
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output
+    data = json.loads(next(tmp_path.glob("b/*/bench.json")).read_text())
+    assert data["state"] == "terminated (SIGTERM)"
+    first, second = data["rows"]
+    assert first["config"] == "convert=sdpa" and first["decode_tokens_per_s"] > 0
+    assert second == {"config": "generate=fast", "batch": 1, "error": "stopped: terminated (SIGTERM)"}
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED", "KILLED"]
