@@ -35,9 +35,9 @@ def exit_code(e: KeyboardInterrupt) -> int:
 
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done: closing a run or writing its results must not
-    stop half way (the first signal already decided how the process ends). Signals are the main
-    thread's; elsewhere the block runs as it is."""
+    """Ctrl-C and SIGTERM are ignored while the block runs: closing a run or writing its results must
+    not stop half way, and the first signal already decided how the process ends. Signals are the
+    main thread's; elsewhere the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
