@@ -22,9 +22,10 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -230,7 +231,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument("--profile", action="store_true",
                    help="after timing, one generate under the profiler per row: profile_<config>_b<batch>.md")
+    p.add_argument("--config-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a configuration still running after this long (load, compile and every batch size) "
+                        "fails with that reason and the bench goes on (default: no limit)")
     args = p.parse_args(argv)
+    if args.config_timeout is not None and not args.config_timeout > 0:
+        p.error(f"--config-timeout must be a positive number of seconds, not {args.config_timeout}")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.baselines = [b for b in args.baselines.split(",") if b]
     unknown = [b for b in args.baselines if b not in BASELINES]
@@ -252,6 +258,31 @@ def header(argv: list[str]) -> str:
 
 
 STOPPED = "stopped"  # how the error of a row a Ctrl-C or SIGTERM cut short begins
+
+
+class ConfigTimeout(BaseException):
+    """A configuration ran past ``--config-timeout``. Not an Exception: code inside a configuration
+    (a compiler falling back on any error, say) must not swallow it."""
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise ConfigTimeout in this (the main) thread once ``seconds`` have passed; None: no limit.
+    A call that never returns to Python (a hung collective) is beyond its reach."""
+    if seconds is None:
+        yield
+        return
+
+    def expire(signum, frame) -> None:
+        raise ConfigTimeout(f"still running after --config-timeout {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def write(out: Path, argv: list[str], args: argparse.Namespace, rows: list[dict[str, Any]], start: float,
@@ -291,8 +322,9 @@ def measure_all(args: argparse.Namespace, argv: list[str], out: Path) -> int:
     try:
         for entry in entries(args):
             try:
-                measure_entry(entry, args, rows)
-            except Exception as e:  # a configuration that cannot run here (memory, a kernel) ends its rows only
+                with time_limit(args.config_timeout):
+                    measure_entry(entry, args, rows)
+            except (Exception, ConfigTimeout) as e:  # one that cannot run here (memory, a kernel, a hang) ends its rows only
                 first_line = (str(e).strip().splitlines() or [""])[0][:300]
                 why = f"failed: {type(e).__name__}: {first_line}"
                 console.err.print(f"optipipe bench: {entry.label}: {why}")

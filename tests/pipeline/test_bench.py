@@ -120,7 +120,7 @@ def fake_row(config: str, batch: int) -> dict:
             "tags": {}}
 
 
-def bench_in_process(tmp_path, monkeypatch, measure) -> tuple[int, dict, str, list]:
+def bench_in_process(tmp_path, monkeypatch, measure, *more: str) -> tuple[int, dict, str, list]:
     """``optipipe bench`` in this process with ``measure`` standing in for measure_entry: (exit code,
     bench.json, bench.md, MLflow runs)."""
     import signal
@@ -128,12 +128,13 @@ def bench_in_process(tmp_path, monkeypatch, measure) -> tuple[int, dict, str, li
     from pipeline import bench
 
     monkeypatch.setattr(bench, "measure_entry", measure)
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM)
     store = tmp_path / "mlflow.db"
     code = bench.main(["--model", "tiny_random", "--batches", "1,2", "--baselines", "", "--out", str(tmp_path / "b"),
                        "--tracker-uri", f"sqlite:///{store}", "--configs", "convert=sdpa", "generate=fast",
-                       "convert=eager"])
-    assert signal.getsignal(signal.SIGTERM) is before  # the bench's SIGTERM handler does not outlive it
+                       "convert=eager", *more])
+    # the bench's SIGTERM and SIGALRM handlers do not outlive it
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM)) == before
     (folder,) = (tmp_path / "b").iterdir()
     _, runs = mlflow_runs(store)
     return code, json.loads((folder / "bench.json").read_text()), (folder / "bench.md").read_text(), runs
@@ -181,6 +182,31 @@ def test_a_stopped_bench_keeps_what_it_measured_and_ends_killed(tmp_path, monkey
     assert parent.info.status == "KILLED"
     statuses = sorted(r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags)
     assert statuses == ["FINISHED"] * 3 + ["KILLED"] * 3
+
+
+def test_a_configuration_past_its_time_limit_fails_and_the_bench_goes_on(tmp_path, monkeypatch):
+    import time
+
+    def measure(entry, args, rows):
+        rows.append(fake_row(entry.label, 1))
+        if entry.label == "generate=fast":  # hangs in its batch-2 run
+            time.sleep(30)
+        rows.append(fake_row(entry.label, 2))
+
+    start = time.time()
+    code, data, md, runs = bench_in_process(tmp_path, monkeypatch, measure, "--config-timeout", "1.5")
+    assert time.time() - start < 20 and code == 1 and data["state"] == "complete"
+    rows = {(r["config"], r["batch"]): r.get("error") for r in data["rows"]}
+    assert rows.pop(("generate=fast", 2)) == "failed: ConfigTimeout: still running after --config-timeout 1.5 s"
+    assert set(rows.values()) == {None}  # the rows before it and the configuration after it: measured
+    assert "- generate=fast, batch 2: failed: ConfigTimeout" in md
+
+
+def test_config_timeout_must_be_positive(tmp_path):
+    proc = run_cli("bench", "--model", "tiny_random", "--config-timeout", "0", "--configs", "generate=fast",
+                   "--no-track", "--out", str(tmp_path / "b"), cwd=tmp_path, check=2)
+    assert "--config-timeout must be a positive number of seconds" in proc.stderr
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow
