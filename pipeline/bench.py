@@ -106,6 +106,9 @@ def measure_entry(entry: Entry, args: argparse.Namespace, rows: list[dict[str, A
         print(json.dumps(row), flush=True)
 
 
+STOPPED = "stopped"  # how the error of a row a Ctrl-C or SIGTERM cut short begins
+
+
 def unmeasured(entry: Entry, args: argparse.Namespace, rows: list[dict[str, Any]], why: str) -> list[dict[str, Any]]:
     """A row for each batch size of ``entry`` that has no numbers, saying why (failed / stopped)."""
     done = {r["batch"] for r in rows if r["config"] == entry.label}
@@ -255,9 +258,6 @@ def header(argv: list[str]) -> str:
     return "\n".join([f"# optipipe bench · {time.strftime('%Y-%m-%d %H:%M')}", "",
                       f"command: `optipipe bench {' '.join(argv)}`", f"card: {cards}",
                       f"versions: {versions}", f"commit: {env['git_commit'] or 'not a git checkout'}"])
-
-
-STOPPED = "stopped"  # how the error of a row a Ctrl-C or SIGTERM cut short begins
 
 
 class ConfigTimeout(BaseException):

@@ -78,8 +78,8 @@ def check_budget(budget_gib: float | None, stage: str, result: StageResult) -> N
 
 def finish_run(tracker: Tracker, status: str, error: str | None = None) -> None:
     """End the run; a second Ctrl-C (or a SIGTERM) arriving meanwhile would stop the closing half
-    way and leave the run RUNNING, so both wait until it is closed (the first one already decided
-    how the process ends)."""
+    way and leave the run RUNNING, so both are ignored until it is closed (the first one already
+    decided how the process ends)."""
     with signals_held():
         tracker.finish(status, error)
 

@@ -231,13 +231,14 @@ class TorchAo(BaseStage):
         out += self._shape_rules(root)
         dynamic_fp8 = c.weights == "fp8" and c.activations == "dynamic"
         load = root.stages["load"]
-        # tinygemm (int4 on CUDA) takes bfloat16 activations; fp8's row-wise scaled matmul returns them
-        if (c.weights == "int4" or dynamic_fp8) and load.device().startswith("cuda") and load.torch_dtype_name() != "bfloat16":
-            kernel = "int4 CUDA kernel (tinygemm)" if c.weights == "int4" else "fp8 row-wise scaled matmul"
+        tinygemm = c.weights == "int4" and int4_kernel(load.device())[0] == "tinygemm"
+        # tinygemm takes bfloat16 activations; fp8's row-wise scaled matmul returns them
+        if (tinygemm or dynamic_fp8) and load.device().startswith("cuda") and load.torch_dtype_name() != "bfloat16":
+            kernel = "int4 CUDA kernel (tinygemm)" if tinygemm else "fp8 row-wise scaled matmul"
             out.append(Problem("load.dtype", f"torchao's {kernel} takes bfloat16 activations; the model loads "
                                f"as {load.torch_dtype_name()}", "load.dtype=bfloat16"))
         batch = getattr(root.stages["generate"].cfg, "batch_size", 1)
-        if c.weights == "int4" and load.device().startswith("cuda") and batch > 1:
+        if tinygemm and batch > 1:
             # tinygemm multiplies one activation row at a time well, many badly (BENCHMARKS.md, one GPU)
             out.append(warning("quantize", f"int4 on CUDA runs tinygemm, made for one row: on H200s it decoded "
                                f"1.01–1.38× bf16 at batch 1 but 0.31–0.44× at batch 32, with a 2 s TTFT "
