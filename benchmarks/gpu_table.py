@@ -73,6 +73,8 @@ VARIANTS = {
     "joined": (["generate.fast_fuse_projections=true"], "q/k/v and gate/up joined"),
     "apart": (["generate.fast_fuse_projections=false"], "q/k/v and gate/up apart"),
     "prefill": (["generate.fast_compile_prefill=true"], "compiled prefill"),
+    "prefillgraph": (["generate.fast_compile_prefill=true", "generate.fast_prefill_graph=true"],
+                     "compiled prefill as a CUDA graph (prompts padded to a multiple of 64)"),
     "cublas": (NO_CD, "cuBLAS matmuls"),
     "gather": (["shard.split_greedy=false"], "greedy over gathered logits"),
     "unfusednorm": (["shard.fuse_norm=false"], "all-reduce, add and RMSNorm as separate kernels"),

@@ -123,6 +123,10 @@ class GenerateConfig:
     fast_compile_mode: Optional[str] = "reduce-overhead"  # fast engine's torch.compile mode; null: eager
     stop_check_every: int = 16  # fast engine: tokens between its "every row finished?" checks
     fast_compile_prefill: bool = False  # fast engine: compile the prompt's forward too (TTFT)
+    # fast engine, with fast_compile_prefill: the prompt's forward as a CUDA graph too, prompts
+    # left-padded to a multiple of fast_prefill_bucket tokens (one compile and graph per padded length)
+    fast_prefill_graph: bool = False
+    fast_prefill_bucket: int = 64
     fast_gqa_attention: bool = True  # fast engine: decode attention reads each key/value head once
     # fast engine, grouped-query decode steps: sdpa (PyTorch's kernel on the packed heads) | split_kv
     # (ours: the cache's length split over thread blocks, then combined; CUDA and Triton) | auto:

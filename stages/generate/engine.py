@@ -30,6 +30,7 @@ from stages.shard.tp_layers import split_head
 
 
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that capture CUDA graphs
+PREFILL_GRAPH_MODE = "reduce-overhead"  # a bucketed prefill's compile mode (a CUDA graph, no autotuning)
 
 
 @dataclass
@@ -109,7 +110,7 @@ class FastDecoder:
                  gqa_attention: bool = True, compile_prefill: bool = False,
                  coordinate_descent: bool = True, fuse_projections: bool = False,
                  realize_opcount: int | None = None, decode_kernel: str = GQA_SDPA, pdl: bool = False,
-                 levers: str = "as set") -> None:
+                 levers: str = "as set", prefill_bucket: int | None = None) -> None:
         self.model, self.compile_mode, self.gqa_attention = model, compile_mode, gqa_attention
         self.decode_kernel, self.pdl = decode_kernel, pdl
         self.levers = levers  # how decode_kernel and pdl were chosen (auto_levers.py; a tag)
@@ -119,12 +120,23 @@ class FastDecoder:
         self.joined = join_projections(model) if fuse_projections else []
         self.merge = MergeRepeatedOps() if self.joined else None
         # The prefill is one forward per generation; eager it launches every kernel from Python.
-        # Compiled (no CUDA graph: prompt lengths vary, dynamic shapes after the first recompile)
-        # its small ops fuse. Off by default: its time to first token is not yet in BENCHMARKS.md.
-        prefill_options = {"post_grad_custom_pre_pass": self.merge} if self.merge else None
+        # Compiled its small ops fuse; without a CUDA graph (prompt lengths vary: dynamic shapes after
+        # the first recompile) it still launches each kernel from the host. With ``prefill_bucket``
+        # prompts are left-padded to a multiple of that many tokens and each padded length (and batch)
+        # compiles once into a CUDA graph of its own. Off by default: its time to first token did not
+        # yet halve run after run (BENCHMARKS.md).
         self.compile_prefill = compile_prefill
-        self._prefill_forward = (torch.compile(self._forward, dynamic=None, fullgraph=True, options=prefill_options)
-                                 if compile_prefill else self._forward)
+        self.prefill_bucket = prefill_bucket if compile_prefill else None
+        self._prefill_forward = self._forward
+        if compile_prefill:
+            from torch._inductor import list_mode_options
+
+            prefill_options = dict(list_mode_options(PREFILL_GRAPH_MODE)) if self.prefill_bucket else {}
+            if self.merge:
+                prefill_options["post_grad_custom_pre_pass"] = self.merge
+            self._prefill_forward = torch.compile(self._forward, dynamic=False if self.prefill_bucket else None,
+                                                  fullgraph=True, options=prefill_options or None)
+        self.prefill_graph_skips: int | None = None  # CUDA graphs inductor declined for the prefill
         self.stop_check_every = max(1, stop_check_every)
         self.sampling = sampling or Sampling()
         # tensor parallel, greedy: each rank picks from its own slice of the vocabulary
@@ -184,7 +196,7 @@ class FastDecoder:
         return self._step
 
     def _prefill(self, input_ids, attention_mask, mask):
-        """The prompt into the cache (eager: one call per generation) and its mask into ``mask``.
+        """The prompt into the cache (one call per generation) and its mask into ``mask``.
         Returns the last logits and the prompt's positions."""
         prompt = input_ids.shape[1]
         # Positions as transformers derives them from a left-padded mask; the mask spans the whole
@@ -199,7 +211,14 @@ class FastDecoder:
             # One eager prefill allocates them, the cache is cleared, and the compiled one follows.
             self._forward(input_ids, mask, position, cache_position)
             self.cache.reset()
-        return self._prefill_forward(input_ids, mask, position, cache_position), position
+        if not self.prefill_bucket:
+            return self._prefill_forward(input_ids, mask, position, cache_position), position
+        torch.compiler.cudagraph_mark_step_begin()
+        skips = graph_skips_so_far()
+        # a copy: the graph's output buffer is overwritten by the steps that follow
+        logits = self._prefill_forward(input_ids, mask, position, cache_position).clone()
+        self.prefill_graph_skips = (self.prefill_graph_skips or 0) + graph_skips_so_far() - skips
+        return logits, position
 
     def _cache_allocated(self) -> bool:
         return all(getattr(layer, "is_initialized", True) for layer in getattr(self.cache, "layers", ()))
@@ -271,6 +290,23 @@ class FastDecoder:
                     "TORCH_LOGS=cudagraphs says why")
         return "captured"
 
+    def prefill(self) -> str:
+        """How the prompt's forward runs (for the run's tags)."""
+        if not self.compile_prefill:
+            return "eager"
+        if not self.prefill_bucket:
+            return "compiled (no CUDA graph)"
+        padded = f"prompts left-padded to a multiple of {self.prefill_bucket} tokens"
+        device = measure.parameter_device(self.model)
+        if device.type != "cuda":
+            return f"compiled, {padded} (no CUDA graph on {device.type})"
+        if self.prefill_graph_skips is None:
+            return f"compiled, {padded}: not run yet"
+        if self.prefill_graph_skips:
+            return (f"compiled, {padded}: CUDA graph NOT CAPTURED ({self.prefill_graph_skips} skipped; "
+                    "TORCH_LOGS=cudagraphs says why)")
+        return f"compiled, {padded}: CUDA graph per padded length"
+
     def realize_threshold(self) -> str:
         """inductor's realize threshold in the compiled step (for the run's tags)."""
         if self.compile_mode is None:
@@ -296,6 +332,9 @@ class FastDecoder:
 
     def _generate(self, input_ids, attention_mask, max_new_tokens, eos_token_ids, pad_token_id,
                   min_new_tokens, clock) -> torch.Tensor:
+        given = input_ids
+        if self.prefill_bucket:  # padding attends to nothing and moves no position: generate's tokens
+            input_ids, attention_mask = pad_left(input_ids, attention_mask, self.prefill_bucket, pad_token_id)
         (batch, prompt), device = input_ids.shape, input_ids.device
         self._ensure_cache(batch, prompt + max_new_tokens)
         s = self._ensure_state(batch, prompt + max_new_tokens, attention_mask.dtype, device)
@@ -328,7 +367,18 @@ class FastDecoder:
                 if stop_check_due(produced, min_new_tokens, max_new_tokens, self.stop_check_every) and bool(s.done.all()):
                     break  # one device→host read per stop_check_every tokens, not per token
         # a copy: the buffer is the next call's
-        return torch.cat([input_ids, trim_finished(s.tokens[:, prompt:prompt + produced].clone(), s.eos)], dim=1)
+        return torch.cat([given, trim_finished(s.tokens[:, prompt:prompt + produced].clone(), s.eos)], dim=1)
+
+
+def pad_left(input_ids: torch.Tensor, attention_mask: torch.Tensor, bucket: int,
+             pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch left-padded to the next multiple of ``bucket`` tokens (masked out), so prompts of
+    nearby lengths share one compiled prefill and its CUDA graph."""
+    extra = -input_ids.shape[1] % bucket
+    if not extra:
+        return input_ids, attention_mask
+    return (torch.nn.functional.pad(input_ids, (extra, 0), value=pad_token_id),
+            torch.nn.functional.pad(attention_mask, (extra, 0), value=0))
 
 
 def graph_skips_so_far() -> int:

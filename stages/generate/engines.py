@@ -88,6 +88,7 @@ class FastEngine:
         if c.fast_realize_opcount is not None and c.fast_realize_opcount < 1:
             out.append(Problem("generate.fast_realize_opcount", f"{c.fast_realize_opcount} is not a number of ops",
                                "generate.fast_realize_opcount=4, or null for inductor's own threshold"))
+        out.extend(prefill_graph_problems(c, root))
         if c.fast_decode_attention not in (AUTO, *DECODE_KERNELS):
             out.append(Problem("generate.fast_decode_attention", f"unknown kernel {c.fast_decode_attention!r}",
                                f"generate.fast_decode_attention=<one of {', '.join((AUTO, *DECODE_KERNELS))}>"))
@@ -127,7 +128,8 @@ class FastEngine:
             levers = auto_levers.for_model(model, c)  # after the shard stage: whether the layers are TP's
             found = FastDecoder(model, c.fast_compile_mode, c.stop_check_every, sampling, c.fast_gqa_attention,
                                 c.fast_compile_prefill, c.fast_coordinate_descent, self.joins_projections(model),
-                                c.fast_realize_opcount, levers.decode_attention, levers.pdl, levers.why)
+                                c.fast_realize_opcount, levers.decode_attention, levers.pdl, levers.why,
+                                c.fast_prefill_bucket if c.fast_prefill_graph else None)
             model._optipipe_fast_decoder = found
         return found
 
@@ -149,7 +151,26 @@ class FastEngine:
                 "generate.fused_projections": decoder.fused_projections(), "generate.token_choice": decoder.token_choice(),
                 "generate.all_reduce_norm": decoder.all_reduce_norm(), "generate.realize_opcount": decoder.realize_threshold(),
                 "generate.kernel_launch": decoder.launch(), "generate.levers": decoder.levers,
-                "generate.cuda_graphs": decoder.cuda_graphs()}
+                "generate.cuda_graphs": decoder.cuda_graphs(), "generate.prefill": decoder.prefill()}
+
+
+def prefill_graph_problems(c: Any, root: Any) -> list[Problem]:
+    """The prefill's CUDA graph: made by compiling the prefill, per padded prompt length, on CUDA."""
+    out = []
+    if c.fast_prefill_bucket < 1:
+        out.append(Problem("generate.fast_prefill_bucket", f"{c.fast_prefill_bucket} is not a number of tokens",
+                           "generate.fast_prefill_bucket=64"))
+    if not c.fast_prefill_graph:
+        return out
+    if not c.fast_compile_prefill:
+        out.append(Problem("generate.fast_prefill_graph", "the prefill's CUDA graph is made when the prefill "
+                           "compiles, and generate.fast_compile_prefill is off",
+                           "generate.fast_compile_prefill=true, or generate.fast_prefill_graph=false"))
+    if not root.stages["load"].device().startswith("cuda"):
+        out.append(warning("generate.fast_prefill_graph", "CUDA graphs are a CUDA feature: on this device the "
+                           "prefill compiles and prompts are padded, without a graph",
+                           "generate.fast_prefill_graph=false (on CPU)"))
+    return out
 
 
 def split_kv_problems(c: Any, root: Any) -> list[Problem]:

@@ -62,6 +62,33 @@ def test_greedy_equals_generate_with_padding_and_early_eos(tiny_model, compile_m
         assert torch.equal(engine.generate(short, short_mask, 6, [], 0), plain(tiny_model, short, short_mask, 6, eos=[]))
 
 
+def test_bucketed_prefill_gives_generates_tokens_and_compiles_once_per_padded_length(tiny_model):
+    """fast_prefill_graph: prompts left-padded to a multiple of the bucket — the padding attends to
+    nothing and moves no position, so the tokens are generate's — and prompts of two lengths in one
+    bucket share one compiled prefill (one CUDA graph on a GPU; on a CPU the graph is declined)."""
+    from torch._dynamo.utils import counters
+
+    ids, mask = left_padded_batch(tiny_model.config.vocab_size)  # 10 tokens: padded to 16
+    engine = FastDecoder(tiny_model, compile_mode="reduce-overhead", compile_prefill=True, prefill_bucket=8)
+    assert engine.prefill() == "compiled, prompts left-padded to a multiple of 8 tokens (no CUDA graph on cpu)"
+    got = engine.generate(ids, mask, 12, [], pad_token_id=0)
+    assert torch.equal(got, plain(tiny_model, ids, mask, 12, eos=[]))  # the caller's prompt, unpadded, then generate's
+    compiled = counters["stats"]["unique_graphs"]
+    shorter, shorter_mask = ids[:, 1:], mask[:, 1:]  # 9 tokens: the same padded length
+    assert torch.equal(engine.generate(shorter, shorter_mask, 12, [], 0), plain(tiny_model, shorter, shorter_mask, 12, eos=[]))
+    assert counters["stats"]["unique_graphs"] == compiled  # nothing compiled for it
+    assert engine.cache_shape == (3, 16 + 12) and engine.prefill_graph_skips >= 1  # CPU: no graph, counted
+
+
+def test_pad_left_pads_to_the_next_multiple_and_masks_the_padding():
+    from stages.generate.engine import pad_left
+
+    ids, mask = torch.tensor([[5, 6, 7]]), torch.tensor([[1, 1, 1]])
+    padded, padded_mask = pad_left(ids, mask, 4, pad_token_id=9)
+    assert padded.tolist() == [[9, 5, 6, 7]] and padded_mask.tolist() == [[0, 1, 1, 1]]
+    assert pad_left(padded, padded_mask, 4, 9)[0] is padded  # already a multiple: untouched
+
+
 def test_no_stop_check_waits_for_the_device_while_eos_is_banned(tiny_model, monkeypatch):
     """"Has every row finished?" is a device→host read that drains the GPU; while EOS is banned
     (min_new_tokens, a benchmark's whole run) no row can have finished, so it is never asked."""
@@ -272,6 +299,16 @@ def test_fast_engine_rules():
                             "generate.fast_fuse_projections=true", "generate.fast_realize_opcount=null"))
     assert rows.warnings == []  # float8 rows are plain tensors: they join
     assert FastDecoder(torch.nn.Linear(2, 2), fuse_projections=True).fused_projections().startswith("off (asked for")
+    with pytest.raises(ConfigProblems) as e:  # the prefill's graph: compiled prefill only, a bucket of tokens
+        resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_prefill_graph=true",
+                         "generate.fast_prefill_bucket=0"))
+    assert [(p.key, p.fix) for p in e.value.problems if p.severity != "warning"] == [
+        ("generate.fast_prefill_bucket", "generate.fast_prefill_bucket=64"),
+        ("generate.fast_prefill_graph", "generate.fast_compile_prefill=true, or generate.fast_prefill_graph=false")]
+    on_cpu = resolve(composed("model=tiny_random", "tracker=none", "generate=fast", "generate.fast_prefill_graph=true",
+                              "generate.fast_compile_prefill=true"))  # allowed: padded and compiled, no graph
+    assert [w.key for w in on_cpu.warnings] == ["generate.fast_prefill_graph"]
+    assert FastDecoder(torch.nn.Linear(2, 2), prefill_bucket=8).prefill() == "eager"  # no compiled prefill: no graph
 
 
 @pytest.mark.gpu
@@ -290,6 +327,24 @@ def test_fast_engine_with_cuda_graphs_equals_generate(tiny_model):
         one = FastDecoder(model, compile_mode="reduce-overhead", coordinate_descent=True)
         assert torch.equal(one.generate(ids[-1:], mask[-1:], 24, [], pad_token_id=0),
                            plain(model, ids[-1:], mask[-1:], 24, eos=[]))
+    finally:
+        tiny_model.to("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_cuda_graph_equals_generate(tiny_model):
+    """fast_prefill_graph on CUDA: the padded prefill captured as a CUDA graph beside the decode step's,
+    replayed for a prompt of another length in its bucket, and generate's tokens every time."""
+    model = tiny_model.to("cuda")
+    try:
+        ids, mask = (t.to("cuda") for t in left_padded_batch(model.config.vocab_size))
+        engine = FastDecoder(model, compile_mode="reduce-overhead", compile_prefill=True, prefill_bucket=8)
+        for cut in (0, 0, 1):  # the second call replays both graphs; the third, a shorter prompt, too
+            p, m = ids[:, cut:], mask[:, cut:]
+            assert torch.equal(engine.generate(p, m, 24, [], pad_token_id=0), plain(model, p, m, 24, eos=[]))
+        assert engine.prefill() == "compiled, prompts left-padded to a multiple of 8 tokens: CUDA graph per padded length"
+        assert (engine.prefill_graph_skips, engine.cuda_graphs()) == (0, "captured")
     finally:
         tiny_model.to("cpu")
 
