@@ -95,24 +95,22 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     common = (*TINY, "generate.max_new_tokens=8", "generate.benchmark=true", "generate.batch_size=2",
               "generate=fast", "generate.warmup=1")
     generate_in_process(tmp_path / "one", *common)
-    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "generate.profile=true",
+    # the prompt's forward compiled too (its all-reduces inside the graph), with no recompile when timed
+    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "generate.profile=true", "generate.fast_compile_prefill=true",
             f"hydra.run.dir={tmp_path}/tp", cwd=tmp_path, check=0, timeout=600)
     # shard.runtime=transformers: its DTensor layers and collectives stay available as the baseline
     run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "shard.runtime=transformers",
             f"hydra.run.dir={tmp_path}/tp_hf", cwd=tmp_path, check=0, timeout=600)
-    # the prompt's forward compiled too (its all-reduces inside the graph), with no recompile when timed
-    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", "generate.fast_compile_prefill=true",
-            f"hydra.run.dir={tmp_path}/tp_prefill", cwd=tmp_path, check=0, timeout=600)
     one = [s["token_ids"] for s in samples(tmp_path / "one", "generate_samples.jsonl")]
-    for folder in ("tp", "tp_hf", "tp_prefill"):
+    for folder in ("tp", "tp_hf"):
         assert [s["token_ids"] for s in samples(tmp_path / folder, "generate_samples_rank0.jsonl")] == one
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     hf_run = next(r for r in runs if r.data.tags.get("shard.runtime") == "transformers")
     assert hf_run.data.tags["shard.collective"] == "gloo (transformers)" and "shard.head" not in hf_run.data.tags
-    tp_run, prefill_run = (r for r in sorted(runs, key=lambda r: r.info.start_time)
-                           if r.data.tags.get("shard.runtime") == "optipipe")
-    assert prefill_run.data.params["generate.fast_compile_prefill"] == "True"
-    assert prefill_run.data.metrics["generate/recompiles_timed"] == 0
+    tp_run = next(r for r in runs if r.data.tags.get("shard.runtime") == "optipipe")
+    assert (tp_run.data.params["generate.fast_compile_prefill"], tp_run.data.tags["generate.prefill"]) == (
+        "True", "compiled (no CUDA graph)")
+    assert tp_run.data.metrics["generate/recompiles_timed"] == 0
     assert tp_run.data.metrics["shard/sharded_parameters"] > 0 and tp_run.data.tags["world_size"] == "2"
     # our local layers ran (not transformers' DTensor ones), through gloo: no peer memory on a CPU
     tags = tp_run.data.tags
