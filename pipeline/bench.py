@@ -106,13 +106,13 @@ def measure_entry(entry: Entry, args: argparse.Namespace, rows: list[dict[str, A
         print(json.dumps(row), flush=True)
 
 
-STOPPED = "stopped"  # how the error of a row a Ctrl-C or SIGTERM cut short begins
-
-
-def unmeasured(entry: Entry, args: argparse.Namespace, rows: list[dict[str, Any]], why: str) -> list[dict[str, Any]]:
-    """A row for each batch size of ``entry`` that has no numbers, saying why (failed / stopped)."""
+def unmeasured(entry: Entry, args: argparse.Namespace, rows: list[dict[str, Any]], why: str,
+               status: str) -> list[dict[str, Any]]:
+    """A row for each batch size of ``entry`` that has no numbers, saying why and how its run ends
+    (``status``: FAILED, or KILLED for a row a Ctrl-C or SIGTERM cut short or never reached)."""
     done = {r["batch"] for r in rows if r["config"] == entry.label}
-    return [{"config": entry.label, "batch": b, "error": why} for b in args.batches if b not in done]
+    return [{"config": entry.label, "batch": b, "error": why, "status": status}
+            for b in args.batches if b not in done]
 
 
 def free_memory() -> None:
@@ -205,7 +205,7 @@ def track(args: argparse.Namespace, rows: list[dict[str, Any]], files: list[Path
                                   "bench.compiled": r.get("compiled", "n/a")}, artifacts=[],
                             parent_run_id=parent.run_id))
         if "error" in r:
-            child.finish("KILLED" if r["error"].startswith(STOPPED) else "FAILED", error=r["error"])
+            child.finish(r["status"], error=r["error"])
             continue
         numbers = {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "batch"}
         child.log_result("generate", StageResult(metrics=numbers))
@@ -328,14 +328,14 @@ def measure_all(args: argparse.Namespace, argv: list[str], out: Path) -> int:
                 first_line = (str(e).strip().splitlines() or [""])[0][:300]
                 why = f"failed: {type(e).__name__}: {first_line}"
                 console.err.print(f"optipipe bench: {entry.label}: {why}")
-                rows += unmeasured(entry, args, rows, why)
+                rows += unmeasured(entry, args, rows, why, "FAILED")
             free_memory()
             write(out, argv, args, rows, start, "running")
     except KeyboardInterrupt as e:
         stopped, state = e, stopping.interrupted_why(e)
         console.err.print(f"optipipe bench: {state}; the rows measured so far are kept")
         for entry in entries(args):  # the row it cut short and those it never reached
-            rows += unmeasured(entry, args, rows, f"{STOPPED}: {state}")
+            rows += unmeasured(entry, args, rows, f"stopped: {state}", "KILLED")
     with stopping.signals_held():  # a second signal must not leave the files or the runs half written
         md = write(out, argv, args, rows, start, state)
         print("\n" + md, flush=True)  # plain print: a Markdown table must not be wrapped
