@@ -235,6 +235,7 @@ def test_sigterm_mid_bench_keeps_the_measured_configuration(tmp_path):
     assert data["state"] == "terminated (SIGTERM)"
     first, second = data["rows"]
     assert first["config"] == "convert=sdpa" and first["decode_tokens_per_s"] > 0
-    assert second == {"config": "generate=fast", "batch": 1, "error": "stopped: terminated (SIGTERM)"}
+    assert second == {"config": "generate=fast", "batch": 1, "error": "stopped: terminated (SIGTERM)",
+                      "status": "KILLED"}
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED", "KILLED"]
