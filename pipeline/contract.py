@@ -104,6 +104,9 @@ class LoadPlan:
     model: Any = None  # the ModelSpec being loaded
     device: str = "cpu"  # where the load stage decided the model runs
     processes: int = 1  # processes of the job (torchrun), so a plan can be described before they exist
+    # ranks each weight is split over inside from_pretrained (tensor parallel at load: torchao then
+    # quantizes each rank's slice, whose input width is 1/weight_split of the layer's)
+    weight_split: int = 1
     kwargs: dict[str, Any] = field(default_factory=dict)
     contributed_by: dict[str, str] = field(default_factory=dict)  # kwarg → stage name, for the plan print
 
@@ -114,6 +117,13 @@ class LoadPlan:
                              f"{self.contributed_by[key]!r} to {self.kwargs[key]!r}")
         self.kwargs[key] = value
         self.contributed_by[key] = stage
+
+
+def weight_split(resolved: Any) -> int:
+    """``LoadPlan.weight_split`` of a resolved configuration: what its shard stage's optional
+    ``load_split(processes)`` says, 1 for a stage that loads every weight whole."""
+    split = getattr(resolved.stages.get("shard"), "load_split", None)
+    return split(resolved.launcher.processes) if split else 1
 
 
 # How the ranks' values of one metric become the run's value under torchrun. A stage declares it per

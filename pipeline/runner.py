@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pipeline import quiet_timing
-from pipeline.contract import DistInfo, LoadPlan, RunContext, StageError, StageResult
+from pipeline.contract import DistInfo, LoadPlan, RunContext, StageError, StageResult, weight_split
 from pipeline.stopping import interrupted_why, signals_held
 from pipeline.tracking import JobInfo, Tracker
 from pipeline.resolved import Resolved
@@ -45,7 +45,7 @@ def write_results(output_dir: Path, outcome: RunOutcome, run_id: str | None,
 
 def make_plan(resolved: Resolved) -> LoadPlan:
     """Every stage adds its ``from_pretrained`` kwargs; nothing is read from disk yet."""
-    plan = LoadPlan(model=resolved.model, processes=resolved.launcher.processes)
+    plan = LoadPlan(model=resolved.model, processes=resolved.launcher.processes, weight_split=weight_split(resolved))
     for stage in resolved.stages.values():
         stage.plan(plan)
     return plan

@@ -11,10 +11,11 @@ import importlib.util
 from typing import Any, Callable, ClassVar
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from pipeline import gpus, measure
 from pipeline.contract import (WORST, BaseStage, LoadPlan, NoSettings, Problem, QuantizeTraits, RunContext,
-                               StageError, StageResult, across, warning)
+                               StageError, StageResult, across, warning, weight_split)
 from stages import float8_rows
 from stages.settings import BitsAndBytesSettings, Float8RowsSettings, TorchAoSettings
 
@@ -154,12 +155,15 @@ class BitsAndBytes(BaseStage):
 TORCHAO_GROUPS = (32, 64, 128, 256)
 
 
-def linear_input_sizes(spec: Any) -> list[int]:
-    """Hidden and intermediate sizes of the model (the Linear inputs an int4 group must tile)."""
+def linear_input_sizes(spec: Any, split: int = 1) -> list[int]:
+    """Hidden and intermediate sizes of the model (the Linear inputs an int4 group must tile); with
+    weights split over ``split`` ranks as they load, also each rank's share of them (the row-parallel
+    layers' inputs, o_proj's and down_proj's, which torchao quantizes slice by slice)."""
     from stages.load.sources import architecture
 
     arch = architecture(spec) or {}
-    return [arch[k] for k in ("hidden_size", "intermediate_size") if isinstance(arch.get(k), int)]
+    whole = [arch[k] for k in ("hidden_size", "intermediate_size") if isinstance(arch.get(k), int)]
+    return whole + ([n // split for n in whole] if split > 1 else [])
 
 
 TORCHAO_WEIGHTS = ("int4", "int8", "fp8")
@@ -255,19 +259,22 @@ class TorchAo(BaseStage):
         """int4 groups must tile every Linear input: hidden and intermediate sizes (when readable)."""
         if self.cfg.weights != "int4" or self.cfg.group_size not in TORCHAO_GROUPS + (None,):
             return []
-        sizes = linear_input_sizes(root.model)
+        split = weight_split(root)
+        sizes = linear_input_sizes(root.model, split)
         fits = [g for g in TORCHAO_GROUPS if all(n % g == 0 for n in sizes)]
         if self.cfg.group_size is None and fits or self.cfg.group_size in fits:
             return []
+        shares = f" (with each of {split} tensor-parallel ranks' share)" if split > 1 else ""
         return [Problem("quantize.group_size", f"group size {self.cfg.group_size or 'auto'} does not "
-                        f"divide the model's Linear input sizes {sizes}",
+                        f"divide the model's Linear input sizes {sizes}{shares}",
                         f"quantize.group_size={max(fits)}" if fits else "quantize=int8_torchao")]
 
-    def group_size(self, spec: Any) -> int:
-        """The configured group size, or the largest that tiles this model's Linear inputs."""
+    def group_size(self, spec: Any, split: int = 1) -> int:
+        """The configured group size, or the largest that tiles this model's Linear inputs (each
+        rank's share of them when the weights load split over ``split`` ranks)."""
         if self.cfg.group_size is not None:
             return self.cfg.group_size
-        sizes = linear_input_sizes(spec)
+        sizes = linear_input_sizes(spec, split)
         return next((g for g in (128, 64, 32) if all(n % g == 0 for n in sizes)), 32)
 
     def torchao_config(self, device: str, group_size: int):
@@ -292,7 +299,7 @@ class TorchAo(BaseStage):
     def plan(self, plan: LoadPlan) -> None:
         from transformers import TorchAoConfig
 
-        self.chosen_group = self.group_size(plan.model) if self.cfg.weights == "int4" else None
+        self.chosen_group = self.group_size(plan.model, plan.weight_split) if self.cfg.weights == "int4" else None
         self.chosen_kernel = int4_kernel(plan.device) if self.cfg.weights == "int4" else None
         config = TorchAoConfig(self.torchao_config(plan.device, self.chosen_group),
                                include_input_output_embeddings=self.cfg.include_embeddings,
@@ -304,6 +311,7 @@ class TorchAo(BaseStage):
         kinds: dict[str, int] = {}
         for m in model.modules():
             w = getattr(m, "weight", None)
+            w = w.to_local() if isinstance(w, DTensor) else w  # a rank's shard (tensor parallel at load)
             if isinstance(m, torch.nn.Linear) and w is not None and measure.is_wrapper(w):
                 kinds[type(w).__name__] = kinds.get(type(w).__name__, 0) + 1
         quantized = sum(kinds.values())

@@ -200,6 +200,10 @@ class TensorParallel(BaseStage):
     def ranks_per_replica(self, world: int) -> int:
         return self.tp(world)
 
+    def load_split(self, world: int) -> int:
+        """Ranks each weight is split over as it loads (transformers shards inside from_pretrained)."""
+        return self.tp(world)
+
     def problems(self, root: Any) -> list[Problem]:
         world = root.launcher.processes
         tp = self.tp(world)

@@ -140,6 +140,22 @@ def test_tensor_parallel_on_cpu_gives_the_single_process_text(tmp_path):
     assert "| communication |" in (tmp_path / "tp" / "generate_profile_b2_rank1.md").read_text()
 
 
+def test_int4_under_tensor_parallel_gives_the_single_process_int4_text(tmp_path):
+    """int4 weights quantized rank by rank as they load sharded (groups that tile each rank's share of
+    the inputs: tiny's 64-wide o_proj input is 32 a rank) give one process's int4 text; the quantize
+    stage counts each rank's weights, not the DTensor that wraps the output head."""
+    common = (*TINY, "generate.max_new_tokens=6", "generate.benchmark=true", "generate=fast",
+              "generate.fast_compile_mode=null", "quantize=int4_torchao")
+    generate_in_process(tmp_path / "one", *common, "quantize.group_size=32")
+    run_cli(*common, *TORCHRUN, "shard=tensor_parallel", f"hydra.run.dir={tmp_path}/tp", cwd=tmp_path, check=0,
+            timeout=600)
+    one = [s["token_ids"] for s in samples(tmp_path / "one", "generate_samples.jsonl")]
+    assert [s["token_ids"] for s in samples(tmp_path / "tp", "generate_samples_rank0.jsonl")] == one
+    _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
+    tags = runs[0].data.tags
+    assert (tags["quantize.group_size"], tags["quantize.format"]) == ("32", "{'IntxUnpackedToInt8Tensor': 14}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["transformers", None])
 def test_replicas_of_tensor_parallel_give_the_single_process_text(tmp_path, runtime):

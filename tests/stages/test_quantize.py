@@ -221,6 +221,25 @@ def test_float8_rows_quantize_every_linear_and_join_in_the_fast_engine(tmp_path)
     assert generated.tags["generate.realize_opcount"] == "4"
 
 
+def test_int4_groups_tile_each_tensor_parallel_ranks_share_of_the_inputs():
+    """Tensor parallel shards the weights inside from_pretrained, and torchao quantizes each rank's
+    slice: a row-parallel layer's input is 1/tp of the model's, so the int4 group must tile that too
+    (the tiny model's 64-wide hidden size takes 64, each of two ranks' 32 only 32)."""
+    from pipeline.runner import make_plan
+
+    tp2 = ("model=tiny_random", "tracker=none", "quantize=int4_torchao", "shard=tensor_parallel", "launcher=torchrun",
+           "launcher.nproc_per_node=2")
+    resolved = resolve(composed(*tp2))
+    plan = make_plan(resolved)
+    assert plan.weight_split == 2 and resolved.stages["quantize"].chosen_group == 32
+    one = resolve(composed("model=tiny_random", "tracker=none", "quantize=int4_torchao"))
+    assert make_plan(one).weight_split == 1 and one.stages["quantize"].chosen_group == 64
+    with pytest.raises(ConfigProblems) as e:  # a group that tiles the whole inputs but not a rank's share
+        resolve(composed(*tp2, "quantize.group_size=64"))
+    problem = next(p for p in e.value.problems if p.key == "quantize.group_size")
+    assert "2 tensor-parallel ranks" in problem.message and problem.fix == "quantize.group_size=32"
+
+
 @pytest.mark.slow
 def test_torchao_int4_smollm2_still_answers(tmp_path):
     with pytest.raises(ConfigProblems, match="quantize.group_size=64"):  # 576 = 9 × 64
