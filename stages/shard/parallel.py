@@ -102,11 +102,16 @@ def plan_tensor_parallel(stage: str, plan: LoadPlan, tp_size: Optional[int]) -> 
 
 
 def sharded_parameters(model: Any) -> tuple[int, int]:
-    """(parameters that are DTensors, all parameters): proof that TP really sharded the model."""
+    """(parameters this rank holds a shard of, all parameters): proof that TP really sharded the model.
+    A shard is a DTensor, or a Linear weight smaller than its layer: transformers slices quantized
+    weights (tensor subclasses) into plain local ones as they load."""
+    import torch
     from torch.distributed.tensor import DTensor
 
+    sliced = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)
+              and tuple(m.weight.shape) != (m.out_features, m.in_features)}
     params = list(model.parameters())
-    return sum(isinstance(p, DTensor) for p in params), len(params)
+    return sum(isinstance(p, DTensor) or id(p) in sliced for p in params), len(params)
 
 
 def replica_tp_rules(root: Any) -> list[Problem]:

@@ -154,6 +154,8 @@ def test_int4_under_tensor_parallel_gives_the_single_process_int4_text(tmp_path)
     _, runs = mlflow_runs(tmp_path / "outputs" / "mlflow.db")
     tags = runs[0].data.tags
     assert (tags["quantize.group_size"], tags["quantize.format"]) == ("32", "{'IntxUnpackedToInt8Tensor': 14}")
+    # the sliced int4 weights count as sharded (not only the DTensors: embedding and output head)
+    assert runs[0].data.metrics["shard/sharded_parameters"] == 14 + 2
 
 
 @pytest.mark.slow
