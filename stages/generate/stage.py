@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from rich.progress import Progress
 
-from pipeline import measure, quiet_timing, roofline
+from pipeline import gpu_clocks, measure, quiet_timing, roofline
 from pipeline.contract import (MEAN, REPLICA_SUM, WORST, BaseStage, Problem, RunContext, StageError, StageResult,
                                across, workload_context)
 from stages.generate import engines
@@ -52,7 +52,9 @@ def roofline_metrics(model: Any, metrics: dict[str, float], devices: list[int], 
 ACROSS_RANKS_OF_GENERATE = {
     **across(REPLICA_SUM, ["decode_tokens_per_s", "e2e_tokens_per_s", "floor_tokens_per_s"]),
     **across(WORST, ["ttft_ms_p50", "ttft_ms_p90", "itl_ms_p50", "itl_ms_p90", "warmup_seconds", "decode_step_bytes"]),
-    **across(MEAN, ["mbu", "bandwidth_gb_per_s"])}
+    **across(MEAN, ["mbu", "bandwidth_gb_per_s", "gpu_sm_clock_mhz_p50", "gpu_sm_clock_mhz_min", "gpu_mem_clock_mhz_p50",
+                    "gpu_mem_clock_mhz_min"]),
+    **across(WORST, ["gpu_slowdown_share"])}
 
 
 def decode_text(metrics: dict[str, float]) -> str:
@@ -178,7 +180,7 @@ class Generate(BaseStage):
             for hook in ctx.workload_hooks:
                 hook_tags.update(hook.after_warmup(model))
             # beside other jobs of a sweep (launcher.split_devices): timed only while none loads or compiles
-            with quiet_timing.quiet_host(ctx.dist.local_rank == 0) as quiet:
+            with quiet_timing.quiet_host(ctx.dist.local_rank == 0) as quiet, gpu_clocks.ClockWatch(devices) as clocks:
                 measure.reset_peaks(devices)
                 graphs_before = compiled_graphs()
                 for _ in range(c.repeats):
@@ -193,6 +195,9 @@ class Generate(BaseStage):
         hook_tags.update({"generate.engine": engine.name, **engine.tags(model)})
         metrics = summary.metrics()
         metrics["warmup_seconds"] = warmup_s  # includes compile time when convert compiles
+        if devices:  # the cards' clocks while timed: a slowed card is not a slow engine
+            metrics.update(clocks.metrics())
+            hook_tags["generate.gpu_clocks"] = clocks.describe()
         metrics["recompiles_timed"] = float(compiled_graphs() - graphs_before)
         if metrics["recompiles_timed"]:
             hook_tags["generate.warning"] = (f"{metrics['recompiles_timed']:.0f} recompilation(s) "
