@@ -122,7 +122,7 @@ def noise(metrics: dict[str, float], cuda: bool) -> str:
     p50, p90 = metrics.get("itl_ms_p50", 0.0), metrics.get("itl_ms_p90", 0.0)
     if p50 > 0 and p90 / p50 > NOISY_ITL_RATIO:
         reasons.append(f"ITL p90/p50 {p90 / p50:.1f} (> {NOISY_ITL_RATIO})")
-    if metrics.get("gpu_slowdown_share", 0.0) > 0:  # pipeline/gpu_clocks.py
+    if metrics.get("gpu_slowdown_share", 0.0) > 0:  # stages/generate/gpu_clocks.py
         reasons.append(f"GPU clocks slowed in {metrics['gpu_slowdown_share']:.0%} of samples (tag generate.gpu_clocks)")
     if reasons and not cuda and hasattr(os, "getloadavg"):
         reasons.append(f"host load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

@@ -8,10 +8,10 @@ from typing import Any, ClassVar
 import torch
 from rich.progress import Progress
 
-from pipeline import gpu_clocks, measure, quiet_timing, roofline
+from pipeline import measure, quiet_timing, roofline
 from pipeline.contract import (MEAN, REPLICA_SUM, WORST, BaseStage, Problem, RunContext, StageError, StageResult,
                                across, workload_context)
-from stages.generate import engines
+from stages.generate import engines, gpu_clocks
 from stages.generate import prompts as P
 from stages.generate.clock import StepClock, Timing, TimingSummary, noise
 from stages.settings import GenerateConfig

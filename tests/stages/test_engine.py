@@ -393,7 +393,7 @@ def test_int4_torchao_uses_the_cuda_kernel_and_compiles(tmp_path, batch):
         tags.update(result.tags)
     assert result.metrics["recompiles_timed"] == 0 and result.metrics["mbu"] > 0
     assert tags["quantize.int4_kernel"].startswith("tinygemm (") and tags["generate.cuda_graphs"] == "captured"
-    # the card's clocks while timed, from NVML (pipeline/gpu_clocks.py)
+    # the card's clocks while timed, from NVML (stages/generate/gpu_clocks.py)
     assert tags["generate.gpu_clocks"].startswith("SM ") and result.metrics["gpu_sm_clock_mhz_p50"] > 0
 
 

@@ -1,4 +1,4 @@
-"""The GPUs' clocks while a run is timed (pipeline/gpu_clocks.py), read from a stand-in for NVML: this
+"""The GPUs' clocks while a run is timed (stages/generate/gpu_clocks.py), read from a stand-in for NVML: this
 machine has no NVIDIA driver."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from pipeline import gpu_clocks
-from pipeline.gpu_clocks import ClockWatch
+from stages.generate import gpu_clocks
+from stages.generate.gpu_clocks import ClockWatch
 from stages.generate.clock import noise
 
 
