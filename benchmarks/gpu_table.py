@@ -177,6 +177,8 @@ def read_run(row: dict, out: Path) -> dict:
     m, tags = runs[0].data.metrics, runs[0].data.tags
     row.update(status=runs[0].info.status, tok_s=m.get("generate/decode_tokens_per_s"), mbu=m.get("generate/mbu"),
                ttft_ms=m.get("generate/ttft_ms_p50"), itl_ms_p50=m.get("generate/itl_ms_p50"),
+               # the card's SM clock while timed, and how often a slowdown reason was on (gpu_clocks.py)
+               sm_mhz=m.get("generate/gpu_sm_clock_mhz_p50"), slowed=m.get("generate/gpu_slowdown_share"),
                peak_gib=m.get("generate/memory_peak_allocated_gib"), collective=collective(tags),
                error=tags.get("optipipe.error", "")[:300],
                # graphs compiled during the timed runs (a compiled prefill's new shapes count): JSON only
@@ -331,8 +333,8 @@ def table(result: dict) -> str:
             base.setdefault(one_gpu_batch(r["name"]), r.get("tok_s"))
     first = {b: next((r.get("outputs") for r in rows if one_gpu_batch(r["name"]) == b), None) for b in base}
     lines = [f"{result['device']} · {result['date']} · {result['versions']}", "",
-             "| row | what | GPUs | batch | decode tok/s | × one GPU | MBU/GPU | TTFT ms | all-reduce | "
-             "greedy = one GPU | job s | exit after results s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | what | GPUs | batch | decode tok/s | × one GPU | MBU/GPU | TTFT ms | SM MHz | all-reduce | "
+             "greedy = one GPU | job s | exit after results s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         try:
             spec = row_spec(r["name"])
@@ -347,7 +349,7 @@ def table(result: dict) -> str:
         error = f": {r['error']}" if r.get("error") else ""
         status = "" if r.get("status", "FINISHED") == "FINISHED" else f" ({r.get('status')}{error})"
         lines.append(f"| {r['name']}{status} | {spec[3]} | {spec[0]} | {batch} | {fmt(tok, 1)} | {ratio} | "
-                     f"{fmt(r.get('mbu'), 2)} | {fmt(r.get('ttft_ms'), 1)} | {r.get('collective', '')} | {same} | "
+                     f"{fmt(r.get('mbu'), 2)} | {fmt(r.get('ttft_ms'), 1)} | {clock_cell(r)} | {r.get('collective', '')} | {same} | "
                      f"{r.get('job_seconds', '')} | {exit_note(r)} |")
     gf = {r["name"]: r["tok_s"] for r in rows if r["name"].startswith("gptfast")}
     for tp in (2, 4):
@@ -356,6 +358,13 @@ def table(result: dict) -> str:
             lines += ["", f"gpt-fast's own TP{tp} / its one GPU: {many / one:.2f}× "
                           f"({many:.1f} / {one:.1f} tok/s, top-k sampling as it ships)"]
     return "\n".join(lines)
+
+
+def clock_cell(row: dict) -> str:
+    """The SM clock's median while timed, and the share of samples a slowdown reason was on."""
+    if row.get("sm_mhz") is None:
+        return ""
+    return f"{row['sm_mhz']:.0f}" + (f" (slowed {row['slowed']:.0%})" if row.get("slowed") else "")
 
 
 def exit_note(row: dict) -> str:

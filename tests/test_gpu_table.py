@@ -110,7 +110,7 @@ def test_a_row_reads_its_job_back_from_the_store_with_the_timed_recompiles(tmp_p
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'gpu_table.db'}")  # no global tracking state
     run = client.create_run(client.create_experiment("gpu-table"), run_name="one_gpu_b1+prefill")
     metrics = {"generate/decode_tokens_per_s": 202.2, "generate/ttft_ms_p50": 14.1, "generate/recompiles_timed": 1.0,
-               "load/stage_seconds": 12.34}
+               "load/stage_seconds": 12.34, "generate/gpu_sm_clock_mhz_p50": 1755.0, "generate/gpu_slowdown_share": 0.25}
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id)
@@ -127,6 +127,9 @@ def test_a_row_reads_its_job_back_from_the_store_with_the_timed_recompiles(tmp_p
     assert (tmp_path / row["profile"]).read_text() == "# rank 0\n\n# rank 1\n"
     assert row["recompiles_timed"] == 1.0 and row["seconds"] == {"load/stage_seconds": 12.3}
     assert gpu_table.read_run({"name": "tp2_b1"}, tmp_path) == {"name": "tp2_b1"}  # no such job: as it was
+    # the card's clock beside the rate: a slowed card is told from a slow configuration
+    assert line(gpu_table.table(result(row)), "one_gpu_b1+prefill")[8] == "1755 (slowed 25%)"
+    assert line(gpu_table.table(result({"name": "one_gpu_b1", "tok_s": 1.0})), "one_gpu_b1")[8] == ""  # not read
 
 
 @pytest.mark.parametrize("obeys", [True, False])
